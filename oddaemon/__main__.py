@@ -1,0 +1,3 @@
+from oddaemon.cli import main
+
+raise SystemExit(main())
