@@ -1,0 +1,435 @@
+"""The pure scheduler: ``step(state, event, now) -> (state, actions)``.
+
+No I/O, no clock, no processes: the daemon feeds it events (a job submitted, a process
+exited, a timer fired, a cancel) with the current time and executes the actions it returns.
+
+Policy
+------
+* Rank: higher ``priority`` first, then submission order (``seq``).
+* Two resource pools: GPUs (exclusive ids) and CPU slots (``max_cpu_jobs``). Within a pool the
+  queue is strict: once a job at the head cannot fit, no lower-ranked job of that pool starts
+  (no backfill), so a big high-priority job is never starved by a stream of small ones.
+* A job that can never fit (more GPUs than exist, an id that does not exist) is rejected at
+  submission, never queued forever.
+* A failed train process is restarted after ``min(cap, base * 2**(n-1))`` seconds, where n
+  counts consecutive failures (a run longer than ``reset_after`` starts the count again);
+  after ``max_restarts`` consecutive failures the job is ``failed`` with the reason. GPUs stay
+  held during backoff so the job resumes where it was.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, replace
+from typing import Union
+
+from oddaemon.jobspec import JobSpec
+from oddaemon.states import HOLDS_RESOURCES, TERMINAL, JobState, check_transition
+
+HISTORY_LIMIT = 50
+
+
+@dataclass(frozen=True)
+class Policy:
+    max_restarts: int = 3
+    backoff_base: float = 10.0
+    backoff_cap: float = 600.0
+    reset_after: float = 1800.0
+    max_cpu_jobs: int = 1
+
+    def backoff(self, consecutive_failures: int) -> float:
+        exponent = max(0, consecutive_failures - 1)
+        if exponent > 60:
+            return self.backoff_cap
+        return min(self.backoff_cap, self.backoff_base * (2 ** exponent))
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str
+    seq: int
+    spec: JobSpec
+    wants: Union[int, tuple[int, ...]]  # GPU count, or explicit GPU ids; 0 = CPU slot
+    state: JobState = JobState.QUEUED
+    reason: str = ""
+    submitted_at: float = 0.0
+    gpus: tuple[int, ...] = ()
+    attempt: int = 0  # train processes started so far
+    restarts: int = 0  # total restarts after failures
+    consecutive_failures: int = 0
+    started_at: float | None = None
+    retry_at: float | None = None
+    finished_at: float | None = None
+    last_exit: str = ""
+    history: tuple[tuple[float, str, str], ...] = ()
+
+    @property
+    def uses_gpus(self) -> bool:
+        return self.wants != 0 and self.wants != ()
+
+    def rank(self) -> tuple[int, int]:
+        return (-self.spec.priority, self.seq)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["spec"] = self.spec.to_dict()
+        d["state"] = self.state.value
+        d["wants"] = list(self.wants) if isinstance(self.wants, tuple) else self.wants
+        d["gpus"] = list(self.gpus)
+        d["history"] = [list(h) for h in self.history]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Job":
+        known = {f.name for f in dataclasses.fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        d["spec"] = JobSpec.from_dict(d["spec"])
+        d["state"] = JobState(d["state"])
+        d["wants"] = tuple(d["wants"]) if isinstance(d["wants"], list) else d["wants"]
+        d["gpus"] = tuple(d.get("gpus", ()))
+        d["history"] = tuple(tuple(h) for h in d.get("history", ()))
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class State:
+    inventory: tuple[int, ...] = ()
+    policy: Policy = Policy()
+    jobs: dict[str, Job] = field(default_factory=dict)
+    next_seq: int = 1
+
+    def free_gpus(self) -> tuple[int, ...]:
+        held = {g for j in self.jobs.values() if j.state in HOLDS_RESOURCES for g in j.gpus}
+        return tuple(g for g in self.inventory if g not in held)
+
+    def cpu_jobs_active(self) -> int:
+        return sum(1 for j in self.jobs.values() if j.state in HOLDS_RESOURCES and not j.uses_gpus)
+
+    def queue(self) -> list[Job]:
+        return sorted((j for j in self.jobs.values() if j.state is JobState.QUEUED), key=Job.rank)
+
+    def queue_position(self, name: str) -> int | None:
+        for i, job in enumerate(self.queue(), start=1):
+            if job.name == name:
+                return i
+        return None
+
+
+# ---- events -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Submit:
+    spec: JobSpec
+    token: str = ""  # opaque to the scheduler (the daemon passes the spool file path)
+
+
+@dataclass(frozen=True)
+class ProcessExited:
+    name: str
+    attempt: int
+    returncode: int  # negative = killed by that signal (as subprocess reports it)
+    detail: str = ""  # a failure reason read from the log, if any
+
+
+@dataclass(frozen=True)
+class Cancel:
+    name: str
+
+
+@dataclass(frozen=True)
+class Retry:
+    name: str
+
+
+@dataclass(frozen=True)
+class Tick:
+    """A timer fired (or anything else changed): start what is due."""
+
+
+@dataclass(frozen=True)
+class Restore:
+    """Daemon start: the saved jobs; whatever was running is queued again to resume."""
+
+    jobs: tuple[Job, ...]
+
+
+Event = Union[Submit, ProcessExited, Cancel, Retry, Tick, Restore]
+
+
+# ---- actions ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StartTrain:
+    name: str
+    gpus: tuple[int, ...]
+    attempt: int
+
+
+@dataclass(frozen=True)
+class StopTrain:
+    name: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class SaveJob:
+    job: Job
+
+
+@dataclass(frozen=True)
+class Accepted:
+    name: str
+    token: str
+
+
+@dataclass(frozen=True)
+class Rejected:
+    token: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A command (cancel, retry) that cannot be done; the reason is for the user."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class StateChanged:
+    name: str
+    old: str
+    new: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class WakeAt:
+    when: float
+
+
+Action = Union[StartTrain, StopTrain, SaveJob, Accepted, Rejected, Refused, StateChanged, WakeAt]
+
+
+# ---- the one guarded state change ---------------------------------------------------------
+
+
+def transition(job: Job, new: JobState, now: float, reason: str, **changes) -> tuple[Job, list[Action]]:
+    check_transition(job.name, job.state, new)
+    history = (job.history + ((now, new.value, reason),))[-HISTORY_LIMIT:]
+    if new not in HOLDS_RESOURCES:
+        changes.setdefault("gpus", ())
+    if new in TERMINAL:
+        changes.setdefault("finished_at", now)
+    updated = replace(job, state=new, reason=reason, history=history, **changes)
+    return updated, [StateChanged(job.name, job.state.value, new.value, reason), SaveJob(updated)]
+
+
+# ---- step ---------------------------------------------------------------------------------
+
+
+def step(state: State, event: Event, now: float) -> tuple[State, list[Action]]:
+    jobs = dict(state.jobs)
+    actions: list[Action] = []
+    next_seq = state.next_seq
+    if isinstance(event, Submit):
+        next_seq = _submit(state, jobs, event, now, actions)
+    elif isinstance(event, ProcessExited):
+        _exited(state.policy, jobs, event, now, actions)
+    elif isinstance(event, Cancel):
+        _cancel(jobs, event.name, now, actions)
+    elif isinstance(event, Retry):
+        _retry(state, jobs, event.name, now, actions)
+    elif isinstance(event, Restore):
+        next_seq = _restore(state, jobs, event, now, actions)
+    new_state = replace(state, jobs=jobs, next_seq=next_seq)
+    new_state, more = _schedule(new_state, now)
+    return new_state, actions + more
+
+
+def fits_ever(wants: Union[int, tuple[int, ...]], inventory: tuple[int, ...]) -> str | None:
+    """None if the request can be met by this inventory some day, else why not."""
+    if isinstance(wants, tuple):
+        missing = [g for g in wants if g not in inventory]
+        if missing:
+            have = ", ".join(map(str, inventory)) or "none"
+            return f"asks for GPU id(s) {', '.join(map(str, missing))}, which this machine does not have (GPUs: {have})"
+        return None
+    if wants > len(inventory):
+        return f"asks for {wants} GPU(s) but this machine has {len(inventory)}"
+    return None
+
+
+def resolve_wants(spec: JobSpec, inventory: tuple[int, ...]) -> Union[int, tuple[int, ...]]:
+    gpus = spec.train.gpus
+    if gpus is None:
+        return 1 if inventory else 0
+    return gpus
+
+
+def _submit(state: State, jobs: dict[str, Job], ev: Submit, now: float, actions: list[Action]) -> int:
+    name = ev.spec.name
+    existing = jobs.get(name)
+    if existing is not None and existing.state not in TERMINAL:
+        actions.append(Rejected(ev.token, f"a job named '{name}' already exists and is {existing.state}; "
+                                          "cancel it first or choose another name"))
+        return state.next_seq
+    for other in jobs.values():
+        if other.name != name and other.state not in TERMINAL and other.spec.model_dir == ev.spec.model_dir:
+            actions.append(Rejected(ev.token, f"model_dir {ev.spec.model_dir} is already used by job "
+                                              f"'{other.name}' ({other.state}); two jobs cannot train into one model_dir"))
+            return state.next_seq
+    wants = resolve_wants(ev.spec, state.inventory)
+    why_not = fits_ever(wants, state.inventory)
+    if why_not:
+        actions.append(Rejected(ev.token, f"job '{name}' can never run here: it {why_not}"))
+        return state.next_seq
+    job = Job(name=name, seq=state.next_seq, spec=ev.spec, wants=wants, submitted_at=now,
+              history=((now, JobState.QUEUED.value, "submitted"),))
+    jobs[name] = job
+    actions += [Accepted(name, ev.token), StateChanged(name, "", JobState.QUEUED.value, "submitted"), SaveJob(job)]
+    return state.next_seq + 1
+
+
+def describe_returncode(returncode: int) -> str:
+    if returncode < 0:
+        import signal as _signal  # stdlib table lookup only
+
+        try:
+            return f"killed by signal {_signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit status {returncode}"
+
+
+def _exited(policy: Policy, jobs: dict[str, Job], ev: ProcessExited, now: float, actions: list[Action]) -> None:
+    job = jobs.get(ev.name)
+    if job is None or job.attempt != ev.attempt or job.state not in (JobState.RUNNING, JobState.STOPPING):
+        return  # a stale exit (an earlier attempt): nothing to do
+    exit_text = describe_returncode(ev.returncode)
+    if job.state is JobState.STOPPING:
+        jobs[job.name], acts = transition(job, JobState.CANCELLED, now, "cancelled by request", last_exit=exit_text)
+    elif ev.returncode == 0:
+        jobs[job.name], acts = transition(job, JobState.SUCCEEDED, now, "training finished", last_exit=exit_text)
+    else:
+        ran = now - job.started_at if job.started_at is not None else 0.0
+        consecutive = 1 if ran >= policy.reset_after else job.consecutive_failures + 1
+        limit = job.spec.train.max_restarts if job.spec.train.max_restarts is not None else policy.max_restarts
+        why = f"train process {exit_text}" + (f": {ev.detail}" if ev.detail else "")
+        if consecutive > limit:
+            reason = f"{why}; gave up after {consecutive} consecutive failure(s) (max_restarts = {limit})"
+            jobs[job.name], acts = transition(job, JobState.FAILED, now, reason, last_exit=exit_text,
+                                              consecutive_failures=consecutive)
+        else:
+            delay = policy.backoff(consecutive)
+            reason = f"{why}; restart {consecutive} of {limit} in {delay:g}s"
+            jobs[job.name], acts = transition(job, JobState.BACKOFF, now, reason, last_exit=exit_text,
+                                              consecutive_failures=consecutive, retry_at=now + delay,
+                                              restarts=job.restarts + 1)
+    actions += acts
+
+
+def _cancel(jobs: dict[str, Job], name: str, now: float, actions: list[Action]) -> None:
+    job = jobs.get(name)
+    if job is None:
+        actions.append(Refused(f"no job named '{name}'"))
+        return
+    if job.state in TERMINAL:
+        actions.append(Refused(f"job '{name}' is already {job.state}"))
+    elif job.state is JobState.STOPPING:
+        actions.append(Refused(f"job '{name}' is already stopping"))
+    elif job.state is JobState.RUNNING:
+        jobs[name], acts = transition(job, JobState.STOPPING, now, "cancel requested")
+        actions += acts + [StopTrain(name, "cancel requested")]
+    else:
+        jobs[name], acts = transition(job, JobState.CANCELLED, now, "cancelled by request", retry_at=None)
+        actions += acts
+
+
+def _retry(state: State, jobs: dict[str, Job], name: str, now: float, actions: list[Action]) -> None:
+    job = jobs.get(name)
+    if job is None:
+        actions.append(Refused(f"no job named '{name}'"))
+    elif job.state not in (JobState.FAILED, JobState.CANCELLED):
+        actions.append(Refused(f"job '{name}' is {job.state}; only failed or cancelled jobs can be retried"))
+    else:
+        why_not = fits_ever(job.wants, state.inventory)
+        if why_not:
+            actions.append(Refused(f"job '{name}' can never run here: it {why_not}"))
+            return
+        jobs[name], acts = transition(job, JobState.QUEUED, now, "retry requested", consecutive_failures=0,
+                                      retry_at=None, finished_at=None)
+        actions += acts
+
+
+def _restore(state: State, jobs: dict[str, Job], ev: Restore, now: float, actions: list[Action]) -> int:
+    next_seq = state.next_seq
+    for job in sorted(ev.jobs, key=lambda j: j.seq):
+        next_seq = max(next_seq, job.seq + 1)
+        if job.state is JobState.STOPPING:
+            job, acts = transition(job, JobState.CANCELLED, now, "cancelled by request (daemon restarted)")
+            actions += acts
+        elif job.state in (JobState.RUNNING, JobState.BACKOFF):
+            job, acts = transition(job, JobState.QUEUED, now, "resuming after daemon restart", retry_at=None)
+            actions += acts
+        if job.state is JobState.QUEUED:
+            why_not = fits_ever(job.wants, state.inventory)
+            if why_not:
+                job, acts = transition(job, JobState.FAILED, now, f"can no longer run here: it {why_not}")
+                actions += acts
+        jobs[job.name] = job
+    return next_seq
+
+
+def _schedule(state: State, now: float) -> tuple[State, list[Action]]:
+    jobs = dict(state.jobs)
+    actions: list[Action] = []
+    # 1. restarts that are due (they still hold their GPUs)
+    for job in sorted(jobs.values(), key=Job.rank):
+        if job.state is JobState.BACKOFF and job.retry_at is not None and job.retry_at <= now:
+            jobs[job.name], acts = _start(job, job.gpus, now, f"restarting (attempt {job.attempt + 1})")
+            actions += acts
+    # 2. the queue, strict per pool
+    free = list(replace(state, jobs=jobs).free_gpus())
+    cpu_free = state.policy.max_cpu_jobs - replace(state, jobs=jobs).cpu_jobs_active()
+    gpu_blocked = cpu_blocked = False
+    for job in replace(state, jobs=jobs).queue():
+        if job.uses_gpus:
+            if gpu_blocked:
+                continue
+            grant = _allocate(job.wants, free)
+            if grant is None:
+                gpu_blocked = True
+                continue
+            free = [g for g in free if g not in grant]
+        else:
+            if cpu_blocked:
+                continue
+            if cpu_free <= 0:
+                cpu_blocked = True
+                continue
+            cpu_free -= 1
+            grant = ()
+        jobs[job.name], acts = _start(job, grant, now, "started")
+        actions += acts
+    wake = [j.retry_at for j in jobs.values() if j.state is JobState.BACKOFF and j.retry_at is not None]
+    if wake:
+        actions.append(WakeAt(min(wake)))
+    return replace(state, jobs=jobs), actions
+
+
+def _allocate(wants: Union[int, tuple[int, ...]], free: list[int]) -> tuple[int, ...] | None:
+    if isinstance(wants, tuple):
+        return wants if all(g in free for g in wants) else None
+    if wants <= len(free):
+        return tuple(sorted(free)[:wants])
+    return None
+
+
+def _start(job: Job, gpus: tuple[int, ...], now: float, reason: str) -> tuple[Job, list[Action]]:
+    attempt = job.attempt + 1
+    updated, acts = transition(job, JobState.RUNNING, now, reason, gpus=gpus, attempt=attempt,
+                               started_at=now, retry_at=None)
+    return updated, acts + [StartTrain(job.name, gpus, attempt)]
