@@ -1,0 +1,154 @@
+"""The Maildir-like spool.
+
+    spool/tmp/       writers create files here ...
+    spool/new/       ... and rename them in (``cp job.toml spool/new/`` also works: the daemon acts
+                     on close-after-write or moved-to, never on a half-written file)
+    spool/accepted/  files the daemon took (moved out of new/, so never read twice)
+    spool/rejected/  files it refused, each with a sibling ``.error`` explaining every problem
+
+No submitted file is ever deleted: every file that lands in ``new/`` ends in ``accepted/`` or
+``rejected/``.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import time
+import uuid
+
+from oddaemon.errors import OperationError
+from oddaemon.store import atomic_write, fsync_dir
+
+TEMP_SUFFIXES = ("~", ".swp", ".swx", ".tmp", ".part", ".partial")
+
+
+def is_candidate(filename: str) -> bool:
+    """Only ``*.toml`` names count; dotfiles and editor/temporary names are ignored."""
+    if not filename.endswith(".toml") or filename.startswith((".", "#", "~")):
+        return False
+    return not filename.endswith(TEMP_SUFFIXES) and len(filename) > len(".toml")
+
+
+class NotARegularFile(Exception):
+    """The spool entry is not something the daemon will read; the message says why."""
+
+
+class Spool:
+    def __init__(self, root: str):
+        self.root = root
+        self.tmp = os.path.join(root, "tmp")
+        self.new = os.path.join(root, "new")
+        self.accepted = os.path.join(root, "accepted")
+        self.rejected = os.path.join(root, "rejected")
+
+    def ensure_dirs(self) -> None:
+        for d in (self.root, self.tmp, self.new, self.accepted, self.rejected):
+            try:
+                os.makedirs(d, exist_ok=True)
+            except OSError as exc:
+                raise OperationError(d, "create spool directory", exc) from exc
+
+    def scan(self) -> list[str]:
+        """Candidate files in new/, oldest first (by mtime, then name)."""
+        try:
+            names = [n for n in os.listdir(self.new) if is_candidate(n)]
+        except OSError as exc:
+            raise OperationError(self.new, "list spool directory", exc) from exc
+        entries = []
+        for n in names:
+            path = os.path.join(self.new, n)
+            try:
+                entries.append((os.lstat(path).st_mtime, n, path))
+            except FileNotFoundError:
+                continue
+        return [p for _, _, p in sorted(entries)]
+
+    @staticmethod
+    def read(path: str, max_bytes: int) -> bytes:
+        """Read a spool file without following links or blocking on FIFOs.
+
+        Raises FileNotFoundError if it vanished, NotARegularFile for anything that must be set
+        aside unread (a symlink, a FIFO, a directory, a device)."""
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            raise NotARegularFile("it is a symbolic link; submit the file itself (oddaemon submit copies it)")
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "not a regular file"
+            raise NotARegularFile(f"it is {kind}; only regular files are read")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise NotARegularFile("it is not a regular file; only regular files are read")
+            chunks, total = [], 0
+            while total <= max_bytes:
+                chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                total += len(chunk)
+            return b"".join(chunks)
+        finally:
+            os.close(fd)
+
+    def accept(self, path: str, name: str) -> str:
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        dest = self._unique(self.accepted, f"{name}.{stamp}", ".toml")
+        self._move(path, dest, "move accepted job file to")
+        return dest
+
+    def reject(self, path: str, error_text: str) -> tuple[str, str]:
+        base = os.path.basename(path)
+        stem = base[:-5] if base.endswith(".toml") else base
+        dest = self._unique(self.rejected, stem, ".toml")
+        error_path = dest + ".error"
+        atomic_write(error_path, error_text.encode())
+        self._move(path, dest, "move rejected job file to")
+        return dest, error_path
+
+    def submit(self, source: str) -> str:
+        """Copy ``source`` into the spool the Maildir way: write in tmp/, then rename into new/."""
+        base = os.path.basename(source)
+        if not is_candidate(base):
+            raise OperationError(source, "submit", "the file name must end in .toml and not start with a dot")
+        try:
+            with open(source, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise OperationError(source, "read job file", exc) from exc
+        tmp = os.path.join(self.tmp, f".{uuid.uuid4().hex}.{base}")
+        try:
+            atomic_write(tmp, data, mode=0o640)
+        except OperationError:
+            raise
+        dest = os.path.join(self.new, base)
+        try:
+            # link+unlink instead of rename: never replace a file of the same name still waiting
+            os.link(tmp, dest)
+        except FileExistsError:
+            os.unlink(tmp)
+            raise OperationError(dest, "submit to", "a file with this name is already waiting in the spool; "
+                                                     "rename your file or wait for it to be picked up") from None
+        except OSError as exc:
+            os.unlink(tmp)
+            raise OperationError(dest, "submit to", exc) from exc
+        os.unlink(tmp)
+        return dest
+
+    @staticmethod
+    def _unique(directory: str, stem: str, suffix: str) -> str:
+        candidate = os.path.join(directory, stem + suffix)
+        n = 1
+        while os.path.lexists(candidate) or os.path.lexists(candidate + ".error"):
+            n += 1
+            candidate = os.path.join(directory, f"{stem}.{n}{suffix}")
+        return candidate
+
+    @staticmethod
+    def _move(src: str, dest: str, operation: str) -> None:
+        try:
+            os.rename(src, dest)
+        except OSError as exc:
+            raise OperationError(dest, operation, exc) from exc
+        fsync_dir(os.path.dirname(dest))
