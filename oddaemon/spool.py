@@ -18,7 +18,7 @@ import time
 import uuid
 
 from oddaemon.errors import OperationError
-from oddaemon.store import atomic_write, fsync_dir
+from oddaemon.store import atomic_write, fsync_dir, rename_noreplace
 
 TEMP_SUFFIXES = ("~", ".swp", ".swx", ".tmp", ".part", ".partial")
 
@@ -118,14 +118,10 @@ class Spool:
         except OSError as exc:
             raise OperationError(source, "read job file", exc) from exc
         tmp = os.path.join(self.tmp, f".{uuid.uuid4().hex}.{base}")
-        try:
-            atomic_write(tmp, data, mode=0o640)
-        except OperationError:
-            raise
+        atomic_write(tmp, data, mode=0o640)
         dest = os.path.join(self.new, base)
         try:
-            # link+unlink instead of rename: never replace a file of the same name still waiting
-            os.link(tmp, dest)
+            rename_noreplace(tmp, dest)  # never replace a file of the same name still waiting
         except FileExistsError:
             os.unlink(tmp)
             raise OperationError(dest, "submit to", "a file with this name is already waiting in the spool; "
@@ -133,7 +129,6 @@ class Spool:
         except OSError as exc:
             os.unlink(tmp)
             raise OperationError(dest, "submit to", exc) from exc
-        os.unlink(tmp)
         return dest
 
     @staticmethod

@@ -50,6 +50,26 @@ def fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+_RENAME_NOREPLACE = 1
+_AT_FDCWD = -100
+
+
+def rename_noreplace(src: str, dst: str) -> None:
+    """rename(2) that fails with FileExistsError instead of replacing ``dst`` (renameat2)."""
+    import ctypes  # noqa: PLC0415
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    renameat2 = getattr(libc, "renameat2", None)
+    if renameat2 is None:  # very old glibc: a check, then a plain rename (a narrow race)
+        if os.path.lexists(dst):
+            raise FileExistsError(17, "File exists", dst)
+        os.rename(src, dst)
+        return
+    if renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), _RENAME_NOREPLACE) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), dst)
+
+
 def atomic_write_json(path: str, obj: object) -> None:
     atomic_write(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
 

@@ -1,0 +1,223 @@
+"""The ``oddaemon`` command line.
+
+Exit codes: 0 done; 1 the daemon refused (no such job, job already finished, ...); 2 usage or
+configuration error; 3 the daemon is not reachable; 4 the submitted file was rejected.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from oddaemon import __version__
+from oddaemon.config import Config, load_config
+from oddaemon.control import DaemonUnreachable, request
+from oddaemon.errors import OddaemonError, user_message
+from oddaemon.spool import Spool
+from oddaemon.views import format_duration, progress_bar
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_REJECTED = 0, 1, 2, 3, 4
+DEFAULT_CONFIG = "/etc/oddaemon/oddaemon.toml"
+
+
+def config_path(arg: str | None) -> str | None:
+    if arg:
+        return arg
+    if os.environ.get("ODDAEMON_CONFIG"):
+        return os.environ["ODDAEMON_CONFIG"]
+    return DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None
+
+
+def socket_path(config: Config) -> str:
+    return os.path.join(config.state_dir, "control.sock")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="oddaemon", description="Run TensorFlow 2 Object Detection API training as a service.")
+    p.add_argument("--config", "-c", help=f"daemon config file (default: $ODDAEMON_CONFIG, else {DEFAULT_CONFIG} if present, else built-in defaults)")
+    p.add_argument("--version", action="version", version=f"oddaemon {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="run the daemon in the foreground")
+    s.add_argument("--log-level", default="INFO")
+    s = sub.add_parser("submit", help="submit a job file (atomic rename into the spool)")
+    s.add_argument("file")
+    s.add_argument("--wait", type=float, default=5.0, help="seconds to wait for the daemon's verdict (0: don't)")
+    for name, text in (("list", "list jobs"), ("status", "show one job"), ("cancel", "cancel a job"), ("retry", "retry a failed or cancelled job")):
+        s = sub.add_parser(name, help=text)
+        if name != "list":
+            s.add_argument("name")
+        if name in ("list", "status"):
+            s.add_argument("--json", action="store_true", help="machine-readable output")
+    s = sub.add_parser("logs", help="show a job's train log")
+    s.add_argument("name")
+    s.add_argument("-f", "--follow", action="store_true")
+    s.add_argument("-n", "--lines", type=int, default=40)
+    s.add_argument("--role", default="train", choices=("train", "eval"))
+    s = sub.add_parser("demo", help="run the bundled demo job with a local daemon (see README)")
+    s.add_argument("--dir", default="demo", help="project folder for the demo's config, spool, state and logs")
+    s.add_argument("--keep-serving", action="store_true", help="keep the daemon running after the demo job ends")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "demo":
+            from oddaemon.demo import run_demo  # noqa: PLC0415
+
+            return run_demo(args.dir, args.keep_serving)
+        config = load_config(config_path(args.config))
+        if args.command == "serve":
+            return cmd_serve(config, args.log_level)
+        if args.command == "submit":
+            return cmd_submit(config, args.file, args.wait)
+        if args.command == "logs":
+            return cmd_logs(config, args.name, args.role, args.lines, args.follow)
+        return cmd_control(config, args)
+    except DaemonUnreachable as exc:
+        print(f"oddaemon: {exc}", file=sys.stderr)
+        print("oddaemon: without the daemon you can still submit (files wait in the spool) and read logs.", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    except OddaemonError as exc:
+        print(f"oddaemon: {user_message(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+def setup_logging(level: str) -> None:
+    fmt = "%(levelname)s %(message)s" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s %(levelname)s %(message)s"
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=fmt, stream=sys.stderr)
+
+
+def cmd_serve(config: Config, level: str) -> int:
+    from oddaemon.daemon import run  # noqa: PLC0415
+    from oddaemon.loop import make_loop  # noqa: PLC0415
+
+    setup_logging(level)
+    return run(config, make_loop(config.event_loop))
+
+
+def cmd_submit(config: Config, path: str, wait: float) -> int:
+    spool = Spool(config.spool_dir)
+    dest = spool.submit(path)
+    print(f"submitted {path} -> {dest}")
+    if wait <= 0:
+        return EXIT_OK
+    deadline = time.monotonic() + wait
+    while os.path.lexists(dest) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if os.path.lexists(dest):
+        print("the daemon has not picked it up yet (is it running?); it stays in the spool until it does")
+        return EXIT_OK
+    stem = os.path.basename(dest)[: -len(".toml")]
+    errors = sorted((e for e in os.scandir(spool.rejected) if e.name.startswith(stem) and e.name.endswith(".error")
+                     and e.stat().st_mtime >= time.time() - wait - 1), key=lambda e: e.stat().st_mtime)
+    if errors:
+        print(f"REJECTED (kept as {errors[-1].path[:-len('.error')]}):")
+        with open(errors[-1].path, encoding="utf-8", errors="replace") as f:
+            print(f.read().rstrip())
+        return EXIT_REJECTED
+    try:
+        import tomllib  # noqa: PLC0415
+
+        with open(path, "rb") as f:
+            name = tomllib.load(f).get("name", stem)
+        reply = request(socket_path(config), {"cmd": "status", "name": name})
+    except (DaemonUnreachable, OSError, ValueError):
+        return EXIT_OK
+    if reply.get("ok"):
+        job = reply["job"]
+        where = f", queue position {job['queue_position']}" if job.get("queue_position") else ""
+        print(f"accepted as job {job['name']}: {job['state']}{where}")
+    return EXIT_OK
+
+
+def cmd_control(config: Config, args: argparse.Namespace) -> int:
+    payload = {"cmd": args.command}
+    if getattr(args, "name", None):
+        payload["name"] = args.name
+    reply = request(socket_path(config), payload)
+    if not reply.get("ok"):
+        print(f"oddaemon: {reply.get('error')}", file=sys.stderr)
+        return EXIT_REFUSED
+    if getattr(args, "json", False):
+        print(json.dumps(reply.get("jobs", reply.get("job")), indent=1, sort_keys=True))
+    elif args.command == "list":
+        print(format_list(reply))
+    elif args.command == "status":
+        print(format_status(reply["job"]))
+    else:
+        print(f"{args.name}: {reply.get('state')}")
+    return EXIT_OK
+
+
+def format_list(reply: dict) -> str:
+    rows = [f"{'NAME':<24} {'STATE':<10} {'GPUS':<6} {'STEP':>13} {'PROGRESS':<22} {'ETA':>7}  REASON"]
+    for job in reply["jobs"]:
+        gpus = ",".join(map(str, job["gpus"])) or ("cpu" if job["wants_gpus"] in (0, []) else "-")
+        step = "-" if job["step"] is None else str(job["step"])
+        target = "?" if job["target_steps"] is None else str(job["target_steps"])
+        state = job["state"] + (f" #{job['queue_position']}" if job["queue_position"] else "")
+        rows.append(f"{job['name']:<24} {state:<10} {gpus:<6} {step + '/' + target:>13} "
+                    f"{progress_bar(job['progress']):<22} {format_duration(job['eta_seconds']):>7}  {job['reason']}")
+    total, free = len(reply["gpus"]), len(reply["free_gpus"])
+    rows.append(f"-- {len(reply['queue'])} queued; GPUs in use {total - free}/{total}")
+    return "\n".join(rows)
+
+
+def format_status(job: dict) -> str:
+    lines = [f"{job['name']}: {job['state']} — {job['reason']}",
+             f"  progress   {progress_bar(job['progress'], 30)} step {job['step']}/{job['target_steps']}"
+             f"  ETA {format_duration(job['eta_seconds'])}",
+             f"  gpus       {','.join(map(str, job['gpus'])) or 'none (CPU)'}   attempt {job['attempt']}, restarts {job['restarts']}"]
+    if job["losses"]:
+        lines.append("  losses     " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(job["losses"].items())))
+    if job["learning_rate"] is not None:
+        lines.append(f"  lr         {job['learning_rate']:.4g}   steps/s {job['steps_per_second'] or 0:.3g}")
+    lines += [f"  model_dir  {job['model_dir']}", f"  log        {job['train_log']}"]
+    if job["last_exit"]:
+        lines.append(f"  last exit  {job['last_exit']}")
+    lines.append("  history:")
+    for h in job["history"][-8:]:
+        lines.append(f"    {time.strftime('%H:%M:%S', time.localtime(h['time']))} {h['state']:<10} {h['reason']}")
+    return "\n".join(lines)
+
+
+def cmd_logs(config: Config, name: str, role: str, lines: int, follow: bool) -> int:
+    path = os.path.join(config.log_dir, name, f"{role}.log")
+    if not os.path.exists(path):
+        print(f"oddaemon: no {role} log for job '{name}' at {path}", file=sys.stderr)
+        return EXIT_REFUSED
+    with open(path, "rb") as f:
+        tail = f.read().splitlines()[-lines:] if lines > 0 else []
+    sys.stdout.buffer.write(b"".join(line + b"\n" for line in tail))
+    sys.stdout.flush()
+    if follow:
+        follow_file(path)
+    return EXIT_OK
+
+
+def follow_file(path: str) -> None:
+    f = open(path, "rb")
+    f.seek(0, os.SEEK_END)
+    inode = os.fstat(f.fileno()).st_ino
+    while True:
+        chunk = f.read()
+        if chunk:
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+            continue
+        try:
+            if os.stat(path).st_ino != inode:  # rotated: finish the old file, then follow the new one
+                f.close()
+                f = open(path, "rb")
+                inode = os.fstat(f.fileno()).st_ino
+                continue
+        except FileNotFoundError:
+            pass
+        time.sleep(0.25)

@@ -1,0 +1,70 @@
+"""Training progress read from the trainer's event files (no tensorflow): step, losses, learning
+rate, steps/s and an ETA. Readers are incremental, so a refresh costs only the new bytes."""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+
+from oddaemon.tfevents import EventDirReader
+
+_NUM_STEPS = re.compile(rb"^\s*num_steps\s*:\s*(\d+)", re.MULTILINE)
+
+
+def pipeline_num_steps(pipeline_config: str) -> int | None:
+    """``train_config.num_steps`` from a pipeline.config text, without parsing protos."""
+    try:
+        with open(pipeline_config, "rb") as f:
+            match = _NUM_STEPS.search(f.read(4 << 20))
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
+class TrainProgress:
+    def __init__(self, model_dir: str, target_steps: int | None):
+        self.reader = EventDirReader(os.path.join(model_dir, "train"))
+        self.target_steps = target_steps
+        self.step: int | None = None
+        self.scalars: dict[str, float] = {}
+        self.updated_at: float | None = None
+        self._points: collections.deque[tuple[float, int]] = collections.deque(maxlen=32)
+
+    def refresh(self) -> None:
+        for event in self.reader.read_new():
+            if self.step is not None and event.step < self.step:
+                continue  # an older step replayed after a restart
+            self.step = event.step
+            self.scalars.update(event.values)
+            self.updated_at = event.wall_time
+            if not self._points or self._points[-1][1] != event.step:
+                self._points.append((event.wall_time, event.step))
+
+    def steps_per_second(self) -> float | None:
+        if len(self._points) >= 2:
+            (t0, s0), (t1, s1) = self._points[0], self._points[-1]
+            if t1 > t0 and s1 > s0:
+                return (s1 - s0) / (t1 - t0)
+        return self.scalars.get("steps_per_sec")
+
+    def eta_seconds(self) -> float | None:
+        rate = self.steps_per_second()
+        if self.target_steps is None or self.step is None or not rate:
+            return None
+        return max(0.0, (self.target_steps - self.step) / rate)
+
+    def view(self) -> dict:
+        ratio = None
+        if self.target_steps and self.step is not None:
+            ratio = min(1.0, self.step / self.target_steps)
+        return {
+            "step": self.step,
+            "target_steps": self.target_steps,
+            "progress": ratio,
+            "steps_per_second": self.steps_per_second(),
+            "eta_seconds": self.eta_seconds(),
+            "losses": {k.split("/", 1)[1]: v for k, v in self.scalars.items() if k.startswith("Loss/")},
+            "learning_rate": self.scalars.get("learning_rate"),
+            "updated_at": self.updated_at,
+        }

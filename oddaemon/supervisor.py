@@ -1,0 +1,125 @@
+"""Runs and watches worker processes on the event loop.
+
+The supervisor owns the live ``Worker`` objects, their log pumps and their timers. It reports
+each exit through ``on_exit(worker, returncode, detail)`` and never decides anything about jobs:
+that is the scheduler's job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+
+from oddaemon.failures import classify_failure
+from oddaemon.logs import LogPump, RotatingLog
+from oddaemon.loop import Loop
+from oddaemon.procs import Worker, process_start_time, spawn
+
+log = logging.getLogger("oddaemon.supervisor")
+
+ExitCallback = Callable[[Worker, int, str], None]
+
+
+class Supervisor:
+    def __init__(self, loop: Loop, log_dir: str, log_max_bytes: int, log_backups: int,
+                 stop_grace: float, on_exit: ExitCallback, clock: Callable[[], float] = time.time):
+        self.loop = loop
+        self.log_dir = log_dir
+        self.log_max_bytes = log_max_bytes
+        self.log_backups = log_backups
+        self.stop_grace = stop_grace
+        self.on_exit = on_exit
+        self.clock = clock
+        self.workers: dict[tuple[str, str], Worker] = {}
+        self._logs: dict[tuple[str, str], RotatingLog] = {}
+        self._handles: dict[int, list[object]] = {}
+
+    def log_path(self, name: str, role: str) -> str:
+        return os.path.join(self.log_dir, name, f"{role}.log")
+
+    def _log_for(self, name: str, role: str) -> RotatingLog:
+        key = (name, role)
+        if key not in self._logs:
+            self._logs[key] = RotatingLog(self.log_path(name, role), self.log_max_bytes, self.log_backups)
+        return self._logs[key]
+
+    def start(self, name: str, role: str, attempt: int, argv: list[str], env: dict[str, str], cwd: str) -> Worker:
+        rlog = self._log_for(name, role)
+        rlog.write(f"==== oddaemon: starting {role} attempt {attempt} at "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S')} (CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')!r})\n".encode())
+        worker = spawn(name, role, attempt, argv, env, cwd, self.clock())
+        pump = LogPump(worker.output_fd, rlog)
+        handles = [
+            self.loop.add_reader(worker.output_fd, lambda: self._pump(worker, pump)),
+            self.loop.add_reader(worker.pidfd, lambda: self._reap(worker, pump)),
+        ]
+        self._handles[worker.pid] = handles
+        self.workers[(name, role)] = worker
+        return worker
+
+    def runtime_record(self, worker: Worker) -> dict:
+        return {"pid": worker.pid, "start_time": process_start_time(worker.pid), "attempt": worker.attempt,
+                "role": worker.role, "started_at": worker.started_at}
+
+    def _pump(self, worker: Worker, pump: LogPump) -> None:
+        if not pump.pump():
+            handles = self._handles.get(worker.pid)
+            if handles and handles[0] is not None:
+                self.loop.remove(handles[0])
+                handles[0] = None
+
+    def _reap(self, worker: Worker, pump: LogPump) -> None:
+        returncode = worker.poll_exit()
+        if returncode is None:
+            return  # spurious wake-up
+        handles = self._handles.pop(worker.pid, [None, None])
+        self.loop.remove(handles[1])
+        worker.close()
+        # Read what the worker wrote before it died, so its last words are in the log and the tail.
+        if not pump.closed:
+            pump.pump()
+            if handles[0] is not None:
+                # A grandchild may still hold the pipe open: stop listening and close our end.
+                self.loop.remove(handles[0])
+                pump.close()
+        if self.workers.get((worker.name, worker.role)) is worker:
+            del self.workers[(worker.name, worker.role)]
+        detail = classify_failure(returncode, list(pump.tail)) if returncode != 0 else ""
+        self._log_for(worker.name, worker.role).write(
+            f"==== oddaemon: {worker.role} attempt {worker.attempt} ended: "
+            f"{'exit status ' + str(returncode) if returncode >= 0 else 'signal ' + str(-returncode)}"
+            f"{' (' + detail + ')' if detail else ''}\n".encode())
+        self.on_exit(worker, returncode, detail)
+
+    def stop(self, name: str, role: str, reason: str) -> bool:
+        """SIGTERM to the worker's process group, SIGKILL after the grace period."""
+        worker = self.workers.get((name, role))
+        if worker is None:
+            return False
+        if worker.stop_requested_at is None:
+            worker.stop_requested_at = self.clock()
+            log.info("stopping %s worker of %s (pid %d): %s", role, name, worker.pid, reason)
+            worker.signal_group(signal.SIGTERM)
+            self.loop.call_later(self.stop_grace, lambda: self._kill_if_alive(worker))
+        return True
+
+    def _kill_if_alive(self, worker: Worker) -> None:
+        if worker.pid in self._handles:
+            log.warning("%s worker of %s (pid %d) ignored SIGTERM for %gs: sending SIGKILL",
+                        worker.role, worker.name, worker.pid, self.stop_grace)
+            worker.signal_group(signal.SIGKILL)
+
+    def stop_all(self, reason: str) -> None:
+        for name, role in list(self.workers):
+            self.stop(name, role, reason)
+
+    def reopen_logs(self) -> None:
+        for rlog in self._logs.values():
+            rlog.reopen()
+
+    def forget_log(self, name: str) -> None:
+        for key in [k for k in self._logs if k[0] == name and k not in self.workers]:
+            self._logs.pop(key).close()

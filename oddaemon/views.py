@@ -1,0 +1,54 @@
+"""What users see of a job: one dict shared by the CLI (--json), the control socket and, later,
+D-Bus and metrics. Pure."""
+
+from __future__ import annotations
+
+from oddaemon.progress import TrainProgress
+from oddaemon.scheduler import Job
+
+
+def job_view(job: Job, progress: TrainProgress | None, queue_position: int | None, log_path: str) -> dict:
+    view = {
+        "name": job.name,
+        "state": job.state.value,
+        "reason": job.reason,
+        "priority": job.spec.priority,
+        "wants_gpus": list(job.wants) if isinstance(job.wants, tuple) else job.wants,
+        "gpus": list(job.gpus),
+        "queue_position": queue_position,
+        "attempt": job.attempt,
+        "restarts": job.restarts,
+        "last_exit": job.last_exit,
+        "submitted_at": job.submitted_at,
+        "started_at": job.started_at,
+        "finished_at": job.finished_at,
+        "retry_at": job.retry_at,
+        "model_dir": job.spec.model_dir,
+        "pipeline_config": job.spec.pipeline_config,
+        "train_log": log_path,
+        "history": [{"time": t, "state": s, "reason": r} for t, s, r in job.history],
+    }
+    empty = {"step": None, "target_steps": job.spec.pipeline.num_steps, "progress": None,
+             "steps_per_second": None, "eta_seconds": None, "losses": {}, "learning_rate": None, "updated_at": None}
+    view.update(progress.view() if progress is not None else empty)
+    return view
+
+
+def progress_bar(ratio: float | None, width: int = 20) -> str:
+    if ratio is None:
+        return "[" + " " * width + "]"
+    filled = int(round(max(0.0, min(1.0, ratio)) * width))
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    seconds = int(seconds)
+    if seconds >= 86400:
+        return f"{seconds // 86400}d{(seconds % 86400) // 3600:02d}h"
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{(seconds % 3600) // 60:02d}m"
+    if seconds >= 60:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds}s"
