@@ -24,7 +24,7 @@ from oddaemon.errors import OperationError
 LIFELINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lifeline.py")
 
 # Variables a worker may inherit from the daemon's environment; everything else is dropped.
-PASSTHROUGH_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "HOME", "TMPDIR", "LD_LIBRARY_PATH",
+PASSTHROUGH_ENV = ("PATH", "PYTHONPATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "HOME", "TMPDIR", "LD_LIBRARY_PATH",
                    "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "CUDA_HOME", "XLA_FLAGS")
 
 

@@ -1,0 +1,472 @@
+"""Job spec v1: parse and validate a job file dropped into the spool.
+
+Pure: every filesystem lookup goes through a ``ValidationContext`` so tests can inject fakes.
+``parse_job`` never raises; it returns a ``JobSpec`` or every ``Problem`` it found.
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob as globmod
+import math
+import os
+import re
+import tomllib
+from dataclasses import dataclass, fields, is_dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Problem:
+    message: str
+    key: str | None = None
+    line: int | None = None
+    column: int | None = None
+
+    def render(self) -> str:
+        if self.line is None:
+            return self.message
+        where = f"line {self.line}" + (f", column {self.column}" if self.column is not None else "")
+        return f"{where}: {self.message}"
+
+
+@dataclass(frozen=True)
+class PipelineEdits:
+    """Edits applied to pipeline.config before training; None leaves the value as it is."""
+
+    num_classes: int | None = None
+    batch_size: int | None = None
+    num_steps: int | None = None
+    learning_rate_base: float | None = None
+    warmup_learning_rate: float | None = None
+    warmup_steps: int | None = None
+    total_steps: int | None = None
+    fine_tune_checkpoint: str | None = None
+    fine_tune_checkpoint_type: str | None = None
+    label_map_path: str | None = None
+    train_input_path: tuple[str, ...] | None = None
+    eval_input_path: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    gpus: int | tuple[int, ...] | None = None  # None = auto: 1 GPU if the daemon has any, else CPU
+    checkpoint_every_n: int = 1000
+    checkpoint_max_to_keep: int = 7
+    max_restarts: int | None = None  # None = daemon default
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    enabled: bool = True
+    device: str = "cpu"
+    sample_1_of_n_eval_examples: int = 1
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    name: str
+    pipeline_config: str
+    model_dir: str
+    priority: int = 0
+    pipeline: PipelineEdits = PipelineEdits()
+    train: TrainOptions = TrainOptions()
+    eval: EvalOptions = EvalOptions()
+
+    def to_dict(self) -> dict:
+        """JSON-safe dict (tuples become lists); ``JobSpec.from_dict`` reverses it."""
+        return _plain(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "JobSpec":
+        parts = {"pipeline": PipelineEdits, "train": TrainOptions, "eval": EvalOptions}
+        tables = {name: kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.get(name, {}).items()})
+                  for name, kind in parts.items()}
+        return cls(**{k: v for k, v in d.items() if k not in parts}, **tables)
+
+    def gpu_count(self, available: int) -> int:
+        gpus = self.train.gpus
+        if gpus is None:
+            return 1 if available > 0 else 0
+        return gpus if isinstance(gpus, int) else len(gpus)
+
+
+def _plain(obj: Any) -> Any:
+    if is_dataclass(obj):
+        return {f.name: _plain(getattr(obj, f.name)) for f in fields(obj)}
+    if isinstance(obj, tuple):
+        return [_plain(x) for x in obj]
+    return obj
+
+
+@dataclass(frozen=True)
+class ValidationContext:
+    allowed_roots: tuple[str, ...]
+    max_file_bytes: int = 1_048_576
+    realpath: Callable[[str], str] = os.path.realpath
+    isfile: Callable[[str], bool] = os.path.isfile
+    isdir: Callable[[str], bool] = os.path.isdir
+    glob: Callable[[str], list[str]] = globmod.glob
+
+
+TABLES = ("pipeline", "train", "eval")
+ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
+    "": ("name", "pipeline_config", "model_dir", "priority") + TABLES,
+    "pipeline": tuple(f.name for f in fields(PipelineEdits)),
+    "train": tuple(f.name for f in fields(TrainOptions)),
+    "eval": tuple(f.name for f in fields(EvalOptions)),
+}
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+NAME_RULE = ("a job name is 1 to 64 characters from A-Z a-z 0-9 '_' '.' '-', "
+             "starts with a letter or digit and never contains '..'")
+CHECKPOINT_TYPES = ("detection", "classification", "fine_tune", "full")
+EVAL_DEVICES = ("cpu", "gpu", "auto")
+MAX_INPUT_PATHS = 1000
+MAX_GPUS = 64
+
+
+def parse_job(data: bytes, filename: str, ctx: ValidationContext) -> JobSpec | list[Problem]:
+    """Parse and validate one job file. Returns the spec, or every problem found (never raises)."""
+    if len(data) > ctx.max_file_bytes:
+        return [Problem(f"the file is {len(data)} bytes, larger than the limit of {ctx.max_file_bytes} bytes "
+                        "(max_file_bytes in the [jobs] section of the daemon configuration)")]
+    text_or_problems = _decode(data)
+    if isinstance(text_or_problems, list):
+        return text_or_problems
+    try:
+        doc = tomllib.loads(text_or_problems)
+    except tomllib.TOMLDecodeError as exc:
+        return [_syntax_problem(str(exc), text_or_problems)]
+    except RecursionError:
+        return [Problem("TOML syntax error: arrays or tables are nested too deeply")]
+    except ValueError as exc:  # e.g. an integer literal with thousands of digits
+        return [Problem(f"TOML syntax error: {exc}")]
+    return _Validator(ctx).job(doc, filename)
+
+
+def render_error_file(original_name: str, problems: list[Problem]) -> str:
+    """The text of the ``.error`` file written next to a rejected job file."""
+    count = f"{len(problems)} problem" + ("" if len(problems) == 1 else "s")
+    lines = [f"Job file '{original_name}' was rejected because it is not a valid oddaemon job spec; "
+             "nothing was queued.", f"{count}:"]
+    lines += [f"  - {p.render()}" for p in problems]
+    lines.append("Fix the file and submit it again. Every key is described in the \"Job spec\" section "
+                 "of the README; etc/jobs/example.toml is a commented example.")
+    return "\n".join(lines) + "\n"
+
+
+def _decode(data: bytes) -> str | list[Problem]:
+    problems = []
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        text = None
+        problems.append(_byte_problem(data, exc.start, f"byte 0x{data[exc.start]:02x} at offset {exc.start} "
+                                      "is not valid UTF-8; save the file as UTF-8 text"))
+    nul = data.find(b"\0")
+    if nul >= 0:
+        problems.append(_byte_problem(data, nul, f"NUL byte at offset {nul}; a job file must be plain text"))
+    return problems or text
+
+
+def _byte_problem(data: bytes, offset: int, message: str) -> Problem:
+    line_start = data.rfind(b"\n", 0, offset) + 1
+    return Problem(message, line=data.count(b"\n", 0, offset) + 1, column=offset - line_start + 1)
+
+
+def _syntax_problem(message: str, text: str) -> Problem:
+    """A Problem from a tomllib message such as "Invalid value (at line 3, column 7)"."""
+    line = column = None
+    where = re.search(r"\s*\(at line (\d+), column (\d+)\)$", message)
+    if where:
+        line, column = int(where.group(1)), int(where.group(2))
+    elif where := re.search(r"\s*\(at end of document\)$", message):
+        line, column = text.count("\n") + 1, len(text) - text.rfind("\n")
+    plain = message[:where.start()] if where else message
+    # tomllib names keys as Python tuples, e.g. "Cannot declare ('train',) twice"; show them dotted.
+    plain = re.sub(r"\(((?:'[^']*',? ?)+)\)",
+                   lambda m: "'" + ".".join(re.findall(r"'([^']*)'", m.group(1))) + "'", plain)
+    return Problem(f"TOML syntax error: {plain[:1].lower()}{plain[1:]}", line=line, column=column)
+
+
+# Value checkers, shared with oddaemon.config: each returns the (converted) value or raises Invalid.
+class Invalid(Exception):
+    """A value failed its check; the argument is the reason, without the key label."""
+
+
+def show(value: Any, depth: int = 0) -> str:
+    """A short TOML-like rendering of a value for messages (at most ~60 characters)."""
+    if isinstance(value, dict):
+        text = "a table"
+    elif isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, float) and not math.isfinite(value):
+        text = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    elif isinstance(value, list):
+        text = "[...]" if depth > 2 else "[" + ", ".join(show(v, depth + 1) for v in value[:12]) + \
+            (", ...]" if len(value) > 12 else "]")
+    else:
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def rule(expected: str, accept: Callable[[Any], bool], convert: Callable[[Any], Any] = lambda v: v):
+    """A checker: returns the (converted) value, or raises Invalid naming what was expected and got."""
+    def check(value: Any) -> Any:
+        if not accept(value):
+            raise Invalid(f"must be {expected}, got {show(value)}")
+        return convert(value)
+    return check
+
+
+def whole_number(lo: int, hi: int | None = None) -> Callable[[Any], int]:
+    expected = f"a whole number from {lo} to {hi}" if hi is not None else f"a whole number >= {lo}"
+    return rule(expected, lambda v: is_int(v) and v >= lo and (hi is None or v <= hi))
+
+
+def finite_number(lo: float, inclusive: bool) -> Callable[[Any], float]:
+    def accept(v: Any) -> bool:  # the bounds reject nan, inf and ints too large for a float
+        return (is_int(v) or isinstance(v, float)) and -1e308 < v < 1e308 and (v >= lo if inclusive else v > lo)
+    return rule(f"a finite number {'>=' if inclusive else '>'} {lo:g}", accept, float)
+
+
+def one_of(options: tuple[str, ...]) -> Callable[[Any], str]:
+    return rule(f"one of {', '.join(repr(o) for o in options)}", lambda v: isinstance(v, str) and v in options)
+
+
+_boolean = rule("true or false", lambda v: isinstance(v, bool))
+
+
+def _gpus(value: Any) -> int | tuple[int, ...] | None:
+    if isinstance(value, str) and value == "auto":
+        return None
+    if is_int(value) and 0 <= value <= MAX_GPUS:
+        return value
+    if not isinstance(value, list):
+        raise Invalid(f"must be a whole number from 0 to {MAX_GPUS}, a list of GPU ids or \"auto\", "
+                      f"got {show(value)}")
+    if not value:
+        raise Invalid("must not be an empty list (leave gpus out for auto, or write 0 to train on the CPU)")
+    seen: set[int] = set()
+    for gpu in value:
+        if not is_int(gpu) or not 0 <= gpu < MAX_GPUS:
+            raise Invalid(f"GPU ids must be whole numbers from 0 to {MAX_GPUS - 1}, got {show(gpu)} "
+                          f"in {show(value)}")
+        if gpu in seen:
+            raise Invalid(f"GPU id {gpu} is listed twice")
+        seen.add(gpu)
+    return tuple(value)
+
+
+class _Validator:
+    """Collects every problem in one job document."""
+
+    def __init__(self, ctx: ValidationContext):
+        self.ctx = ctx
+        self.problems: list[Problem] = []
+        self.roots = tuple(ctx.realpath(r) for r in ctx.allowed_roots)
+
+    def add(self, section: str, key: str, reason: str, label: str | None = None) -> None:
+        """Record ``reason`` for ``key``; ``label`` names a list entry such as ``train_input_path[2]``."""
+        dotted = f"{section}.{key}" if section else key
+        where = f"[{section}] {label or key}" if section else key
+        self.problems.append(Problem(f"{where}: {reason}", key=dotted))
+
+    def job(self, doc: dict, filename: str) -> JobSpec | list[Problem]:
+        self.reject_unknown("", doc)
+        tables = {name: self.table(doc, name) for name in TABLES}
+        top = self.section("", doc, {
+            "name": self.name, "priority": whole_number(-1000, 1000),
+            "pipeline_config": self.path_checker("file"), "model_dir": self.path_checker("model_dir"),
+        })
+        pipeline = self.section("pipeline", tables["pipeline"], {
+            "num_classes": whole_number(1, 100_000), "batch_size": whole_number(1, 65_536),
+            "num_steps": whole_number(1), "total_steps": whole_number(1), "warmup_steps": whole_number(0),
+            "learning_rate_base": finite_number(0, inclusive=False),
+            "warmup_learning_rate": finite_number(0, inclusive=True),
+            "fine_tune_checkpoint": self.path_checker("checkpoint"),
+            "fine_tune_checkpoint_type": one_of(CHECKPOINT_TYPES),
+            "label_map_path": self.path_checker("file"),
+        })
+        for key in ("train_input_path", "eval_input_path"):
+            if key in tables["pipeline"]:
+                paths = self.input_paths(key, tables["pipeline"][key])
+                if paths is not None:
+                    pipeline[key] = paths
+        train = self.section("train", tables["train"], {
+            "gpus": _gpus, "checkpoint_every_n": whole_number(1, 10**9),
+            "checkpoint_max_to_keep": whole_number(1, 10_000), "max_restarts": whole_number(0, 1000),
+        })
+        evaluation = self.section("eval", tables["eval"], {
+            "enabled": _boolean, "device": one_of(EVAL_DEVICES), "sample_1_of_n_eval_examples": whole_number(1),
+        })
+        self.cross_checks(pipeline, train)
+        if "name" not in doc:
+            top["name"] = self.default_name(filename)
+        for required in ("pipeline_config", "model_dir"):
+            if required not in doc:
+                self.problems.append(Problem(f"missing required key '{required}' (an absolute path)", key=required))
+        if self.problems:
+            return self.problems
+        return JobSpec(**top, pipeline=PipelineEdits(**pipeline), train=TrainOptions(**train),
+                       eval=EvalOptions(**evaluation))
+
+    def reject_unknown(self, section: str, table: dict) -> None:
+        allowed = ALLOWED_KEYS[section]
+        for key, value in table.items():
+            if key in allowed:
+                continue
+            close = difflib.get_close_matches(key, allowed, n=1)
+            if not section and isinstance(value, dict):
+                hint = f"; did you mean [{close[0]}]?" if close else "."
+                message = f"unknown table [{key}]{hint} Allowed tables: {', '.join(f'[{t}]' for t in TABLES)}"
+            else:
+                where = f"in [{section}]" if section else "at the top level"
+                hint = f"; did you mean '{close[0]}'?" if close else "."
+                listed = ", ".join(k for k in allowed if section or k not in TABLES)
+                tables = f"; tables: {', '.join(f'[{t}]' for t in TABLES)}" if not section else ""
+                message = f"unknown key {show(key)} {where}{hint} Allowed keys: {listed}{tables}"
+            self.problems.append(Problem(message, key=f"{section}.{key}" if section else key))
+
+    def table(self, doc: dict, name: str) -> dict:
+        value = doc.get(name, {})
+        if not isinstance(value, dict):
+            self.add("", name, f"must be a table written as a [{name}] section, got {show(value)}")
+            return {}
+        self.reject_unknown(name, value)
+        return value
+
+    def section(self, section: str, table: dict, checkers: dict[str, Callable[[Any], Any]]) -> dict:
+        values = {}
+        for key, check in checkers.items():
+            if key in table:
+                try:
+                    values[key] = check(table[key])
+                except Invalid as exc:
+                    self.add(section, key, str(exc))
+        return values
+
+    def name(self, value: Any) -> str:
+        if not isinstance(value, str):
+            raise Invalid(f"must be a string, got {show(value)}")
+        reason = _name_problem(value)
+        if reason:
+            raise Invalid(f"not a valid job name: {reason}; {NAME_RULE}")
+        return value
+
+    def default_name(self, filename: str) -> str:
+        stem = os.path.basename(filename)
+        stem = stem[:-len(".toml")] if stem.endswith(".toml") else stem
+        reason = _name_problem(stem)
+        if reason:
+            self.add("", "name", f"the job name defaults to the file name, which is not a valid job name: "
+                     f"{reason}; set name = \"...\" in the file or rename it; {NAME_RULE}")
+        return stem
+
+    def path_checker(self, kind: str) -> Callable[[Any], str]:
+        return lambda value: self.path(value, kind)
+
+    def path(self, value: Any, kind: str) -> str:
+        real = self.inside_roots(value)
+        if kind == "file" and not self.ctx.isfile(real):
+            raise Invalid(f"{value} is a directory, not a file" if self.ctx.isdir(real)
+                          else f"{value} does not exist")
+        if kind == "checkpoint":
+            index = value + ".index"
+            if not self.ctx.isfile(index):
+                raise Invalid(f"{index} does not exist (give the checkpoint prefix, e.g. .../checkpoint/ckpt-0)")
+            self.inside_roots(index)
+        if kind == "model_dir":
+            if self.ctx.isfile(real):
+                raise Invalid(f"{value} exists and is a file; model_dir must be a directory")
+            ancestor = real
+            while not self.ctx.isdir(ancestor) and os.path.dirname(ancestor) != ancestor:
+                ancestor = os.path.dirname(ancestor)
+            if not self.under_roots(ancestor):
+                raise Invalid(f"{value} does not exist yet and its nearest existing parent directory "
+                              f"{ancestor} is outside the allowed roots {self.roots_text()}; "
+                              "create the allowed root directory first")
+        return value
+
+    def inside_roots(self, value: Any) -> str:
+        """Check the shape of a path and that it resolves under an allowed root; return the real path."""
+        if not isinstance(value, str):
+            raise Invalid(f"must be a string (an absolute path), got {show(value)}")
+        if not value:
+            raise Invalid("must not be empty")
+        if "\0" in value:
+            raise Invalid(f"must not contain a NUL character, got {show(value)}")
+        if not os.path.isabs(value):
+            raise Invalid(f"must be an absolute path, got {show(value)}")
+        real = self.ctx.realpath(value)
+        if not self.under_roots(real):
+            shown = value if real == value else f"{value} resolves to {real}, which"
+            raise Invalid(f"{shown} is outside the allowed roots {self.roots_text()}")
+        return real
+
+    def under_roots(self, real: str) -> bool:
+        return any(real == root or real.startswith(root.rstrip("/") + "/") for root in self.roots)
+
+    def roots_text(self) -> str:
+        return ", ".join(self.ctx.allowed_roots) if self.ctx.allowed_roots else "(none are configured)"
+
+    def input_paths(self, key: str, value: Any) -> tuple[str, ...] | None:
+        if isinstance(value, str):
+            entries = [(key, value)]
+        elif isinstance(value, list) and 0 < len(value) <= MAX_INPUT_PATHS:
+            entries = [(f"{key}[{i}]", v) for i, v in enumerate(value)]
+        else:
+            got = f"a list of {len(value)} entries" if isinstance(value, list) else show(value)
+            self.add("pipeline", key, f"must be a path (glob) or a list of 1 to {MAX_INPUT_PATHS} paths, got {got}")
+            return None
+        before = len(self.problems)
+        for label, pattern in entries:
+            try:
+                self.input_glob(pattern)
+            except Invalid as exc:
+                self.add("pipeline", key, str(exc), label=label)
+        return tuple(v for _, v in entries) if len(self.problems) == before else None
+
+    def input_glob(self, pattern: Any) -> None:
+        self.inside_roots(pattern)
+        files = [m for m in self.ctx.glob(pattern) if self.ctx.isfile(m)]
+        if not files:
+            raise Invalid(f"{pattern} matches no file")
+        for match in files:
+            real = self.ctx.realpath(match)
+            if not self.under_roots(real):
+                raise Invalid(f"{pattern} matches {match}, which resolves to {real}, outside the allowed "
+                              f"roots {self.roots_text()}")
+
+    def cross_checks(self, pipeline: dict, train: dict) -> None:
+        if pipeline.get("warmup_steps", 0) > pipeline.get("total_steps", math.inf):
+            self.add("pipeline", "warmup_steps", f"{pipeline['warmup_steps']} is larger than total_steps "
+                     f"{pipeline['total_steps']}; warmup must end before the cosine decay does")
+        if pipeline.get("warmup_learning_rate", 0) > pipeline.get("learning_rate_base", math.inf):
+            self.add("pipeline", "warmup_learning_rate", f"{pipeline['warmup_learning_rate']:g} is larger than "
+                     f"learning_rate_base {pipeline['learning_rate_base']:g}")
+        gpus = train.get("gpus")
+        count = gpus if isinstance(gpus, int) else len(gpus or ())
+        if "batch_size" in pipeline and count > 0 and pipeline["batch_size"] % count:
+            self.add("pipeline", "batch_size", f"{pipeline['batch_size']} is not divisible by the {count} GPU(s) "
+                     "given in [train] gpus; each GPU gets an equal share of every batch")
+
+
+def _name_problem(name: str) -> str | None:
+    """Why ``name`` is not a valid job name, or None when it is."""
+    bad = sorted(set(re.sub(r"[A-Za-z0-9_.-]", "", name)))
+    if not name:
+        return "it is empty"
+    if len(name) > 64:
+        return f"{show(name)} is {len(name)} characters long, the maximum is 64"
+    if bad:
+        return f"{show(name)} contains {', '.join(repr(c) for c in bad[:10])}, which is not allowed"
+    if not NAME_RE.fullmatch(name):
+        return f"{show(name)} does not start with a letter or digit"
+    if ".." in name:
+        return f"{show(name)} contains '..'"
+    return None
