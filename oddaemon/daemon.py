@@ -106,7 +106,16 @@ class Daemon:
     # ---- the one way the job table changes -----------------------------------------------------
     def dispatch(self, event: sch.Event) -> list[sch.Action]:
         self.state, actions = sch.step(self.state, event, self.clock())
+        # One write per job per step: at the position of its first SaveJob (so a record is on disk
+        # before the spool file moves or its worker starts), with the content of its last.
+        newest = {a.job.name: a for a in actions if isinstance(a, sch.SaveJob)}
+        saved: set[str] = set()
         for action in actions:
+            if isinstance(action, sch.SaveJob):
+                if action.job.name in saved:
+                    continue
+                saved.add(action.job.name)
+                action = newest[action.job.name]
             try:
                 self._execute(action)
             except OddaemonError as exc:
@@ -123,7 +132,8 @@ class Daemon:
         elif isinstance(action, sch.Accepted):
             if action.token:
                 self.spool.accept(action.token, action.name)
-            log.info("accepted job %s (queue position %s)", action.name, self.state.queue_position(action.name))
+            position = self.state.queue_position(action.name)
+            log.info("accepted job %s%s", action.name, f" (queue position {position})" if position else "")
         elif isinstance(action, sch.Rejected):
             self._reject(action.token, [Problem(action.reason)])
         elif isinstance(action, sch.StateChanged):

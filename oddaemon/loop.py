@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import logging
 import selectors
 import signal
 import socket
@@ -31,6 +32,16 @@ from collections.abc import Callable
 from typing import Protocol
 
 Callback = Callable[[], None]
+log = logging.getLogger("oddaemon.loop")
+
+
+def guarded(callback: Callback) -> None:
+    """Run a callback; an unexpected exception is logged and never takes the loop (or the
+    source it came from) down with it."""
+    try:
+        callback()
+    except Exception:  # noqa: BLE001 - the daemon must keep serving
+        log.exception("internal error in %s (the daemon keeps running)", getattr(callback, "__qualname__", callback))
 
 
 class Loop(Protocol):
@@ -42,6 +53,7 @@ class Loop(Protocol):
     def add_signal(self, signum: int, callback: Callback) -> None: ...
     def run(self) -> None: ...
     def stop(self) -> None: ...
+    def close(self) -> None: ...
 
 
 class GLibLoop:
@@ -57,14 +69,14 @@ class GLibLoop:
         cond = self._glib.IOCondition.IN | self._glib.IOCondition.HUP | self._glib.IOCondition.ERR
 
         def dispatch(_fd, _cond):
-            callback()
+            guarded(callback)
             return True
 
         return ("source", self._glib.unix_fd_add_full(self._glib.PRIORITY_DEFAULT, fd, cond, dispatch))
 
     def call_later(self, delay: float, callback: Callback) -> object:
         def fire():
-            callback()
+            guarded(callback)
             return False
 
         return ("source", self._glib.timeout_add(max(0, int(delay * 1000)), fire))
@@ -75,7 +87,7 @@ class GLibLoop:
 
     def add_signal(self, signum: int, callback: Callback) -> None:
         def fire():
-            callback()
+            guarded(callback)
             return True
 
         self._glib.unix_signal_add(self._glib.PRIORITY_HIGH, signum, fire)
@@ -85,6 +97,9 @@ class GLibLoop:
 
     def stop(self) -> None:
         self._loop.quit()
+
+    def close(self) -> None:
+        pass
 
 
 class SelectLoop:
@@ -137,7 +152,7 @@ class SelectLoop:
         for signum in data:
             callback = self._signals.get(signum)
             if callback:
-                callback()
+                guarded(callback)
 
     def run(self) -> None:
         self._running = True
@@ -148,7 +163,7 @@ class SelectLoop:
             if self._timers:
                 timeout = max(0.0, self._timers[0][0] - time.monotonic())
             for key, _ in self._selector.select(timeout):
-                key.data()
+                guarded(key.data)
                 if not self._running:
                     return
             now = time.monotonic()
@@ -157,10 +172,19 @@ class SelectLoop:
                 if timer_id in self._cancelled:
                     self._cancelled.discard(timer_id)
                     continue
-                callback()
+                guarded(callback)
 
     def stop(self) -> None:
         self._running = False
+
+    def close(self) -> None:
+        if self._signals:
+            signal.set_wakeup_fd(-1)
+            for signum in self._signals:
+                signal.signal(signum, signal.SIG_DFL)
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()
 
 
 def make_loop(kind: str = "auto") -> Loop:

@@ -289,7 +289,7 @@ def _submit(state: State, jobs: dict[str, Job], ev: Submit, now: float, actions:
     job = Job(name=name, seq=state.next_seq, spec=ev.spec, wants=wants, submitted_at=now,
               history=((now, JobState.QUEUED.value, "submitted"),))
     jobs[name] = job
-    actions += [Accepted(name, ev.token), StateChanged(name, "", JobState.QUEUED.value, "submitted"), SaveJob(job)]
+    actions += [SaveJob(job), Accepted(name, ev.token), StateChanged(name, "", JobState.QUEUED.value, "submitted")]
     return state.next_seq + 1
 
 

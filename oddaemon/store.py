@@ -39,7 +39,10 @@ def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
         except OSError:
             pass
         raise OperationError(path, "write", exc) from exc
-    fsync_dir(directory)
+    try:
+        fsync_dir(directory)
+    except OSError as exc:
+        raise OperationError(directory, "sync directory", exc) from exc
 
 
 def fsync_dir(directory: str) -> None:
