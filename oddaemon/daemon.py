@@ -135,7 +135,7 @@ class Daemon:
             position = self.state.queue_position(action.name)
             log.info("accepted job %s%s", action.name, f" (queue position {position})" if position else "")
         elif isinstance(action, sch.Rejected):
-            self._reject(action.token, [Problem(action.reason)])
+            self._reject(action.token, [Problem(action.reason)], "the daemon cannot run it")
         elif isinstance(action, sch.StateChanged):
             log.info("job %s: %s -> %s (%s)", action.name, action.old or "new", action.new, action.reason)
             for listener in self.on_state_change:
@@ -180,10 +180,10 @@ class Daemon:
         except FileNotFoundError:
             return  # already taken (a duplicate event)
         except NotARegularFile as exc:
-            self._reject(path, [Problem(f"{name} was not read: {exc}")])
+            self._reject(path, [Problem(f"{name} was not read: {exc}")], "it is not a regular file")
             return
         except OSError as exc:
-            self._reject(path, [Problem(f"{name} could not be read: {exc.strerror}")])
+            self._reject(path, [Problem(f"{name} could not be read: {exc.strerror}")], "it could not be read")
             return
         result = parse_job(data, name, self.config.validation_context())
         if isinstance(result, list):
@@ -191,12 +191,12 @@ class Daemon:
         else:
             self.dispatch(sch.Submit(result, token=path))
 
-    def _reject(self, path: str, problems: list[Problem]) -> None:
+    def _reject(self, path: str, problems: list[Problem], because: str = "it is not a valid oddaemon job spec") -> None:
         if not path:
             return
         self.rejected_total += 1
         try:
-            dest, error_path = self.spool.reject(path, render_error_file(os.path.basename(path), problems))
+            dest, error_path = self.spool.reject(path, render_error_file(os.path.basename(path), problems, because))
             log.warning("rejected %s -> %s: %s", path, error_path, "; ".join(p.render() for p in problems))
         except OddaemonError as exc:
             log.error("%s (the file stays where it is)", user_message(exc))

@@ -144,11 +144,11 @@ def parse_job(data: bytes, filename: str, ctx: ValidationContext) -> JobSpec | l
     return _Validator(ctx).job(doc, filename)
 
 
-def render_error_file(original_name: str, problems: list[Problem]) -> str:
+def render_error_file(original_name: str, problems: list[Problem],
+                      because: str = "it is not a valid oddaemon job spec") -> str:
     """The text of the ``.error`` file written next to a rejected job file."""
     count = f"{len(problems)} problem" + ("" if len(problems) == 1 else "s")
-    lines = [f"Job file '{original_name}' was rejected because it is not a valid oddaemon job spec; "
-             "nothing was queued.", f"{count}:"]
+    lines = [f"Job file '{original_name}' was rejected because {because}; nothing was queued.", f"{count}:"]
     lines += [f"  - {p.render()}" for p in problems]
     lines.append("Fix the file and submit it again. Every key is described in the \"Job spec\" section "
                  "of the README; etc/jobs/example.toml is a commented example.")

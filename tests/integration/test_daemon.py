@@ -244,3 +244,19 @@ def test_daemon_never_imports_tensorflow(daemon_env):
     with open(f"/proc/{env.proc.pid}/maps") as f:
         maps = f.read()
     assert "tensorflow" not in maps and "_pywrap" not in maps
+
+
+def test_jobs_that_can_never_run_or_clash_are_rejected_with_the_reason(daemon_env):
+    daemon_env.write_config(gpus=[0])
+    env = daemon_env.start()
+    env.drop("greedy.toml", env.job_text("greedy", gpus=2))
+    wait_for(lambda: "greedy.toml.error" in env.rejected(), 10, what="greedy rejected")
+    error = open(os.path.join(env.spool, "rejected", "greedy.toml.error")).read()
+    assert "because the daemon cannot run it" in error
+    assert "job 'greedy' can never run here: it asks for 2 GPU(s) but this machine has 1" in error
+    env.drop("one.toml", env.job_text("one", num_steps=1000, step_seconds=0.05))
+    env.wait_state("one", "running", 20)
+    env.drop("one-again.toml", env.job_text("one", num_steps=5))
+    wait_for(lambda: "one-again.toml.error" in env.rejected(), 10, what="duplicate rejected")
+    assert "a job named 'one' already exists and is running" in open(
+        os.path.join(env.spool, "rejected", "one-again.toml.error")).read()
