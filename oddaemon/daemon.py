@@ -13,9 +13,11 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from oddaemon import scheduler as sch
 from oddaemon.config import Config
+from oddaemon.commands import Commands
 from oddaemon.control import ControlServer
 from oddaemon.errors import OddaemonError, user_message
 from oddaemon.gpus import discover
@@ -33,6 +35,13 @@ from oddaemon.views import job_view
 log = logging.getLogger("oddaemon")
 
 SETTLE_SECONDS = 1.0  # a file in new/ younger than this at rescan may still be being written
+
+
+@dataclass(frozen=True)
+class Verdict:
+    accepted: bool
+    name: str
+    message: str  # why it was rejected (the .error text, or the scheduler's reason)
 
 
 class Daemon:
@@ -72,7 +81,9 @@ class Daemon:
         # Watch first, then rescan: a file that arrives in between is seen by one or the other.
         self.inotify.watch(self.spool.new, SPOOL_MASK, self._on_spool_event, self._rescan_spool)
         self._rescan_spool()
-        self.control = ControlServer(os.path.join(self.config.state_dir, "control.sock"), self.loop, self.handle_request)
+        self.commands = Commands(self)
+        self.control = ControlServer(os.path.join(self.config.state_dir, "control.sock"), self.loop,
+                                     self.commands.handle_request)
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal(signum, self.shutdown)
         self.loop.add_signal(signal.SIGHUP, self.reload)
@@ -135,7 +146,8 @@ class Daemon:
             position = self.state.queue_position(action.name)
             log.info("accepted job %s%s", action.name, f" (queue position {position})" if position else "")
         elif isinstance(action, sch.Rejected):
-            self._reject(action.token, [Problem(action.reason)], "the daemon cannot run it")
+            if action.token:
+                self._reject(action.token, [Problem(action.reason)], "the daemon cannot run it")
         elif isinstance(action, sch.StateChanged):
             log.info("job %s: %s -> %s (%s)", action.name, action.old or "new", action.new, action.reason)
             for listener in self.on_state_change:
@@ -173,33 +185,35 @@ class Daemon:
         self._rescan_pending = False
         self._rescan_spool()
 
-    def intake(self, path: str) -> None:
+    def intake(self, path: str) -> Verdict | None:
+        """Validate and submit one spool file; it ends in accepted/ or rejected/. None if it was
+        already gone (a duplicate event)."""
         name = os.path.basename(path)
         try:
             data = self.spool.read(path, self.config.max_job_file_bytes)
         except FileNotFoundError:
-            return  # already taken (a duplicate event)
+            return None
         except NotARegularFile as exc:
-            self._reject(path, [Problem(f"{name} was not read: {exc}")], "it is not a regular file")
-            return
+            return self._reject(path, [Problem(f"{name} was not read: {exc}")], "it is not a regular file")
         except OSError as exc:
-            self._reject(path, [Problem(f"{name} could not be read: {exc.strerror}")], "it could not be read")
-            return
+            return self._reject(path, [Problem(f"{name} could not be read: {exc.strerror}")], "it could not be read")
         result = parse_job(data, name, self.config.validation_context())
         if isinstance(result, list):
-            self._reject(path, result)
-        else:
-            self.dispatch(sch.Submit(result, token=path))
+            return self._reject(path, result)
+        for action in self.dispatch(sch.Submit(result, token=path)):
+            if isinstance(action, sch.Rejected):
+                return Verdict(False, result.name, action.reason)
+        return Verdict(True, result.name, "")
 
-    def _reject(self, path: str, problems: list[Problem], because: str = "it is not a valid oddaemon job spec") -> None:
-        if not path:
-            return
+    def _reject(self, path: str, problems: list[Problem], because: str = "it is not a valid oddaemon job spec") -> Verdict:
         self.rejected_total += 1
+        text = render_error_file(os.path.basename(path), problems, because)
         try:
-            dest, error_path = self.spool.reject(path, render_error_file(os.path.basename(path), problems, because))
+            dest, error_path = self.spool.reject(path, text)
             log.warning("rejected %s -> %s: %s", path, error_path, "; ".join(p.render() for p in problems))
         except OddaemonError as exc:
             log.error("%s (the file stays where it is)", user_message(exc))
+        return Verdict(False, "", text)
 
     # ---- workers -------------------------------------------------------------------------------
     def _start_train(self, action: sch.StartTrain) -> None:
@@ -243,28 +257,10 @@ class Daemon:
                                    self.supervisor.log_path(job.name, "train")))
         return result
 
-    def handle_request(self, request: dict) -> dict:
-        cmd = request.get("cmd")
-        name = request.get("name")
-        if cmd == "ping":
-            return {"ok": True, "pid": os.getpid()}
-        if cmd == "list":
-            return {"ok": True, "jobs": self.views(), "gpus": list(self.state.inventory),
-                    "free_gpus": list(self.state.free_gpus()), "queue": [j.name for j in self.state.queue()]}
-        if not isinstance(name, str):
-            return {"ok": False, "error": f"'{cmd}' needs a job name"}
-        if cmd == "status":
-            for view in self.views():
-                if view["name"] == name:
-                    return {"ok": True, "job": view}
-            return {"ok": False, "error": f"no job named '{name}'"}
-        if cmd in ("cancel", "retry"):
-            event = sch.Cancel(name) if cmd == "cancel" else sch.Retry(name)
-            refused = [a for a in self.dispatch(event) if isinstance(a, sch.Refused)]
-            if refused:
-                return {"ok": False, "error": refused[0].reason}
-            return {"ok": True, "state": self.state.jobs[name].state.value}
-        return {"ok": False, "error": f"unknown command {cmd!r}"}
+    @staticmethod
+    def heavy_modules_loaded() -> list[str]:
+        """Proof for tests and `doctor`: the daemon must never import these."""
+        return sorted(m for m in ("tensorflow", "object_detection", "keras", "torch") if m in sys.modules)
 
     # ---- signals -------------------------------------------------------------------------------
     def reload(self) -> None:

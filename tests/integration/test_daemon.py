@@ -244,6 +244,7 @@ def test_daemon_never_imports_tensorflow(daemon_env):
     with open(f"/proc/{env.proc.pid}/maps") as f:
         maps = f.read()
     assert "tensorflow" not in maps and "_pywrap" not in maps
+    assert env.ask("ping")["heavy_modules"] == []
 
 
 def test_jobs_that_can_never_run_or_clash_are_rejected_with_the_reason(daemon_env):
