@@ -59,8 +59,15 @@ class TrainOptions:
 @dataclass(frozen=True)
 class EvalOptions:
     enabled: bool = True
-    device: str = "cpu"
+    device: str = "cpu"                                  # "cpu" | "gpu" | "auto"
     sample_1_of_n_eval_examples: int = 1
+    metric: str = "DetectionBoxes_Precision/mAP"         # what "best" means
+    higher_is_better: bool = True
+    export_best: bool = False                            # export each new best to a SavedModel
+    patience: int | None = None                          # early stopping: evaluations without improvement
+    min_delta: float = 0.0                               # improvement smaller than this does not count
+    when_behind: str = "evaluate_all"                    # "evaluate_all" | "skip_to_newest"
+    max_behind: int = 3                                  # pending checkpoints before when_behind applies
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,8 @@ NAME_RULE = ("a job name is 1 to 64 characters from A-Z a-z 0-9 '_' '.' '-', "
              "starts with a letter or digit and never contains '..'")
 CHECKPOINT_TYPES = ("detection", "classification", "fine_tune", "full")
 EVAL_DEVICES = ("cpu", "gpu", "auto")
+WHEN_BEHIND = ("evaluate_all", "skip_to_newest")
+METRIC_RE = re.compile(r"[A-Za-z0-9_./@() -]{1,100}")
 MAX_INPUT_PATHS = 1000
 MAX_GPUS = 64
 
@@ -303,6 +312,11 @@ class _Validator:
         })
         evaluation = self.section("eval", tables["eval"], {
             "enabled": _boolean, "device": one_of(EVAL_DEVICES), "sample_1_of_n_eval_examples": whole_number(1),
+            "metric": rule("a metric name such as 'DetectionBoxes_Precision/mAP' (letters, digits, _ . / @ ( ) - "
+                           "and spaces, at most 100)", lambda v: isinstance(v, str) and METRIC_RE.fullmatch(v) is not None),
+            "higher_is_better": _boolean, "export_best": _boolean, "patience": whole_number(1, 10_000),
+            "min_delta": finite_number(0.0, True), "when_behind": one_of(WHEN_BEHIND),
+            "max_behind": whole_number(1, 10_000),
         })
         self.cross_checks(pipeline, train)
         if "name" not in doc:

@@ -19,199 +19,20 @@ Policy
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Union
 
+from oddaemon.jobs import HISTORY_LIMIT, Job, Policy, State
 from oddaemon.jobspec import JobSpec
+from oddaemon.messages import (Accepted, Action, Cancel, EarlyStop, EvalPlacement, EvaluationsDone, EvaluatorStopped,
+                               Event, PlaceEvaluator, ProcessExited, Refused, Rejected, Restore, Retry, SaveJob,
+                               StartTrain, StateChanged, StopEvaluator, StopTrain, Submit, Tick, TrainingEnded, WakeAt)
 from oddaemon.states import HOLDS_RESOURCES, TERMINAL, JobState, check_transition
 
-HISTORY_LIMIT = 50
-
-
-@dataclass(frozen=True)
-class Policy:
-    max_restarts: int = 3
-    backoff_base: float = 10.0
-    backoff_cap: float = 600.0
-    reset_after: float = 1800.0
-    max_cpu_jobs: int = 1
-
-    def backoff(self, consecutive_failures: int) -> float:
-        exponent = max(0, consecutive_failures - 1)
-        if exponent > 60:
-            return self.backoff_cap
-        return min(self.backoff_cap, self.backoff_base * (2 ** exponent))
-
-
-@dataclass(frozen=True)
-class Job:
-    name: str
-    seq: int
-    spec: JobSpec
-    wants: Union[int, tuple[int, ...]]  # GPU count, or explicit GPU ids; 0 = CPU slot
-    state: JobState = JobState.QUEUED
-    reason: str = ""
-    submitted_at: float = 0.0
-    gpus: tuple[int, ...] = ()
-    attempt: int = 0  # train processes started so far
-    restarts: int = 0  # total restarts after failures
-    consecutive_failures: int = 0
-    started_at: float | None = None
-    retry_at: float | None = None
-    finished_at: float | None = None
-    last_exit: str = ""
-    history: tuple[tuple[float, str, str], ...] = ()
-
-    @property
-    def uses_gpus(self) -> bool:
-        return self.wants != 0 and self.wants != ()
-
-    def rank(self) -> tuple[int, int]:
-        return (-self.spec.priority, self.seq)
-
-    def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["spec"] = self.spec.to_dict()
-        d["state"] = self.state.value
-        d["wants"] = list(self.wants) if isinstance(self.wants, tuple) else self.wants
-        d["gpus"] = list(self.gpus)
-        d["history"] = [list(h) for h in self.history]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Job":
-        known = {f.name for f in dataclasses.fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        d["spec"] = JobSpec.from_dict(d["spec"])
-        d["state"] = JobState(d["state"])
-        d["wants"] = tuple(d["wants"]) if isinstance(d["wants"], list) else d["wants"]
-        d["gpus"] = tuple(d.get("gpus", ()))
-        d["history"] = tuple(tuple(h) for h in d.get("history", ()))
-        return cls(**d)
-
-
-@dataclass(frozen=True)
-class State:
-    inventory: tuple[int, ...] = ()
-    policy: Policy = Policy()
-    jobs: dict[str, Job] = field(default_factory=dict)
-    next_seq: int = 1
-
-    def free_gpus(self) -> tuple[int, ...]:
-        held = {g for j in self.jobs.values() if j.state in HOLDS_RESOURCES for g in j.gpus}
-        return tuple(g for g in self.inventory if g not in held)
-
-    def cpu_jobs_active(self) -> int:
-        return sum(1 for j in self.jobs.values() if j.state in HOLDS_RESOURCES and not j.uses_gpus)
-
-    def queue(self) -> list[Job]:
-        return sorted((j for j in self.jobs.values() if j.state is JobState.QUEUED), key=Job.rank)
-
-    def queue_position(self, name: str) -> int | None:
-        for i, job in enumerate(self.queue(), start=1):
-            if job.name == name:
-                return i
-        return None
-
-
-# ---- events -------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Submit:
-    spec: JobSpec
-    token: str = ""  # opaque to the scheduler (the daemon passes the spool file path)
-
-
-@dataclass(frozen=True)
-class ProcessExited:
-    name: str
-    attempt: int
-    returncode: int  # negative = killed by that signal (as subprocess reports it)
-    detail: str = ""  # a failure reason read from the log, if any
-
-
-@dataclass(frozen=True)
-class Cancel:
-    name: str
-
-
-@dataclass(frozen=True)
-class Retry:
-    name: str
-
-
-@dataclass(frozen=True)
-class Tick:
-    """A timer fired (or anything else changed): start what is due."""
-
-
-@dataclass(frozen=True)
-class Restore:
-    """Daemon start: the saved jobs; whatever was running is queued again to resume."""
-
-    jobs: tuple[Job, ...]
-
-
-Event = Union[Submit, ProcessExited, Cancel, Retry, Tick, Restore]
-
-
-# ---- actions ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StartTrain:
-    name: str
-    gpus: tuple[int, ...]
-    attempt: int
-
-
-@dataclass(frozen=True)
-class StopTrain:
-    name: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class SaveJob:
-    job: Job
-
-
-@dataclass(frozen=True)
-class Accepted:
-    name: str
-    token: str
-
-
-@dataclass(frozen=True)
-class Rejected:
-    token: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class Refused:
-    """A command (cancel, retry) that cannot be done; the reason is for the user."""
-
-    reason: str
-
-
-@dataclass(frozen=True)
-class StateChanged:
-    name: str
-    old: str
-    new: str
-    reason: str
-
-
-@dataclass(frozen=True)
-class WakeAt:
-    when: float
-
-
-Action = Union[StartTrain, StopTrain, SaveJob, Accepted, Rejected, Refused, StateChanged, WakeAt]
-
+__all__ = ["Accepted", "Action", "Cancel", "EarlyStop", "EvalPlacement", "EvaluationsDone", "EvaluatorStopped", "Event",
+           "Job", "PlaceEvaluator", "Policy", "ProcessExited", "Refused", "Rejected", "Restore", "Retry", "SaveJob",
+           "StartTrain", "State", "StateChanged", "StopEvaluator", "StopTrain", "Submit", "Tick", "TrainingEnded",
+           "WakeAt", "step", "transition"]
 
 # ---- the one guarded state change ---------------------------------------------------------
 
@@ -221,10 +42,13 @@ def transition(job: Job, new: JobState, now: float, reason: str, **changes) -> t
     history = (job.history + ((now, new.value, reason),))[-HISTORY_LIMIT:]
     if new not in HOLDS_RESOURCES:
         changes.setdefault("gpus", ())
+    extra: list[Action] = []
     if new in TERMINAL:
         changes.setdefault("finished_at", now)
+        changes.setdefault("eval_gpus", ())
+        extra.append(StopEvaluator(job.name, f"job {new.value}"))
     updated = replace(job, state=new, reason=reason, history=history, **changes)
-    return updated, [StateChanged(job.name, job.state.value, new.value, reason), SaveJob(updated)]
+    return updated, [StateChanged(job.name, job.state.value, new.value, reason), SaveJob(updated), *extra]
 
 
 # ---- step ---------------------------------------------------------------------------------
@@ -244,6 +68,16 @@ def step(state: State, event: Event, now: float) -> tuple[State, list[Action]]:
         _retry(state, jobs, event.name, now, actions)
     elif isinstance(event, Restore):
         next_seq = _restore(state, jobs, event, now, actions)
+    elif isinstance(event, EarlyStop):
+        _early_stop(jobs, event, now, actions)
+    elif isinstance(event, EvaluationsDone):
+        _evaluations_done(jobs, event.name, now, actions)
+    elif isinstance(event, PlaceEvaluator):
+        _place_evaluator(state, jobs, event.name, actions)
+    elif isinstance(event, EvaluatorStopped):
+        if event.name in jobs and jobs[event.name].eval_gpus:
+            jobs[event.name] = replace(jobs[event.name], eval_gpus=())
+            actions.append(SaveJob(jobs[event.name]))
     new_state = replace(state, jobs=jobs, next_seq=next_seq)
     new_state, more = _schedule(new_state, now)
     return new_state, actions + more
@@ -309,10 +143,12 @@ def _exited(policy: Policy, jobs: dict[str, Job], ev: ProcessExited, now: float,
     if job is None or job.attempt != ev.attempt or job.state not in (JobState.RUNNING, JobState.STOPPING):
         return  # a stale exit (an earlier attempt): nothing to do
     exit_text = describe_returncode(ev.returncode)
-    if job.state is JobState.STOPPING:
+    if job.state is JobState.STOPPING and job.stop_reason:
+        jobs[job.name], acts = _training_over(job, now, job.stop_reason, last_exit=exit_text)
+    elif job.state is JobState.STOPPING:
         jobs[job.name], acts = transition(job, JobState.CANCELLED, now, "cancelled by request", last_exit=exit_text)
     elif ev.returncode == 0:
-        jobs[job.name], acts = transition(job, JobState.SUCCEEDED, now, "training finished", last_exit=exit_text)
+        jobs[job.name], acts = _training_over(job, now, "training finished", last_exit=exit_text)
     else:
         ran = now - job.started_at if job.started_at is not None else 0.0
         consecutive = 1 if ran >= policy.reset_after else job.consecutive_failures + 1
@@ -331,6 +167,56 @@ def _exited(policy: Policy, jobs: dict[str, Job], ev: ProcessExited, now: float,
     actions += acts
 
 
+def _training_over(job: Job, now: float, reason: str, **changes) -> tuple[Job, list[Action]]:
+    """Training finished (or was stopped early): evaluate what is left first, if evaluation is on."""
+    if not job.spec.eval.enabled:
+        return transition(job, JobState.SUCCEEDED, now, reason, **changes)
+    updated, acts = transition(job, JobState.EVALUATING, now, f"{reason}; evaluating the remaining checkpoints",
+                               retry_at=None, **changes)
+    return updated, acts + [TrainingEnded(job.name)]
+
+
+def _early_stop(jobs: dict[str, Job], ev: EarlyStop, now: float, actions: list[Action]) -> None:
+    job = jobs.get(ev.name)
+    if job is None or not job.spec.eval.enabled:
+        return  # early stopping is a verdict of evaluation
+    if job.state is JobState.RUNNING:
+        jobs[job.name], acts = transition(job, JobState.STOPPING, now, ev.reason, stop_reason=ev.reason)
+        actions += acts + [StopTrain(job.name, ev.reason)]
+    elif job.state is JobState.BACKOFF:
+        jobs[job.name], acts = _training_over(replace(job, stop_reason=ev.reason), now, ev.reason)
+        actions += acts
+
+
+def _evaluations_done(jobs: dict[str, Job], name: str, now: float, actions: list[Action]) -> None:
+    job = jobs.get(name)
+    if job is not None and job.state is JobState.EVALUATING:
+        reason = job.stop_reason or "training finished"
+        jobs[name], acts = transition(job, JobState.SUCCEEDED, now, f"{reason}; every checkpoint evaluated")
+        actions += acts
+
+
+def _place_evaluator(state: State, jobs: dict[str, Job], name: str, actions: list[Action]) -> None:
+    """cpu: the CPU, as the manual workflow does; gpu: a free GPU (wait for one); auto: an idle GPU
+    when no queued training is waiting for GPUs, else the CPU."""
+    job = jobs.get(name)
+    if job is None or job.state in TERMINAL:
+        return
+    if job.eval_gpus:
+        actions.append(EvalPlacement(name, job.eval_gpus))
+        return
+    device = job.spec.eval.device
+    free = replace(state, jobs=jobs).free_gpus()
+    training_waits = any(j.uses_gpus for j in replace(state, jobs=jobs).queue())
+    if device == "cpu" or (device == "auto" and (not free or training_waits)):
+        actions.append(EvalPlacement(name, ()))
+    elif not free:
+        actions.append(EvalPlacement(name, None))
+    else:
+        jobs[name] = replace(job, eval_gpus=(free[0],))
+        actions += [SaveJob(jobs[name]), EvalPlacement(name, (free[0],))]
+
+
 def _cancel(jobs: dict[str, Job], name: str, now: float, actions: list[Action]) -> None:
     job = jobs.get(name)
     if job is None:
@@ -338,8 +224,11 @@ def _cancel(jobs: dict[str, Job], name: str, now: float, actions: list[Action]) 
         return
     if job.state in TERMINAL:
         actions.append(Refused(f"job '{name}' is already {job.state}"))
-    elif job.state is JobState.STOPPING:
+    elif job.state is JobState.STOPPING and not job.stop_reason:
         actions.append(Refused(f"job '{name}' is already stopping"))
+    elif job.state is JobState.STOPPING:  # stopping early: make it a cancel (same state, new intent)
+        jobs[name] = replace(job, stop_reason="", reason="cancel requested")
+        actions.append(SaveJob(jobs[name]))
     elif job.state is JobState.RUNNING:
         jobs[name], acts = transition(job, JobState.STOPPING, now, "cancel requested")
         actions += acts + [StopTrain(name, "cancel requested")]
@@ -368,9 +257,15 @@ def _restore(state: State, jobs: dict[str, Job], ev: Restore, now: float, action
     next_seq = state.next_seq
     for job in sorted(ev.jobs, key=lambda j: j.seq):
         next_seq = max(next_seq, job.seq + 1)
-        if job.state is JobState.STOPPING:
+        job = replace(job, eval_gpus=())  # no evaluator survives a daemon restart
+        if job.state is JobState.STOPPING and job.stop_reason:
+            job, acts = _training_over(job, now, job.stop_reason)
+            actions += acts
+        elif job.state is JobState.STOPPING:
             job, acts = transition(job, JobState.CANCELLED, now, "cancelled by request (daemon restarted)")
             actions += acts
+        elif job.state is JobState.EVALUATING:
+            actions.append(TrainingEnded(job.name))
         elif job.state in (JobState.RUNNING, JobState.BACKOFF):
             job, acts = transition(job, JobState.QUEUED, now, "resuming after daemon restart", retry_at=None)
             actions += acts

@@ -14,7 +14,8 @@ class JobState(str, enum.Enum):
     QUEUED = "queued"          # accepted, waiting for GPUs / a CPU slot
     RUNNING = "running"        # train process alive (GPUs held)
     BACKOFF = "backoff"        # train process failed; restart scheduled (GPUs still held)
-    STOPPING = "stopping"      # cancel requested; waiting for the process to exit
+    STOPPING = "stopping"      # cancel or early stop requested; waiting for the process to exit
+    EVALUATING = "evaluating"  # training over; the remaining checkpoints are being evaluated
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -29,10 +30,13 @@ HOLDS_RESOURCES = frozenset({JobState.RUNNING, JobState.BACKOFF, JobState.STOPPI
 _ALLOWED: dict[JobState, frozenset[JobState]] = {
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED, JobState.FAILED}),
     JobState.RUNNING: frozenset(
-        {JobState.BACKOFF, JobState.STOPPING, JobState.SUCCEEDED, JobState.FAILED, JobState.QUEUED}
+        {JobState.BACKOFF, JobState.STOPPING, JobState.EVALUATING, JobState.SUCCEEDED, JobState.FAILED, JobState.QUEUED}
     ),
-    JobState.BACKOFF: frozenset({JobState.RUNNING, JobState.CANCELLED, JobState.FAILED, JobState.QUEUED}),
-    JobState.STOPPING: frozenset({JobState.CANCELLED, JobState.QUEUED}),
+    JobState.BACKOFF: frozenset(
+        {JobState.RUNNING, JobState.CANCELLED, JobState.FAILED, JobState.QUEUED, JobState.EVALUATING}
+    ),
+    JobState.STOPPING: frozenset({JobState.CANCELLED, JobState.QUEUED, JobState.EVALUATING}),
+    JobState.EVALUATING: frozenset({JobState.SUCCEEDED, JobState.CANCELLED, JobState.FAILED}),
     JobState.SUCCEEDED: frozenset(),
     JobState.FAILED: frozenset({JobState.QUEUED}),
     JobState.CANCELLED: frozenset({JobState.QUEUED}),

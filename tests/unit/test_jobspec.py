@@ -73,7 +73,7 @@ BAD_TEXT = [
      "unknown key 'checkpoint_every' in [train]; did you mean 'checkpoint_every_n'?"),
     ("unknown-eval-key", BASE + "[eval]\ndevise = 'cpu'\n", "unknown key 'devise' in [eval]; did you mean 'device'?"),
     ("unknown-eval-key-no-match", BASE + "[eval]\nzzz = 1\n",
-     "unknown key 'zzz' in [eval]. Allowed keys: enabled, device, sample_1_of_n_eval_examples"),
+     "unknown key 'zzz' in [eval]. Allowed keys: enabled, device, sample_1_of_n_eval_examples, metric"),
     ("string-for-int", BASE + "[pipeline]\nnum_classes = '3'\n",
      "[pipeline] num_classes: must be a whole number from 1 to 100000, got '3'"),
     ("bool-for-int", BASE + "[pipeline]\nbatch_size = true\n",
@@ -122,6 +122,16 @@ BAD_TEXT = [
     ("eval-enabled-string", BASE + "[eval]\nenabled = 'yes'\n", "[eval] enabled: must be true or false, got 'yes'"),
     ("eval-sample-zero", BASE + "[eval]\nsample_1_of_n_eval_examples = 0\n",
      "[eval] sample_1_of_n_eval_examples: must be a whole number >= 1, got 0"),
+    ("eval-patience-zero", BASE + "[eval]\npatience = 0\n",
+     "[eval] patience: must be a whole number from 1 to 10000, got 0"),
+    ("eval-when-behind", BASE + "[eval]\nwhen_behind = \"skip\"\n",
+     "[eval] when_behind: must be one of 'evaluate_all', 'skip_to_newest', got 'skip'"),
+    ("eval-min-delta-negative", BASE + "[eval]\nmin_delta = -0.1\n",
+     "[eval] min_delta: must be a finite number >= 0, got -0.1"),
+    ("eval-metric-odd-chars", BASE + "[eval]\nmetric = \"mAP; rm -rf /\"\n",
+     "[eval] metric: must be a metric name such as 'DetectionBoxes_Precision/mAP'"),
+    ("eval-export-best-string", BASE + "[eval]\nexport_best = \"yes\"\n",
+     "[eval] export_best: must be true or false, got 'yes'"),
     ("batch-not-divisible", BASE + "[pipeline]\nbatch_size = 10\n[train]\ngpus = [0, 1, 2]\n",
      "[pipeline] batch_size: 10 is not divisible by the 3 GPU(s)"),
     ("batch-not-divisible-count", BASE + "[pipeline]\nbatch_size = 9\n[train]\ngpus = 2\n", "not divisible by the 2 GPU(s)"),
@@ -320,7 +330,8 @@ def test_allowed_keys_match_the_dataclasses():
     assert ALLOWED_KEYS[""] == ("name", "pipeline_config", "model_dir", "priority", "pipeline", "train", "eval")
     assert "num_classes" in ALLOWED_KEYS["pipeline"] and len(ALLOWED_KEYS["pipeline"]) == 12
     assert ALLOWED_KEYS["train"] == ("gpus", "checkpoint_every_n", "checkpoint_max_to_keep", "max_restarts")
-    assert ALLOWED_KEYS["eval"] == ("enabled", "device", "sample_1_of_n_eval_examples")
+    assert ALLOWED_KEYS["eval"] == ("enabled", "device", "sample_1_of_n_eval_examples", "metric", "higher_is_better",
+                                    "export_best", "patience", "min_delta", "when_behind", "max_behind")
 
 
 def test_render_error_file(tree, ctx):

@@ -8,13 +8,15 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from oddaemon import scheduler as sch
-from oddaemon.jobspec import JobSpec, TrainOptions
+from oddaemon.jobspec import EvalOptions, JobSpec, TrainOptions
 from oddaemon.states import HOLDS_RESOURCES, IllegalTransition, JobState, check_transition
 
 
-def spec(name: str, gpus=None, priority: int = 0, max_restarts=None, model_dir: str | None = None) -> JobSpec:
+def spec(name: str, gpus=None, priority: int = 0, max_restarts=None, model_dir: str | None = None,
+         evaluate: bool = False, eval_device: str = "cpu") -> JobSpec:
     return JobSpec(name=name, pipeline_config="/srv/p.config", model_dir=model_dir or f"/srv/models/{name}",
-                   priority=priority, train=TrainOptions(gpus=gpus, max_restarts=max_restarts))
+                   priority=priority, train=TrainOptions(gpus=gpus, max_restarts=max_restarts),
+                   eval=EvalOptions(enabled=evaluate, device=eval_device))
 
 
 def submit(state, s, now=0.0):
@@ -189,6 +191,69 @@ def test_transition_table_is_enforced():
         sch.transition(job, JobState.SUCCEEDED, 0.0, "no")
 
 
+def test_training_end_with_evaluation_goes_through_evaluating():
+    state, _ = submit(sch.State(inventory=(0,)), spec("a", evaluate=True))
+    state, actions = sch.step(state, sch.ProcessExited("a", 1, 0), 1.0)
+    job = state.jobs["a"]
+    assert job.state is JobState.EVALUATING and job.gpus == () and state.free_gpus() == (0,)
+    assert sch.TrainingEnded("a") in actions
+    state, actions = sch.step(state, sch.EvaluationsDone("a"), 2.0)
+    assert state.jobs["a"].state is JobState.SUCCEEDED
+    assert state.jobs["a"].reason == "training finished; every checkpoint evaluated"
+    assert sch.StopEvaluator("a", "job succeeded") in actions
+
+
+def test_early_stop_stops_training_then_evaluates_then_succeeds_with_the_reason():
+    state, _ = submit(sch.State(inventory=(0,)), spec("a", evaluate=True))
+    state, actions = sch.step(state, sch.EarlyStop("a", "stopped early: no improvement"), 1.0)
+    assert state.jobs["a"].state is JobState.STOPPING
+    assert kinds(actions, sch.StopTrain) == [sch.StopTrain("a", "stopped early: no improvement")]
+    state, actions = sch.step(state, sch.ProcessExited("a", 1, -15), 2.0)
+    assert state.jobs["a"].state is JobState.EVALUATING and sch.TrainingEnded("a") in actions
+    state, _ = sch.step(state, sch.EvaluationsDone("a"), 3.0)
+    assert state.jobs["a"].state is JobState.SUCCEEDED
+    assert state.jobs["a"].reason == "stopped early: no improvement; every checkpoint evaluated"
+
+
+def test_cancel_during_early_stop_or_evaluating_cancels():
+    state, _ = submit(sch.State(inventory=(0, 1)), spec("a", evaluate=True))
+    state, _ = sch.step(state, sch.EarlyStop("a", "stopped early"), 1.0)
+    state, actions = sch.step(state, sch.Cancel("a"), 1.5)
+    assert not kinds(actions, sch.Refused)
+    state, _ = sch.step(state, sch.ProcessExited("a", 1, -15), 2.0)
+    assert state.jobs["a"].state is JobState.CANCELLED
+    state, _ = submit(state, spec("b", evaluate=True), 3.0)
+    state, _ = sch.step(state, sch.ProcessExited("b", 1, 0), 4.0)
+    state, actions = sch.step(state, sch.Cancel("b"), 5.0)
+    assert state.jobs["b"].state is JobState.CANCELLED and sch.StopEvaluator("b", "job cancelled") in actions
+
+
+@pytest.mark.parametrize("device, busy, expected", [
+    ("cpu", False, ()), ("gpu", False, (1,)), ("gpu", True, None), ("auto", False, (1,)), ("auto", True, ()),
+])
+def test_evaluator_placement(device, busy, expected):
+    state, _ = submit(sch.State(inventory=(0, 1)), spec("a", gpus=1, evaluate=True, eval_device=device))
+    if busy:
+        state, _ = submit(state, spec("other", gpus=1))
+    state, actions = sch.step(state, sch.PlaceEvaluator("a"), 1.0)
+    assert kinds(actions, sch.EvalPlacement) == [sch.EvalPlacement("a", expected)]
+    assert state.jobs["a"].eval_gpus == (expected or ())
+    if expected:
+        state, _ = submit(state, spec("late", gpus=1), 2.0)
+        assert state.jobs["late"].state is JobState.QUEUED  # the evaluator's GPU is not handed out
+        state, actions = sch.step(state, sch.EvaluatorStopped("a"), 3.0)
+        assert kinds(actions, sch.StartTrain) == [sch.StartTrain("late", (1,), 1)]
+
+
+def test_restore_keeps_evaluating_jobs_evaluating_and_drops_evaluator_gpus():
+    state, _ = submit(sch.State(inventory=(0, 1)), spec("a", evaluate=True, eval_device="gpu"))
+    state, _ = sch.step(state, sch.PlaceEvaluator("a"), 0.5)
+    state, _ = sch.step(state, sch.ProcessExited("a", 1, 0), 1.0)
+    restored, actions = sch.step(sch.State(inventory=(0, 1)), sch.Restore(tuple(state.jobs.values())), 2.0)
+    assert restored.jobs["a"].state is JobState.EVALUATING and restored.jobs["a"].eval_gpus == ()
+    assert sch.TrainingEnded("a") in actions
+
+
 def test_strict_priority_blocks_lower_jobs_of_the_same_pool():
     state = sch.State(inventory=(0, 1))
     state, _ = submit(state, spec("small", gpus=1))
@@ -208,7 +273,7 @@ gpu_request = st.one_of(st.none(), st.integers(0, 5),
 
 def check_invariants(state: sch.State) -> None:
     holders = [j for j in state.jobs.values() if j.state in HOLDS_RESOURCES]
-    all_gpus = [g for j in holders for g in j.gpus]
+    all_gpus = [g for j in holders for g in j.gpus] + [g for j in state.jobs.values() for g in j.eval_gpus]
     assert len(all_gpus) == len(set(all_gpus)), "a GPU is held by two jobs"
     assert set(all_gpus) <= set(state.inventory), "allocated a GPU that does not exist"
     assert len(all_gpus) <= len(state.inventory)
@@ -254,10 +319,12 @@ class SchedulerMachine(RuleBasedStateMachine):
                 if q.uses_gpus == job.uses_gpus and before.jobs.get(name) and before.jobs[name].state is JobState.QUEUED:
                     assert q.rank() > job.rank(), f"{job.name} started ahead of higher-ranked {q.name}"
 
-    @rule(gpus=gpu_request, priority=st.integers(-3, 3))
-    def submit(self, gpus, priority):
+    @rule(gpus=gpu_request, priority=st.integers(-3, 3), evaluate=st.booleans(),
+          device=st.sampled_from(["cpu", "gpu", "auto"]))
+    def submit(self, gpus, priority, evaluate, device):
         self.counter += 1
-        self._step(sch.Submit(spec(f"j{self.counter}", gpus=gpus, priority=priority)))
+        self._step(sch.Submit(spec(f"j{self.counter}", gpus=gpus, priority=priority, evaluate=evaluate,
+                                   eval_device=device)))
 
     @precondition(lambda self: self.state.jobs)
     @rule(data=st.data(), code=st.sampled_from([0, 1, -9]))
@@ -276,6 +343,14 @@ class SchedulerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def retry(self, data):
         self._step(sch.Retry(data.draw(st.sampled_from(sorted(self.state.jobs)))))
+
+    @precondition(lambda self: self.state.jobs)
+    @rule(data=st.data(), kind=st.sampled_from(["early", "done", "place", "evaluator_stopped"]))
+    def evaluation_event(self, data, kind):
+        name = data.draw(st.sampled_from(sorted(self.state.jobs)))
+        event = {"early": sch.EarlyStop(name, "no improvement"), "done": sch.EvaluationsDone(name),
+                 "place": sch.PlaceEvaluator(name), "evaluator_stopped": sch.EvaluatorStopped(name)}[kind]
+        self._step(event)
 
     @rule(dt=st.floats(0, 5))
     def tick(self, dt):
