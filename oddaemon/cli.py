@@ -18,7 +18,7 @@ from oddaemon.config import Config, load_config
 from oddaemon.control import DaemonUnreachable, request
 from oddaemon.errors import OddaemonError, user_message
 from oddaemon.spool import Spool
-from oddaemon.views import format_duration, progress_bar
+from oddaemon.views import format_duration, progress_bar, sparkline
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE, EXIT_REJECTED = 0, 1, 2, 3, 4
 DEFAULT_CONFIG = "/etc/oddaemon/oddaemon.toml"
@@ -179,6 +179,11 @@ def format_status(job: dict) -> str:
         lines.append("  losses     " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(job["losses"].items())))
     if job["learning_rate"] is not None:
         lines.append(f"  lr         {job['learning_rate']:.4g}   steps/s {job['steps_per_second'] or 0:.3g}")
+    history = job.get("loss_history") or []
+    if len(history) > 1:
+        losses = [v for _, v in history]
+        lines.append(f"  loss       {sparkline(losses)}  {losses[0]:.3g} -> {losses[-1]:.3g} (steps {history[0][0]}-{history[-1][0]})")
+    lines += format_evaluation(job["evaluation"])
     lines += [f"  model_dir  {job['model_dir']}", f"  log        {job['train_log']}"]
     if job["last_exit"]:
         lines.append(f"  last exit  {job['last_exit']}")
@@ -186,6 +191,35 @@ def format_status(job: dict) -> str:
     for h in job["history"][-8:]:
         lines.append(f"    {time.strftime('%H:%M:%S', time.localtime(h['time']))} {h['state']:<10} {h['reason']}")
     return "\n".join(lines)
+
+
+def format_evaluation(ev: dict) -> list[str]:
+    if not ev["enabled"]:
+        return ["  eval       disabled"]
+    checkpoints = ev["checkpoints"]
+    if not checkpoints:
+        return ["  eval       no checkpoint yet"]
+    metric = ev["metric"]
+    short = "mAP" if metric == "DetectionBoxes_Precision/mAP" else metric
+    done = [c for c in checkpoints if c["value"] is not None]
+    lines = []
+    if len(done) > 1:
+        values = [c["value"] for c in done]
+        lines.append(f"  {short:<10} {sparkline(values)}  {values[0]:.3g} -> {values[-1]:.3g}")
+    if ev["best"]:
+        b = ev["best"]
+        lines.append(f"  best       {b['checkpoint']} step {b['step']} {short} {b['value']:.4g}")
+    counts = ", ".join(f"{n} {state}" for state, n in ev["counts"].items() if n)
+    lines.append(f"  checkpoints ({counts}):")
+    lines.append(f"    {'CKPT':<10} {'STEP':>8} {'STATE':<10} {short:>10} {'LAG':>6} {'TOOK':>6}")
+    for c in checkpoints[-12:]:
+        value = f"{c['value']:.4f}" if c["value"] is not None else "-"
+        mark = "  <- best" if c["best"] else (f"  ({c['error']})" if c["error"] else "")
+        lines.append(f"    {c['checkpoint']:<10} {c['step'] if c['step'] is not None else '-':>8} {c['state']:<10} "
+                     f"{value:>10} {format_duration(c['lag_seconds']):>6} {format_duration(c['duration_seconds']):>6}{mark}")
+    if len(checkpoints) > 12:
+        lines.append(f"    ... {len(checkpoints) - 12} earlier checkpoint(s): oddaemon status --json")
+    return lines
 
 
 def cmd_logs(config: Config, name: str, role: str, lines: int, follow: bool) -> int:

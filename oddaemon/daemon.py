@@ -2,7 +2,9 @@
 
 All daemon state lives on the main-loop thread (see ``loop.py`` for how inotify, child exits,
 timers, signals and the metrics thread fit together). ``dispatch`` is the only way the job
-table changes: event in, ``scheduler.step``, actions out.
+table changes: event in, ``scheduler.step``, actions out. An event raised while actions are
+being executed (the evaluation side reacting to an action) is queued and handled right after,
+so actions always run against the state that produced them.
 """
 
 from __future__ import annotations
@@ -13,35 +15,30 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from oddaemon import scheduler as sch
-from oddaemon.config import Config
 from oddaemon.commands import Commands
+from oddaemon.config import Config
 from oddaemon.control import ControlServer
 from oddaemon.errors import OddaemonError, user_message
+from oddaemon.evaluation import Evaluations
 from oddaemon.gpus import discover
-from oddaemon.inotify_watch import SPOOL_MASK, InotifyHub
-from oddaemon.jobspec import Problem, parse_job, render_error_file
+from oddaemon.inotify_watch import InotifyHub
+from oddaemon.intake import SpoolIntake, Verdict
+from oddaemon.jobspec import Problem
 from oddaemon.loop import Loop
 from oddaemon.procs import Worker, kill_leftover, process_start_time, worker_environment
 from oddaemon.progress import TrainProgress, pipeline_num_steps
-from oddaemon.spool import NotARegularFile, Spool, is_candidate
-from oddaemon.states import TERMINAL, JobState
+from oddaemon.spool import Spool
+from oddaemon.states import TERMINAL
 from oddaemon.store import Store
 from oddaemon.supervisor import Supervisor
 from oddaemon.views import job_view
+from oddaemon.watch import ModelDirWatcher
 
 log = logging.getLogger("oddaemon")
 
-SETTLE_SECONDS = 1.0  # a file in new/ younger than this at rescan may still be being written
-
-
-@dataclass(frozen=True)
-class Verdict:
-    accepted: bool
-    name: str
-    message: str  # why it was rejected (the .error text, or the scheduler's reason)
+__all__ = ["Daemon", "Verdict", "run"]
 
 
 class Daemon:
@@ -58,14 +55,20 @@ class Daemon:
         self.state = sch.State(inventory=self.gpu_discovery.ids, policy=policy)
         self.supervisor = Supervisor(loop, config.log_dir, config.log_max_bytes, config.log_backups,
                                      config.stop_grace_seconds, self._on_worker_exit, clock)
+        self.intake_ = SpoolIntake(config, self.spool, loop, self.dispatch)
+        self.evaluations = Evaluations(loop, config.state_dir, self.dispatch, self.start_worker,
+                                       self.supervisor.stop, clock)
         self.progress: dict[str, TrainProgress] = {}
+        self.watchers: dict[str, ModelDirWatcher] = {}
+        self.runtime: dict[str, dict[str, dict]] = {}
         self.inotify: InotifyHub | None = None
         self.control: ControlServer | None = None
-        self.rejected_total = 0
+        self.commands = Commands(self)
         self.started_at = clock()
         self.shutting_down = False
         self._wake_handle: object | None = None
-        self._rescan_pending = False
+        self._dispatching = False
+        self._queued_events: list[sch.Event] = []
         self.on_state_change: list[Callable[[sch.StateChanged], None]] = []
 
     # ---- start-up ------------------------------------------------------------------------------
@@ -74,14 +77,11 @@ class Daemon:
         self.spool.ensure_dirs()
         os.makedirs(self.config.log_dir, exist_ok=True)
         log.info("GPUs: %s (%s)", ",".join(map(str, self.gpu_discovery.ids)) or "none", self.gpu_discovery.detail)
-        self._kill_leftover_workers()
-        self._restore()
         self.inotify = InotifyHub()
         self.loop.add_reader(self.inotify.fileno(), self.inotify.dispatch)
-        # Watch first, then rescan: a file that arrives in between is seen by one or the other.
-        self.inotify.watch(self.spool.new, SPOOL_MASK, self._on_spool_event, self._rescan_spool)
-        self._rescan_spool()
-        self.commands = Commands(self)
+        self._kill_leftover_workers()
+        self._restore()
+        self.intake_.start(self.inotify)
         self.control = ControlServer(os.path.join(self.config.state_dir, "control.sock"), self.loop,
                                      self.commands.handle_request)
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -116,6 +116,19 @@ class Daemon:
 
     # ---- the one way the job table changes -----------------------------------------------------
     def dispatch(self, event: sch.Event) -> list[sch.Action]:
+        if self._dispatching:
+            self._queued_events.append(event)
+            return []
+        self._dispatching = True
+        try:
+            actions = self._step(event)
+            while self._queued_events:
+                self._step(self._queued_events.pop(0))
+        finally:
+            self._dispatching = False
+        return actions
+
+    def _step(self, event: sch.Event) -> list[sch.Action]:
         self.state, actions = sch.step(self.state, event, self.clock())
         # One write per job per step: at the position of its first SaveJob (so a record is on disk
         # before the spool file moves or its worker starts), with the content of its last.
@@ -147,7 +160,7 @@ class Daemon:
             log.info("accepted job %s%s", action.name, f" (queue position {position})" if position else "")
         elif isinstance(action, sch.Rejected):
             if action.token:
-                self._reject(action.token, [Problem(action.reason)], "the daemon cannot run it")
+                self.intake_.reject(action.token, [Problem(action.reason)], "the daemon cannot run it")
         elif isinstance(action, sch.StateChanged):
             log.info("job %s: %s -> %s (%s)", action.name, action.old or "new", action.new, action.reason)
             for listener in self.on_state_change:
@@ -156,97 +169,101 @@ class Daemon:
             if self._wake_handle is not None:
                 self.loop.remove(self._wake_handle)
             self._wake_handle = self.loop.call_later(max(0.0, action.when - self.clock()), self._wake)
+        elif isinstance(action, sch.TrainingEnded):
+            self._watch(action.name)
+            self.evaluations.on_action(action, self.state.jobs.get(action.name))
+        elif isinstance(action, sch.StopEvaluator):
+            self.evaluations.on_action(action, self.state.jobs.get(action.name))
+            watcher = self.watchers.pop(action.name, None)
+            if watcher is not None:
+                watcher.stop()
+            self.supervisor.close_logs_if_idle(action.name)
+        else:
+            self.evaluations.on_action(action, self.state.jobs.get(getattr(action, "name", "")))
 
     def _wake(self) -> None:
         self._wake_handle = None
         self.dispatch(sch.Tick())
 
-    # ---- spool intake --------------------------------------------------------------------------
-    def _on_spool_event(self, filename: str, mask: int) -> None:
-        if is_candidate(filename):
-            self.intake(os.path.join(self.spool.new, filename))
-
-    def _rescan_spool(self) -> None:
-        now = time.time()
-        young = False
-        for path in self.spool.scan():
-            try:
-                if now - os.lstat(path).st_mtime < SETTLE_SECONDS:
-                    young = True  # may still be being written: its close-write event, or the re-check, takes it
-                    continue
-            except FileNotFoundError:
-                continue
-            self.intake(path)
-        if young and not self._rescan_pending:
-            self._rescan_pending = True
-            self.loop.call_later(SETTLE_SECONDS, self._rescan_again)
-
-    def _rescan_again(self) -> None:
-        self._rescan_pending = False
-        self._rescan_spool()
-
     def intake(self, path: str) -> Verdict | None:
-        """Validate and submit one spool file; it ends in accepted/ or rejected/. None if it was
-        already gone (a duplicate event)."""
-        name = os.path.basename(path)
-        try:
-            data = self.spool.read(path, self.config.max_job_file_bytes)
-        except FileNotFoundError:
-            return None
-        except NotARegularFile as exc:
-            return self._reject(path, [Problem(f"{name} was not read: {exc}")], "it is not a regular file")
-        except OSError as exc:
-            return self._reject(path, [Problem(f"{name} could not be read: {exc.strerror}")], "it could not be read")
-        result = parse_job(data, name, self.config.validation_context())
-        if isinstance(result, list):
-            return self._reject(path, result)
-        for action in self.dispatch(sch.Submit(result, token=path)):
-            if isinstance(action, sch.Rejected):
-                return Verdict(False, result.name, action.reason)
-        return Verdict(True, result.name, "")
+        return self.intake_.intake(path)
 
-    def _reject(self, path: str, problems: list[Problem], because: str = "it is not a valid oddaemon job spec") -> Verdict:
-        self.rejected_total += 1
-        text = render_error_file(os.path.basename(path), problems, because)
-        try:
-            dest, error_path = self.spool.reject(path, text)
-            log.warning("rejected %s -> %s: %s", path, error_path, "; ".join(p.render() for p in problems))
-        except OddaemonError as exc:
-            log.error("%s (the file stays where it is)", user_message(exc))
-        return Verdict(False, "", text)
+    @property
+    def rejected_total(self) -> int:
+        return self.intake_.rejected_total
 
     # ---- workers -------------------------------------------------------------------------------
-    def _start_train(self, action: sch.StartTrain) -> None:
-        job = self.state.jobs[action.name]
-        payload = {"spec": job.spec.to_dict(), "attempt": action.attempt, "gpus": list(action.gpus),
-                   "log_path": self.supervisor.log_path(job.name, "train")}
+    def start_worker(self, name: str, role: str, args: list[str], gpus: tuple[int, ...],
+                     stdin: int | None = None, pass_fds: tuple[int, ...] = ()) -> Worker | None:
+        """Run ``<python> -m <module> <args[0]> --job <job.json> <args[1:]>`` for a job."""
+        job = self.state.jobs[name]
+        payload = {"spec": job.spec.to_dict(), "attempt": job.attempt, "gpus": list(gpus),
+                   "log_path": self.supervisor.log_path(name, role)}
         try:
-            job_json = self.store.write_worker_job(job.name, payload)
-            argv = [self.config.resolved_worker_python(), "-m", self.config.worker_module, "train", "--job", job_json]
-            env = worker_environment(dict(os.environ), action.gpus)
-            worker = self.supervisor.start(job.name, "train", action.attempt, argv, env, self.store.job_dir(job.name))
-            self.store.save_runtime(job.name, {"train": self.supervisor.runtime_record(worker)})
+            job_json = self.store.write_worker_job(name, payload) if role == "train" else self._worker_job(name, payload)
+            argv = [self.config.resolved_worker_python(), "-m", self.config.worker_module, args[0], "--job", job_json,
+                    *args[1:]]
+            env = worker_environment(dict(os.environ), gpus)
+            worker = self.supervisor.start(name, role, job.attempt, argv, env, self.store.job_dir(name),
+                                           stdin=stdin, pass_fds=pass_fds)
         except (OddaemonError, OSError) as exc:
-            message = user_message(exc)
-            log.error("job %s: cannot start its train worker: %s", job.name, message)
-            # Report as an exit on the next loop turn (never re-enter dispatch from an action).
+            log.error("job %s: cannot start its %s worker: %s", name, role, user_message(exc))
+            return None
+        self.runtime.setdefault(name, {})[role] = self.supervisor.runtime_record(worker)
+        self.store.save_runtime(name, self.runtime[name])
+        return worker
+
+    def _worker_job(self, name: str, payload: dict) -> str:
+        path = os.path.join(self.store.job_dir(name), "job.json")
+        return path if os.path.exists(path) else self.store.write_worker_job(name, payload)
+
+    def _start_train(self, action: sch.StartTrain) -> None:
+        self._watch(action.name)
+        worker = self.start_worker(action.name, "train", ["train"], action.gpus)
+        if worker is None:
+            # Reported as an exit on the next loop turn (never re-enter dispatch from an action).
             self.loop.call_later(0, lambda: self.dispatch(
-                sch.ProcessExited(job.name, action.attempt, 127, f"could not start the worker: {message}")))
-            return
-        target = job.spec.pipeline.num_steps or pipeline_num_steps(job.spec.pipeline_config)
-        self.progress.setdefault(job.name, TrainProgress(job.spec.model_dir, target))
+                sch.ProcessExited(action.name, action.attempt, 127, "the worker could not be started (see the daemon log)")))
+
+    def _watch(self, name: str) -> None:
+        """Progress and checkpoint watching for a job that trains or evaluates."""
+        job = self.state.jobs[name]
+        if name not in self.progress:
+            target = job.spec.pipeline.num_steps or pipeline_num_steps(job.spec.pipeline_config)
+            self.progress[name] = TrainProgress(job.spec.model_dir, target)
+        self.evaluations.ensure(job)
+        if name not in self.watchers:
+            watcher = ModelDirWatcher(self.inotify, self.loop, job.spec.model_dir,
+                                      lambda: self.evaluations.rescan(name), self.progress[name].refresh)
+            try:
+                watcher.start()
+            except (OddaemonError, OSError) as exc:
+                log.error("job %s: cannot watch %s: %s", name, job.spec.model_dir, user_message(exc))
+                return
+            self.watchers[name] = watcher
 
     def _on_worker_exit(self, worker: Worker, returncode: int, detail: str) -> None:
-        self.store.clear_runtime(worker.name)
-        if worker.name in self.progress:
-            self.progress[worker.name].refresh()
+        roles = self.runtime.get(worker.name, {})
+        roles.pop(worker.role, None)
+        if roles:
+            self.store.save_runtime(worker.name, roles)
+        else:
+            self.runtime.pop(worker.name, None)
+            self.store.clear_runtime(worker.name)
         if self.shutting_down:
             if not self.supervisor.workers:
                 self.loop.stop()
-            return  # the saved state keeps the job running: it resumes when the daemon starts again
-        self.dispatch(sch.ProcessExited(worker.name, worker.attempt, returncode, detail))
+            return  # the saved state keeps the job as it was: it resumes when the daemon starts again
+        if worker.role == "train":
+            if worker.name in self.progress:
+                self.progress[worker.name].refresh()
+            self.dispatch(sch.ProcessExited(worker.name, worker.attempt, returncode, detail))
+        else:
+            self.evaluations.on_worker_exit(worker, returncode, detail)
+        if worker.name in self.state.jobs and self.state.jobs[worker.name].state in TERMINAL:
+            self.supervisor.close_logs_if_idle(worker.name)
 
-    # ---- control -------------------------------------------------------------------------------
+    # ---- views ---------------------------------------------------------------------------------
     def views(self) -> list[dict]:
         result = []
         for job in sorted(self.state.jobs.values(), key=lambda j: j.seq):
@@ -254,7 +271,7 @@ class Daemon:
             if progress is not None and job.state not in TERMINAL:
                 progress.refresh()
             result.append(job_view(job, progress, self.state.queue_position(job.name),
-                                   self.supervisor.log_path(job.name, "train")))
+                                   self.supervisor.log_path(job.name, "train"), self.evaluations.book(job.name)))
         return result
 
     @staticmethod

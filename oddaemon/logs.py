@@ -42,23 +42,40 @@ class RotatingLog:
         self.last_error = str(exc)
 
     def write(self, data: bytes) -> None:
-        """Append ``data`` (whole lines). Errors (disk full) are counted, never raised: the
-        worker keeps running; the lines that could not be written are the only loss."""
-        if not data:
-            return
-        if self._fd is None:
-            self._open()
+        """Append whole lines. Rotation happens at line boundaries, so no file grows past
+        ``max_bytes`` unless a single line is longer. Errors (disk full) are counted, never
+        raised: the worker keeps running; the lines that could not be written are the only loss."""
+        while data:
             if self._fd is None:
+                self._open()
+                if self._fd is None:
+                    return
+            room = self.max_bytes - self._size
+            if len(data) <= room:
+                piece, data = data, b""
+            else:
+                cut = data.rfind(b"\n", 0, max(room, 0)) + 1
+                if cut == 0 and self._size > 0:
+                    self.rotate()
+                    continue
+                if cut == 0:  # a single line longer than max_bytes: it goes whole into a fresh file
+                    cut = data.find(b"\n") + 1 or len(data)
+                piece, data = data[:cut], data[cut:]
+            if not self._append(piece):
                 return
-        if self._size > 0 and self._size + len(data) > self.max_bytes:
-            self.rotate()
+            if data:
+                self.rotate()
+
+    def _append(self, piece: bytes) -> bool:
         try:
             written = 0
-            while written < len(data):
-                written += os.write(self._fd, data[written:])
+            while written < len(piece):
+                written += os.write(self._fd, piece[written:])
             self._size += written
+            return True
         except OSError as exc:
             self._note_error(OperationError(self.path, "append to log file", exc))
+            return False
 
     def rotate(self) -> None:
         self.close()

@@ -67,12 +67,16 @@ class Worker:
             pass
 
 
-def spawn(name: str, role: str, attempt: int, argv: list[str], env: dict[str, str], cwd: str, now: float) -> Worker:
+def spawn(name: str, role: str, attempt: int, argv: list[str], env: dict[str, str], cwd: str, now: float,
+          stdin: int | None = None, pass_fds: tuple[int, ...] = ()) -> Worker:
+    """``stdin``: an fd the worker reads as its standard input (default /dev/null); ``pass_fds``:
+    extra fds the worker inherits under the same numbers (the warm evaluator's reply pipe)."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     command = [sys.executable, "-I", "-S", LIFELINE, str(os.getpid()), *argv]
     try:
-        popen = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=write_fd, stderr=write_fd,
-                                 env=env, cwd=cwd, start_new_session=True, close_fds=True)
+        popen = subprocess.Popen(command, stdin=subprocess.DEVNULL if stdin is None else stdin, stdout=write_fd,
+                                 stderr=write_fd, env=env, cwd=cwd, start_new_session=True, close_fds=True,
+                                 pass_fds=pass_fds)
     except OSError as exc:
         os.close(read_fd)
         raise OperationError(argv[0], f"start {role} worker for job {name} with", exc) from exc

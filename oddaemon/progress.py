@@ -9,6 +9,7 @@ import re
 
 from oddaemon.tfevents import EventDirReader
 
+HISTORY_POINTS = 256
 _NUM_STEPS = re.compile(rb"^\s*num_steps\s*:\s*(\d+)", re.MULTILINE)
 
 
@@ -30,6 +31,7 @@ class TrainProgress:
         self.scalars: dict[str, float] = {}
         self.updated_at: float | None = None
         self._points: collections.deque[tuple[float, int]] = collections.deque(maxlen=32)
+        self.loss_history: collections.deque[tuple[int, float]] = collections.deque(maxlen=HISTORY_POINTS)
 
     def refresh(self) -> None:
         for event in self.reader.read_new():
@@ -40,6 +42,11 @@ class TrainProgress:
             self.updated_at = event.wall_time
             if not self._points or self._points[-1][1] != event.step:
                 self._points.append((event.wall_time, event.step))
+            total = event.values.get("Loss/total_loss")
+            if total is not None:
+                if self.loss_history and self.loss_history[-1][0] == event.step:
+                    self.loss_history.pop()
+                self.loss_history.append((event.step, total))
 
     def steps_per_second(self) -> float | None:
         if len(self._points) >= 2:
@@ -67,4 +74,5 @@ class TrainProgress:
             "losses": {k.split("/", 1)[1]: v for k, v in self.scalars.items() if k.startswith("Loss/")},
             "learning_rate": self.scalars.get("learning_rate"),
             "updated_at": self.updated_at,
+            "loss_history": [list(p) for p in self.loss_history],
         }

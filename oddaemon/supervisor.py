@@ -38,19 +38,21 @@ class Supervisor:
         self._handles: dict[int, list[object]] = {}
 
     def log_path(self, name: str, role: str) -> str:
-        return os.path.join(self.log_dir, name, f"{role}.log")
+        """train.log; the evaluator and the exporter share eval.log."""
+        return os.path.join(self.log_dir, name, f"{'train' if role == 'train' else 'eval'}.log")
 
     def _log_for(self, name: str, role: str) -> RotatingLog:
-        key = (name, role)
+        key = (name, "train" if role == "train" else "eval")
         if key not in self._logs:
             self._logs[key] = RotatingLog(self.log_path(name, role), self.log_max_bytes, self.log_backups)
         return self._logs[key]
 
-    def start(self, name: str, role: str, attempt: int, argv: list[str], env: dict[str, str], cwd: str) -> Worker:
+    def start(self, name: str, role: str, attempt: int, argv: list[str], env: dict[str, str], cwd: str,
+              stdin: int | None = None, pass_fds: tuple[int, ...] = ()) -> Worker:
         rlog = self._log_for(name, role)
         rlog.write(f"==== oddaemon: starting {role} attempt {attempt} at "
                    f"{time.strftime('%Y-%m-%d %H:%M:%S')} (CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')!r})\n".encode())
-        worker = spawn(name, role, attempt, argv, env, cwd, self.clock())
+        worker = spawn(name, role, attempt, argv, env, cwd, self.clock(), stdin=stdin, pass_fds=pass_fds)
         pump = LogPump(worker.output_fd, rlog)
         handles = [
             self.loop.add_reader(worker.output_fd, lambda: self._pump(worker, pump)),
@@ -120,6 +122,9 @@ class Supervisor:
         for rlog in self._logs.values():
             rlog.reopen()
 
-    def forget_log(self, name: str) -> None:
-        for key in [k for k in self._logs if k[0] == name and k not in self.workers]:
+    def close_logs_if_idle(self, name: str) -> None:
+        """Close a job's log files once none of its processes runs (keeps fds bounded)."""
+        if any(key[0] == name for key in self.workers):
+            return
+        for key in [k for k in self._logs if k[0] == name]:
             self._logs.pop(key).close()

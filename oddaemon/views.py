@@ -3,11 +3,31 @@ D-Bus and metrics. Pure."""
 
 from __future__ import annotations
 
+from oddaemon.evalbook import EvalBook
 from oddaemon.progress import TrainProgress
 from oddaemon.scheduler import Job
 
 
-def job_view(job: Job, progress: TrainProgress | None, queue_position: int | None, log_path: str) -> dict:
+def evaluation_view(job: Job, book: EvalBook | None) -> dict:
+    metric = job.spec.eval.metric
+    if book is None:
+        return {"enabled": job.spec.eval.enabled, "metric": metric, "counts": {}, "best": None, "latest": None,
+                "checkpoints": []}
+
+    def brief(c) -> dict:
+        return {"checkpoint": f"ckpt-{c.n}", "n": c.n, "step": c.step, "state": c.state,
+                "value": c.metrics.get(metric), "metrics": c.metrics, "attempts": c.attempts,
+                "completed_at": c.completed_at, "lag_seconds": c.lag_seconds,
+                "duration_seconds": c.duration_seconds, "error": c.error, "best": c.n == book.best_n}
+
+    best, latest = book.best(), book.latest_done()
+    return {"enabled": job.spec.eval.enabled, "metric": metric, "counts": book.counts(),
+            "best": brief(best) if best else None, "latest": brief(latest) if latest else None,
+            "checkpoints": [brief(c) for c in sorted(book.checkpoints.values(), key=lambda c: c.n)]}
+
+
+def job_view(job: Job, progress: TrainProgress | None, queue_position: int | None, log_path: str,
+             book: EvalBook | None = None) -> dict:
     view = {
         "name": job.name,
         "state": job.state.value,
@@ -26,10 +46,13 @@ def job_view(job: Job, progress: TrainProgress | None, queue_position: int | Non
         "model_dir": job.spec.model_dir,
         "pipeline_config": job.spec.pipeline_config,
         "train_log": log_path,
+        "eval_gpus": list(job.eval_gpus),
+        "evaluation": evaluation_view(job, book),
         "history": [{"time": t, "state": s, "reason": r} for t, s, r in job.history],
     }
     empty = {"step": None, "target_steps": job.spec.pipeline.num_steps, "progress": None,
-             "steps_per_second": None, "eta_seconds": None, "losses": {}, "learning_rate": None, "updated_at": None}
+             "steps_per_second": None, "eta_seconds": None, "losses": {}, "learning_rate": None, "updated_at": None,
+             "loss_history": []}
     view.update(progress.view() if progress is not None else empty)
     return view
 
@@ -52,3 +75,18 @@ def format_duration(seconds: float | None) -> str:
     if seconds >= 60:
         return f"{seconds // 60}m{seconds % 60:02d}s"
     return f"{seconds}s"
+
+
+SPARKS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], width: int = 40) -> str:
+    """A compact terminal chart of ``values`` (resampled to at most ``width`` columns)."""
+    values = [v for v in values if v == v]  # drop NaN
+    if not values:
+        return ""
+    if len(values) > width:
+        values = [values[int(i * len(values) / width)] for i in range(width - 1)] + [values[-1]]
+    lo, hi = min(values), max(values)
+    span = hi - lo or 1.0
+    return "".join(SPARKS[min(len(SPARKS) - 1, int((v - lo) / span * len(SPARKS)))] for v in values)

@@ -34,6 +34,7 @@ DIRECTIVE_DEFAULTS: dict[str, float | int | None] = {
     "step_seconds": 0.02, "crash_at_step": None, "crash_times": None, "exit_code": 1,
     "hang_at_step": None, "oom_at_step": None, "nan_at_step": None, "log_lines_per_step": 1,
     "eval_seconds": 0.05, "eval_crash": None, "map_peak_step": None, "ignore_sigterm": 0,
+    "eval_crash_times": None, "export_seconds": 0.05,
 }
 _DIRECTIVE_TYPES = {key: float if key.endswith("_seconds") else int for key in DIRECTIVE_DEFAULTS}
 _FAILURES = ("hang_at_step", "oom_at_step", "nan_at_step", "crash_at_step")
@@ -380,39 +381,6 @@ def train(setup: Setup) -> int:
     return 0
 
 
-def evaluate(setup: Setup, prefix: str, result_path: str) -> int:
-    started = time.time()
-    try:
-        step = checkpoint_step(prefix)
-    except (OSError, ValueError) as exc:
-        _err(f"standin: cannot read checkpoint {prefix}: {exc}")
-        return 2
-    try:
-        _sleep(setup.directives["eval_seconds"])
-    except _Terminated:
-        _err(f"standin: SIGTERM received while evaluating step {step}, exiting")
-        return 143
-    if setup.directives["eval_crash"] == step:
-        _traceback("eager_eval_loop", "eval_dict, losses_dict = compute_eval_dict(features, labels)",
-                   f"RuntimeError: standin: eval_crash at step {step}")
-        return 1
-    metrics = eval_metrics(step, setup.directives["map_peak_step"])
-    writer = EventFileWriter(os.path.join(setup.model_dir, "eval"))
-    for tag, value in metrics.items():
-        writer.add_scalars(step, {tag: value})
-    writer.close()
-    _log(f"Eval metrics at step {step}", "model_lib_v2.py:1015")
-    for tag, value in metrics.items():
-        _log(f"\t+ {tag}: {value:f}", "model_lib_v2.py:1018")
-    result = {"checkpoint": prefix, "step": step, "metrics": metrics, "wall_time": time.time(),
-              "duration_seconds": time.time() - started}
-    temp = f"{result_path}.tmp{os.getpid()}"
-    with open(temp, "w", encoding="utf-8") as out:
-        json.dump(result, out, indent=1)
-    os.replace(temp, result_path)
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m oddaemon.testing.standin")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -420,6 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     eval_parser = commands.add_parser("eval")
     for option in ("--job", "--checkpoint", "--result"):
         eval_parser.add_argument(option, required=True)
+    serve_parser = commands.add_parser("eval-serve")
+    serve_parser.add_argument("--job", required=True)
+    serve_parser.add_argument("--reply-fd", type=int, required=True)
+    export_parser = commands.add_parser("export")
+    for option in ("--job", "--checkpoint", "--output"):
+        export_parser.add_argument(option, required=True)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
@@ -431,7 +405,13 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # to test the daemon's SIGKILL after the grace period
     if args.command == "train":
         return train(setup)
-    return evaluate(setup, args.checkpoint, args.result)
+    from oddaemon.testing import standin_eval  # noqa: PLC0415
+
+    if args.command == "eval":
+        return standin_eval.evaluate(setup, args.checkpoint, args.result)
+    if args.command == "eval-serve":
+        return standin_eval.serve(setup, args.reply_fd)
+    return standin_eval.export(setup, args.checkpoint, args.output)
 
 
 if __name__ == "__main__":

@@ -38,15 +38,19 @@ def write_pipeline(path: str, num_steps: int = 20, batch_size: int = 4, **direct
     return path
 
 
+def train_marker(env: "DaemonEnv", name: str) -> str:
+    return f"train --job {env.state}/work/{name}/job.json"
+
+
 def worker_pids(marker: str) -> list[int]:
-    """Live processes whose command line mentions ``marker`` (e.g. a job's work dir)."""
+    """Live processes whose command line (arguments joined by spaces) contains ``marker``."""
     found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read().decode(errors="replace")
+                cmdline = f.read().replace(b"\0", b" ").decode(errors="replace")
             with open(f"/proc/{entry}/stat", "rb") as f:
                 zombie = f.read().rsplit(b")", 1)[1].split()[0] == b"Z"
         except OSError:
@@ -142,12 +146,13 @@ class DaemonEnv:
         return write_pipeline(os.path.join(self.data, f"{name}.config"), **kwargs)
 
     def job_text(self, name: str, num_steps: int = 20, every: int = 5, keep: int = 3, gpus=None, priority: int = 0,
-                 extra: str = "", **directives) -> str:
+                 extra: str = "", eval_extra: str = "", **directives) -> str:
         pipeline = self.pipeline(name, num_steps=num_steps, **directives)
         gpus_line = "" if gpus is None else f"gpus = {json.dumps(gpus)}\n"
         return (f'name = "{name}"\npipeline_config = "{pipeline}"\nmodel_dir = "{self.models}/{name}"\n'
                 f"priority = {priority}\n{extra}\n[pipeline]\nnum_steps = {num_steps}\n\n"
-                f"[train]\n{gpus_line}checkpoint_every_n = {every}\ncheckpoint_max_to_keep = {keep}\n")
+                f"[train]\n{gpus_line}checkpoint_every_n = {every}\ncheckpoint_max_to_keep = {keep}\n"
+                f"\n[eval]\n{eval_extra}\n")
 
     def drop(self, filename: str, text: str | bytes) -> str:
         """Maildir-style: write in tmp/, rename into new/."""

@@ -10,7 +10,7 @@ import signal
 import time
 
 import pytest
-from harness import wait_for, worker_pids
+from harness import train_marker, wait_for, worker_pids
 
 from oddaemon.testing.standin import checkpoint_step, read_checkpoint_state, train_scalars
 
@@ -63,7 +63,8 @@ def test_two_jobs_competing_for_one_gpu_run_one_after_the_other(daemon_env):
     assert second["state"] == "queued" and second["queue_position"] == 1
     first = env.wait_state("first", "succeeded", 60)
     second = env.wait_state("second", "succeeded", 60)
-    assert second["started_at"] >= first["finished_at"]
+    first_training_ended = next(h["time"] for h in first["history"] if h["state"] == "evaluating")
+    assert second["started_at"] >= first_training_ended  # the GPU is free once training ends
     for name in ("first", "second"):
         assert "CUDA_VISIBLE_DEVICES='0'" in open(os.path.join(env.logs, name, "train.log")).read()
 
@@ -101,7 +102,7 @@ def test_kill_9_of_the_daemon_then_restart_resumes_without_duplicate_workers(dae
     env = daemon_env.start()
     env.drop("long.toml", env.job_text("long", num_steps=400, every=10, keep=5, step_seconds=0.02))
     wait_for(lambda: (env.job("long") or {}).get("step") and env.job("long")["step"] >= 30, 60, what="progress")
-    marker = os.path.join(env.state, "work", "long")
+    marker = train_marker(env, "long")
     assert len(worker_pids(marker)) == 1
     env.stop(signal.SIGKILL)
     wait_for(lambda: not worker_pids(marker), 10, what="the orphaned worker to die with the daemon")
@@ -145,7 +146,7 @@ def test_cancel_running_and_queued_jobs(daemon_env):
     assert out.returncode == 0 and "stopping" in out.stdout
     env.wait_state("runner", "cancelled", 20)
     assert env.job("waiter")["state"] == "cancelled"
-    assert not worker_pids(os.path.join(env.state, "work", "runner"))
+    assert not worker_pids(os.path.join(env.state, "work", "runner"))  # neither trainer nor evaluator
     assert env.cli("cancel", "runner").returncode == 1
 
 

@@ -1,0 +1,358 @@
+"""Checkpoint watching and evaluation orchestration (the I/O side; decisions live in
+``evalbook.py`` and the scheduler).
+
+Per job with ``[eval] enabled``:
+
+* inotify on ``model_dir``: every event that can change the set of complete checkpoints triggers a
+  re-listing (``checkpoints.complete_checkpoints``); a rescan runs at start-up and on queue
+  overflow too, so nothing written while the daemon was down or while events were lost is missed;
+* each new complete checkpoint is **pinned** at once: hard links in ``model_dir/.oddaemon/pins``
+  (same filesystem, no copy), so ``checkpoint_max_to_keep`` cannot delete it before evaluation;
+* a **warm evaluator** (one long-lived worker per job, started on the placement the scheduler
+  gives) builds the model once and is handed checkpoint after checkpoint over a pipe, in save
+  order, one at a time; if it dies, the checkpoint it was on is retried with backoff;
+* the best checkpoint (``[eval] metric`` / ``higher_is_better``) lives in ``model_dir/best`` with
+  ``best.json``; with ``export_best`` it is exported to ``model_dir/exported`` by a worker;
+* patience runs out -> ``EarlyStop``; training over and all evaluated -> ``EvaluationsDone``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+
+from oddaemon import messages as msg
+from oddaemon.checkpoints import checkpoint_files, complete_checkpoints
+from oddaemon.evalbook import EvalBook, EvalPolicy
+from oddaemon.jobs import Job
+from oddaemon.loop import Loop
+from oddaemon.procs import Worker
+from oddaemon.store import atomic_write_json
+from oddaemon.warm import WarmEvaluator
+
+log = logging.getLogger("oddaemon.evaluation")
+
+PLACEMENT_RETRY_SECONDS = 10.0
+
+
+def policy_for(job: Job) -> EvalPolicy:
+    e = job.spec.eval
+    return EvalPolicy(metric=e.metric, higher_is_better=e.higher_is_better, min_delta=e.min_delta,
+                      patience=e.patience, when_behind=e.when_behind, max_behind=e.max_behind)
+
+
+class JobEvaluation:
+    """One job's watch, pins, book, evaluator and exporter."""
+
+    def __init__(self, owner: "Evaluations", job: Job):
+        self.owner = owner
+        self.name = job.name
+        self.job = job
+        self.model_dir = job.spec.model_dir
+        self.private = os.path.join(self.model_dir, ".oddaemon")
+        self.pins = os.path.join(self.private, "pins")
+        self.results = os.path.join(owner.state_dir, "evals", self.name)
+        self.book_path = os.path.join(owner.state_dir, "evals", f"{self.name}.json")
+        self.book = self._load_book()
+        for d in (self.model_dir, self.pins, self.results):
+            os.makedirs(d, exist_ok=True)
+        self.evaluator: WarmEvaluator | None = None
+        self.placement_pending = False
+        self.training_over = False
+        self.exporting: int | None = None
+        self.export_wanted: int | None = None
+        self.timer: object | None = None
+
+    def _load_book(self) -> EvalBook:
+        try:
+            with open(self.book_path, "rb") as f:
+                book = EvalBook.from_dict(policy_for(self.job), json.loads(f.read()))
+        except FileNotFoundError:
+            return EvalBook(policy_for(self.job))
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            log.error("job %s: evaluation record %s unreadable (%s); starting a new one", self.name, self.book_path, exc)
+            return EvalBook(policy_for(self.job))
+        book.interrupted(time.time(), "the daemon restarted during this evaluation")
+        return book
+
+    def save(self) -> None:
+        atomic_write_json(self.book_path, self.book.to_dict())
+
+    # ---- pinning (the daemon's ModelDirWatcher calls rescan on every checkpoint event)
+    def rescan(self) -> None:
+        try:
+            listing = os.listdir(self.model_dir)
+        except OSError as exc:
+            log.warning("job %s: cannot list model_dir %s: %s", self.name, self.model_dir, exc.strerror)
+            return
+        now = self.owner.clock()
+        added = False
+        for n in complete_checkpoints(listing):
+            if n in self.book.checkpoints:
+                continue
+            prefix = self._pin(n, listing)
+            if prefix is None:
+                self.book.add_missed(n, now, "deleted before it could be pinned")
+                log.warning("job %s: checkpoint ckpt-%d vanished before it could be pinned", self.name, n)
+            else:
+                self.book.add(n, prefix, now)
+                added = True
+        # Pins of checkpoints the book already knows (after a restart) stay valid: nothing to do.
+        if added:
+            skipped = self.book.apply_skip_policy()
+            for n in skipped:
+                self._unpin(n)
+            self.save()
+            self.pump()
+
+    def _pin(self, n: int, listing: list[str]) -> str | None:
+        try:
+            for name in checkpoint_files(listing, n):
+                target = os.path.join(self.pins, name)
+                if not os.path.exists(target):
+                    os.link(os.path.join(self.model_dir, name), target)
+        except FileNotFoundError:
+            self._unpin(n)
+            return None
+        return os.path.join(self.pins, f"ckpt-{n}")
+
+    def _unpin(self, n: int) -> None:
+        try:
+            names = [x for x in os.listdir(self.pins) if x.startswith(f"ckpt-{n}.")]
+        except OSError:
+            return
+        for name in names:
+            try:
+                os.unlink(os.path.join(self.pins, name))
+            except OSError:
+                pass
+
+    # ---- driving the evaluator
+    def pump(self) -> None:
+        if self.timer is not None:
+            self.owner.loop.remove(self.timer)
+            self.timer = None
+        now = self.owner.clock()
+        due = self.book.next_due(now)
+        if due is None:
+            retry = self.book.next_retry_at()
+            if retry is not None:
+                self.timer = self.owner.loop.call_later(max(0.0, retry - now), self.pump)
+            elif self.training_over and self.book.drained():
+                self._finish()
+            return
+        if self.evaluator is None:
+            if not self.placement_pending:
+                self.placement_pending = True
+                self.owner.dispatch(msg.PlaceEvaluator(self.name))
+            return
+        if not self.evaluator.ready or self.evaluator.busy:
+            return
+        self.book.start(due.n, now)
+        self.save()
+        result = os.path.join(self.results, f"ckpt-{due.n}.json")
+        self.evaluator.request(due.prefix, result, due.n)
+
+    def placed(self, gpus: tuple[int, ...] | None) -> None:
+        self.placement_pending = False
+        if gpus is None:  # device = "gpu" and none is free yet
+            self.timer = self.owner.loop.call_later(PLACEMENT_RETRY_SECONDS, self.pump)
+            return
+        if self.evaluator is None:
+            self.evaluator = WarmEvaluator(self, gpus)
+            if not self.evaluator.start():
+                self.evaluator = None
+                self.owner.dispatch(msg.EvaluatorStopped(self.name))
+                self.book.interrupted(self.owner.clock(), "the evaluator could not be started")
+                self.pump()
+
+    def on_ready(self) -> None:
+        self.pump()
+
+    def on_done(self, n: int, result_path: str) -> None:
+        now = self.owner.clock()
+        try:
+            with open(result_path, "rb") as f:
+                result = json.loads(f.read())
+            metrics = {k: float(v) for k, v in result.get("metrics", {}).items()}
+            step = result.get("step")
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            self.on_failed(n, f"unreadable result {result_path}: {exc}")
+            return
+        finished = self.book.finish(n, step, metrics, now)
+        self.save()
+        log.info("job %s: evaluated ckpt-%d (step %s): %s = %s", self.name, n, step, self.book.policy.metric,
+                 metrics.get(self.book.policy.metric))
+        if finished.improved:
+            self._update_best(n)
+        elif n != self.book.best_n:
+            self._unpin(n)
+        self.owner.checkpoint_evaluated(self.name, self.book.checkpoints[n])
+        if finished.early_stop and not self.training_over:
+            self.owner.dispatch(msg.EarlyStop(self.name, finished.early_stop))
+        self.pump()
+
+    def on_failed(self, n: int, error: str) -> None:
+        retried = self.book.fail(n, error, self.owner.clock())
+        log.warning("job %s: evaluation of ckpt-%d failed (%s)%s", self.name, n, error,
+                    "; will retry" if retried else "; giving up on this checkpoint")
+        if not retried:
+            self._unpin(n)
+        self.save()
+        self.pump()
+
+    def on_evaluator_exit(self, worker: Worker, returncode: int, detail: str) -> None:
+        if self.evaluator is not None:
+            self.evaluator.close()  # may still deliver a "done" it wrote before exiting
+        self.evaluator = None
+        self.owner.dispatch(msg.EvaluatorStopped(self.name))
+        n = self.book.interrupted(self.owner.clock(), f"evaluator exited ({detail or returncode})")
+        if n is not None:
+            self.save()
+            log.warning("job %s: evaluator died during ckpt-%d (%s); retrying", self.name, n, detail or returncode)
+        self.pump()
+
+    def training_ended(self) -> None:
+        self.training_over = True
+        self.rescan()
+        if self.book.checkpoints:
+            self.book.final_n = max(self.book.checkpoints)
+            self.save()
+        self.pump()
+
+    def _finish(self) -> None:
+        if self.evaluator is not None:
+            self.evaluator.finish()  # closes its stdin: it exits 0, then EvaluatorStopped
+        if self.exporting is None:
+            self.owner.dispatch(msg.EvaluationsDone(self.name))
+
+    def stop(self, reason: str) -> None:
+        if self.timer is not None:
+            self.owner.loop.remove(self.timer)
+            self.timer = None
+        if self.evaluator is not None:
+            self.evaluator.stop(reason)
+
+    # ---- best checkpoint and export
+    def _update_best(self, n: int) -> None:
+        previous = self.book.checkpoints.get(self._current_best_n())
+        best_dir = os.path.join(self.model_dir, "best")
+        staging = os.path.join(self.private, "best.tmp")
+        shutil.rmtree(staging, ignore_errors=True)
+        os.makedirs(staging)
+        c = self.book.checkpoints[n]
+        for name in os.listdir(self.pins):
+            if name.startswith(f"ckpt-{n}."):
+                os.link(os.path.join(self.pins, name), os.path.join(staging, name))
+        atomic_write_json(os.path.join(staging, "best.json"), {
+            "checkpoint": f"ckpt-{n}", "step": c.step, "metric": self.book.policy.metric,
+            "value": self.book.best_value, "higher_is_better": self.book.policy.higher_is_better,
+            "metrics": c.metrics, "evaluated_at": c.finished_at})
+        old = os.path.join(self.private, "best.old")
+        shutil.rmtree(old, ignore_errors=True)
+        if os.path.exists(best_dir):
+            os.rename(best_dir, old)
+        os.rename(staging, best_dir)
+        shutil.rmtree(old, ignore_errors=True)
+        if previous is not None and previous.n != n:
+            self._unpin(previous.n)
+        log.info("job %s: new best ckpt-%d (step %s) %s = %.4g", self.name, n, c.step, self.book.policy.metric,
+                 self.book.best_value)
+        if self.job.spec.eval.export_best:
+            self.export_wanted = n
+            self._maybe_export()
+
+    def _current_best_n(self) -> int | None:
+        try:
+            with open(os.path.join(self.model_dir, "best", "best.json")) as f:
+                return int(json.load(f)["checkpoint"].split("-")[1])
+        except (OSError, ValueError, KeyError, IndexError):
+            return None
+
+    def _maybe_export(self) -> None:
+        if self.exporting is not None or self.export_wanted is None:
+            return
+        n, self.export_wanted = self.export_wanted, None
+        prefix = os.path.join(self.model_dir, "best", f"ckpt-{n}")
+        if self.owner.start_export(self.name, prefix, os.path.join(self.model_dir, "exported")):
+            self.exporting = n
+
+    def on_export_exit(self, returncode: int, detail: str) -> None:
+        n, self.exporting = self.exporting, None
+        if returncode == 0:
+            log.info("job %s: exported ckpt-%s to %s/exported", self.name, n, self.model_dir)
+        else:
+            log.error("job %s: export of ckpt-%s failed (%s)", self.name, n, detail or returncode)
+        self._maybe_export()
+        if self.exporting is None and self.training_over and self.book.drained():
+            self._finish()
+
+
+class Evaluations:
+    """All jobs' evaluations; the daemon forwards actions and worker exits here."""
+
+    def __init__(self, loop: Loop, state_dir: str, dispatch: Callable[[msg.Event], object],
+                 start_worker: Callable[..., Worker | None], stop_worker: Callable[[str, str, str], object],
+                 clock: Callable[[], float] = time.time):
+        self.loop = loop
+        self.state_dir = state_dir
+        self.dispatch = dispatch
+        self.start_worker = start_worker  # (name, role, args, gpus, stdin=None, pass_fds=()) -> Worker | None
+        self.stop_worker = stop_worker  # (name, role, reason)
+        self.clock = clock
+        self.jobs: dict[str, JobEvaluation] = {}
+        self.listeners: list[Callable[[str, object], None]] = []
+
+    def ensure(self, job: Job) -> JobEvaluation | None:
+        if not job.spec.eval.enabled:
+            return None
+        if job.name not in self.jobs:
+            self.jobs[job.name] = JobEvaluation(self, job)
+        return self.jobs[job.name]
+
+    def rescan(self, name: str) -> None:
+        if name in self.jobs:
+            self.jobs[name].rescan()
+
+    def on_action(self, action: msg.Action, job: Job | None) -> None:
+        if isinstance(action, msg.TrainingEnded) and job is not None:
+            ev = self.ensure(job)
+            if ev is not None:
+                ev.training_ended()
+            else:
+                self.dispatch(msg.EvaluationsDone(job.name))
+        elif isinstance(action, msg.EvalPlacement) and action.name in self.jobs:
+            self.jobs[action.name].placed(action.gpus)
+        elif isinstance(action, msg.StopEvaluator) and action.name in self.jobs:
+            self.jobs.pop(action.name).stop(action.reason)
+
+    def on_worker_exit(self, worker: Worker, returncode: int, detail: str) -> None:
+        ev = self.jobs.get(worker.name)
+        if ev is None:
+            return
+        if worker.role == "eval":
+            ev.on_evaluator_exit(worker, returncode, detail)
+        elif worker.role == "export":
+            ev.on_export_exit(returncode, detail)
+
+    def start_export(self, name: str, prefix: str, output: str) -> bool:
+        return self.start_worker(name, "export", ["export", "--checkpoint", prefix, "--output", output], ()) is not None
+
+    def checkpoint_evaluated(self, name: str, record: object) -> None:
+        for listener in self.listeners:
+            listener(name, record)
+
+    def book(self, name: str) -> EvalBook | None:
+        ev = self.jobs.get(name)
+        if ev is not None:
+            return ev.book
+        path = os.path.join(self.state_dir, "evals", f"{name}.json")
+        try:
+            with open(path, "rb") as f:
+                return EvalBook.from_dict(EvalPolicy(), json.loads(f.read()))
+        except (OSError, ValueError, TypeError, KeyError):
+            return None

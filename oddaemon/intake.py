@@ -1,0 +1,99 @@
+"""Spool intake: inotify events and rescans of ``spool/new`` -> validation -> scheduler.
+
+Every file that lands in ``new/`` ends in ``accepted/`` (the scheduler took it) or ``rejected/``
+(with its ``.error``); none is read twice and none is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from oddaemon import scheduler as sch
+from oddaemon.config import Config
+from oddaemon.errors import OddaemonError, user_message
+from oddaemon.inotify_watch import SPOOL_MASK, InotifyHub
+from oddaemon.jobspec import Problem, parse_job, render_error_file
+from oddaemon.loop import Loop
+from oddaemon.spool import NotARegularFile, Spool, is_candidate
+
+log = logging.getLogger("oddaemon.intake")
+
+SETTLE_SECONDS = 1.0  # a file in new/ younger than this at rescan may still be being written
+
+
+@dataclass(frozen=True)
+class Verdict:
+    accepted: bool
+    name: str
+    message: str  # why it was rejected (the .error text, or the scheduler's reason)
+
+
+class SpoolIntake:
+    def __init__(self, config: Config, spool: Spool, loop: Loop, dispatch: Callable[[sch.Event], list[sch.Action]]):
+        self.config = config
+        self.spool = spool
+        self.loop = loop
+        self.dispatch = dispatch
+        self.rejected_total = 0
+        self._rescan_pending = False
+
+    def start(self, hub: InotifyHub) -> None:
+        # Watch first, then rescan: a file that arrives in between is seen by one or the other.
+        hub.watch(self.spool.new, SPOOL_MASK, self._on_event, self.rescan)
+        self.rescan()
+
+    def _on_event(self, filename: str, mask: int) -> None:
+        if is_candidate(filename):
+            self.intake(os.path.join(self.spool.new, filename))
+
+    def rescan(self) -> None:
+        now = time.time()
+        young = False
+        for path in self.spool.scan():
+            try:
+                if now - os.lstat(path).st_mtime < SETTLE_SECONDS:
+                    young = True  # may still be being written: its close-write event, or the re-check, takes it
+                    continue
+            except FileNotFoundError:
+                continue
+            self.intake(path)
+        if young and not self._rescan_pending:
+            self._rescan_pending = True
+            self.loop.call_later(SETTLE_SECONDS, self._rescan_again)
+
+    def _rescan_again(self) -> None:
+        self._rescan_pending = False
+        self.rescan()
+
+    def intake(self, path: str) -> Verdict | None:
+        """Validate and submit one spool file. None if it was already gone (a duplicate event)."""
+        name = os.path.basename(path)
+        try:
+            data = self.spool.read(path, self.config.max_job_file_bytes)
+        except FileNotFoundError:
+            return None
+        except NotARegularFile as exc:
+            return self.reject(path, [Problem(f"{name} was not read: {exc}")], "it is not a regular file")
+        except OSError as exc:
+            return self.reject(path, [Problem(f"{name} could not be read: {exc.strerror}")], "it could not be read")
+        result = parse_job(data, name, self.config.validation_context())
+        if isinstance(result, list):
+            return self.reject(path, result)
+        for action in self.dispatch(sch.Submit(result, token=path)):
+            if isinstance(action, sch.Rejected):
+                return Verdict(False, result.name, action.reason)
+        return Verdict(True, result.name, "")
+
+    def reject(self, path: str, problems: list[Problem], because: str = "it is not a valid oddaemon job spec") -> Verdict:
+        self.rejected_total += 1
+        text = render_error_file(os.path.basename(path), problems, because)
+        try:
+            _, error_path = self.spool.reject(path, text)
+            log.warning("rejected %s -> %s: %s", path, error_path, "; ".join(p.render() for p in problems))
+        except OddaemonError as exc:
+            log.error("%s (the file stays where it is)", user_message(exc))
+        return Verdict(False, "", text)

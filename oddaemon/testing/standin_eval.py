@@ -1,0 +1,138 @@
+"""The stand-in's evaluator and exporter (see ``standin.py`` for the trainer and the CLI).
+
+* ``eval``: evaluate one checkpoint and exit (the cold one-shot path).
+* ``eval-serve``: the warm evaluator protocol the daemon speaks (``docs/architecture.md``):
+  requests are JSON lines on stdin ``{"checkpoint": PREFIX, "result": PATH}``; replies are JSON
+  lines on the reply fd: ``{"event": "ready"}`` once, then ``{"event": "done", ...}`` or
+  ``{"event": "failed", ...}`` per request. EOF on stdin ends it.
+* ``export``: write a stand-in "SavedModel" directory for a checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+
+from oddaemon.testing.standin import (Setup, _err, _log, _sleep, _Terminated, _traceback, checkpoint_step,
+                                      eval_metrics)
+from oddaemon.tfevents import EventFileWriter
+
+EVAL_CRASH_MARKER = ".standin-eval-crashes"
+
+
+class EvalFailure(Exception):
+    """This checkpoint cannot be evaluated (the process stays up)."""
+
+
+def _crash_due(setup: Setup, step: int) -> bool:
+    if setup.directives["eval_crash"] != step:
+        return False
+    marker = os.path.join(setup.model_dir, EVAL_CRASH_MARKER)
+    try:
+        with open(marker, encoding="utf-8") as f:
+            count = int(f.read().strip() or 0)
+    except (OSError, ValueError):
+        count = 0
+    limit = setup.directives["eval_crash_times"]
+    if limit is not None and count >= limit:
+        return False
+    with open(marker, "w", encoding="utf-8") as f:
+        f.write(f"{count + 1}\n")
+    return True
+
+
+def evaluate_one(setup: Setup, prefix: str, result_path: str) -> dict:
+    """Evaluate one checkpoint: events under model_dir/eval, result JSON written atomically.
+    Raises EvalFailure for an unreadable checkpoint; exits the process on a planned crash."""
+    started = time.time()
+    try:
+        step = checkpoint_step(prefix)
+    except (OSError, ValueError) as exc:
+        raise EvalFailure(f"cannot read checkpoint {prefix}: {exc}") from None
+    _log(f"Evaluating checkpoint {prefix} (step {step})", "model_lib_v2.py:1006")
+    _sleep(setup.directives["eval_seconds"])
+    if _crash_due(setup, step):
+        _traceback("eager_eval_loop", "eval_dict, losses_dict = compute_eval_dict(features, labels)",
+                   f"RuntimeError: standin: eval_crash at step {step}")
+        sys.stderr.flush()
+        os._exit(1)
+    metrics = eval_metrics(step, setup.directives["map_peak_step"])
+    writer = EventFileWriter(os.path.join(setup.model_dir, "eval"))
+    for tag, value in metrics.items():
+        writer.add_scalars(step, {tag: value})
+    writer.close()
+    _log(f"Eval metrics at step {step}", "model_lib_v2.py:1015")
+    for tag, value in metrics.items():
+        _log(f"\t+ {tag}: {value:f}", "model_lib_v2.py:1018")
+    result = {"checkpoint": prefix, "step": step, "metrics": metrics, "wall_time": time.time(),
+              "duration_seconds": time.time() - started}
+    temp = f"{result_path}.tmp{os.getpid()}"
+    with open(temp, "w", encoding="utf-8") as out:
+        json.dump(result, out, indent=1)
+    os.replace(temp, result_path)
+    return result
+
+
+def evaluate(setup: Setup, prefix: str, result_path: str) -> int:
+    try:
+        evaluate_one(setup, prefix, result_path)
+    except EvalFailure as exc:
+        _err(f"standin: {exc}")
+        return 2
+    except _Terminated:
+        _err("standin: SIGTERM received while evaluating, exiting")
+        return 143
+    return 0
+
+
+def serve(setup: Setup, reply_fd: int) -> int:
+    replies = os.fdopen(reply_fd, "w", buffering=1)
+
+    def reply(**message) -> None:
+        replies.write(json.dumps(message) + "\n")
+
+    _err(f"standin: warm evaluator for {setup.name!r} ready")
+    reply(event="ready")
+    try:
+        for line in sys.stdin:
+            if not line.strip():
+                continue
+            request = json.loads(line)
+            try:
+                evaluate_one(setup, request["checkpoint"], request["result"])
+                reply(event="done", checkpoint=request["checkpoint"], result=request["result"])
+            except EvalFailure as exc:
+                _err(f"standin: {exc}")
+                reply(event="failed", checkpoint=request["checkpoint"], error=str(exc))
+    except _Terminated:
+        _err("standin: SIGTERM received, evaluator exiting")
+        return 143
+    return 0
+
+
+def export(setup: Setup, prefix: str, output: str) -> int:
+    try:
+        step = checkpoint_step(prefix)
+        _sleep(setup.directives["export_seconds"])
+    except (OSError, ValueError) as exc:
+        _err(f"standin: cannot export {prefix}: {exc}")
+        return 2
+    except _Terminated:
+        return 143
+    temp = f"{output}.tmp{os.getpid()}"
+    shutil.rmtree(temp, ignore_errors=True)
+    os.makedirs(os.path.join(temp, "variables"))
+    with open(os.path.join(temp, "saved_model.pb"), "w", encoding="utf-8") as f:
+        json.dump({"standin": True, "checkpoint": prefix, "step": step}, f)
+    if os.path.exists(output):
+        old = f"{output}.old{os.getpid()}"
+        os.rename(output, old)
+        os.rename(temp, output)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(temp, output)
+    _err(f"standin: exported step {step} to {output}")
+    return 0
