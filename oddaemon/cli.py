@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-f", "--follow", action="store_true")
     s.add_argument("-n", "--lines", type=int, default=40)
     s.add_argument("--role", default="train", choices=("train", "eval"))
+    s = sub.add_parser("eval", help="evaluate one checkpoint of a job now (a cold one-shot worker; prints the metrics)")
+    s.add_argument("name")
+    s.add_argument("--checkpoint", required=True, help="checkpoint prefix, absolute or relative to the job's model_dir "
+                                                        "(e.g. ckpt-12 or best/ckpt-12)")
+    s.add_argument("--gpu", type=int, help="GPU id to evaluate on (default: the CPU)")
+    s.add_argument("--json", action="store_true", help="print the result JSON")
     s = sub.add_parser("demo", help="run the bundled demo job with a local daemon (see README)")
     s.add_argument("--dir", default="demo", help="project folder for the demo's config, spool, state and logs")
     s.add_argument("--keep-serving", action="store_true", help="keep the daemon running after the demo job ends")
@@ -77,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_submit(config, args.file, args.wait)
         if args.command == "logs":
             return cmd_logs(config, args.name, args.role, args.lines, args.follow)
+        if args.command == "eval":
+            return cmd_eval(config, args.name, args.checkpoint, args.gpu, args.json)
         return cmd_control(config, args)
     except DaemonUnreachable as exc:
         print(f"oddaemon: {exc}", file=sys.stderr)
@@ -220,6 +228,43 @@ def format_evaluation(ev: dict) -> list[str]:
     if len(checkpoints) > 12:
         lines.append(f"    ... {len(checkpoints) - 12} earlier checkpoint(s): oddaemon status --json")
     return lines
+
+
+def cmd_eval(config: Config, name: str, checkpoint: str, gpu: int | None, as_json: bool) -> int:
+    import subprocess  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    from oddaemon.procs import worker_environment  # noqa: PLC0415
+
+    job_json = os.path.join(config.state_dir, "work", name, "job.json")
+    try:
+        with open(job_json) as f:
+            spec = json.load(f)["spec"]
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"oddaemon: cannot read job {name!r} ({job_json}): {exc}", file=sys.stderr)
+        return EXIT_REFUSED
+    prefix = checkpoint if os.path.isabs(checkpoint) else os.path.join(spec["model_dir"], checkpoint)
+    if not os.path.exists(prefix + ".index"):
+        print(f"oddaemon: no checkpoint {prefix} ({prefix}.index does not exist)", file=sys.stderr)
+        return EXIT_REFUSED
+    with tempfile.TemporaryDirectory(prefix="oddaemon-eval-") as tmp:
+        result_path = os.path.join(tmp, "result.json")
+        argv = [config.resolved_worker_python(), "-m", config.worker_module, "eval", "--job", job_json,
+                "--checkpoint", prefix, "--result", result_path]
+        env = worker_environment(dict(os.environ), (gpu,) if gpu is not None else ())
+        code = subprocess.run(argv, env=env, stdout=sys.stderr, check=False).returncode
+        if code != 0 or not os.path.exists(result_path):
+            print(f"oddaemon: evaluation failed (exit status {code})", file=sys.stderr)
+            return EXIT_REFUSED
+        with open(result_path) as f:
+            result = json.load(f)
+    if as_json:
+        print(json.dumps(result, indent=1, sort_keys=True))
+    else:
+        print(f"{name} {os.path.basename(prefix)} step {result.get('step')}:")
+        for key, value in sorted(result.get("metrics", {}).items()):
+            print(f"  {key:<45} {value:.4f}")
+    return EXIT_OK
 
 
 def cmd_logs(config: Config, name: str, role: str, lines: int, follow: bool) -> int:

@@ -24,8 +24,13 @@ def pipeline_num_steps(pipeline_config: str) -> int | None:
 
 
 class TrainProgress:
+    """Training progress from ``model_dir/train`` and evaluation metrics by step from
+    ``model_dir/eval`` (what TensorBoard shows), both read incrementally."""
+
     def __init__(self, model_dir: str, target_steps: int | None):
         self.reader = EventDirReader(os.path.join(model_dir, "train"))
+        self.eval_reader = EventDirReader(os.path.join(model_dir, "eval"))
+        self.eval_by_step: dict[int, dict[str, float]] = {}
         self.target_steps = target_steps
         self.step: int | None = None
         self.scalars: dict[str, float] = {}
@@ -34,6 +39,10 @@ class TrainProgress:
         self.loss_history: collections.deque[tuple[int, float]] = collections.deque(maxlen=HISTORY_POINTS)
 
     def refresh(self) -> None:
+        for event in self.eval_reader.read_new():
+            self.eval_by_step.setdefault(event.step, {}).update(event.values)
+        while len(self.eval_by_step) > HISTORY_POINTS:
+            del self.eval_by_step[min(self.eval_by_step)]
         for event in self.reader.read_new():
             if self.step is not None and event.step < self.step:
                 continue  # an older step replayed after a restart
@@ -75,4 +84,5 @@ class TrainProgress:
             "learning_rate": self.scalars.get("learning_rate"),
             "updated_at": self.updated_at,
             "loss_history": [list(p) for p in self.loss_history],
+            "eval_by_step": {str(k): v for k, v in sorted(self.eval_by_step.items())},
         }

@@ -52,7 +52,7 @@ def job_view(job: Job, progress: TrainProgress | None, queue_position: int | Non
     }
     empty = {"step": None, "target_steps": job.spec.pipeline.num_steps, "progress": None,
              "steps_per_second": None, "eta_seconds": None, "losses": {}, "learning_rate": None, "updated_at": None,
-             "loss_history": []}
+             "loss_history": [], "eval_by_step": {}}
     view.update(progress.view() if progress is not None else empty)
     return view
 
@@ -67,6 +67,8 @@ def progress_bar(ratio: float | None, width: int = 20) -> str:
 def format_duration(seconds: float | None) -> str:
     if seconds is None:
         return "-"
+    if seconds < 10:
+        return f"{seconds:.1f}s"
     seconds = int(seconds)
     if seconds >= 86400:
         return f"{seconds // 86400}d{(seconds % 86400) // 3600:02d}h"

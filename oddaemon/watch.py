@@ -1,5 +1,6 @@
 """inotify watches on a job's model directory: one watch on ``model_dir`` (checkpoint files,
-and the creation of ``train/``) plus one on ``model_dir/train`` (event files, for progress).
+and the creation of ``train/`` and ``eval/``) plus one on each of ``model_dir/train`` and
+``model_dir/eval`` (event files, for progress and evaluation metrics by step).
 
 No polling: checkpoint changes go to ``on_checkpoints`` (the evaluation side re-lists the
 directory), event-file changes to ``on_progress`` (coalesced over a short delay, since the
@@ -19,7 +20,8 @@ from oddaemon.inotify_watch import InotifyHub
 from oddaemon.loop import Loop
 
 MODEL_DIR_MASK = flags.CLOSE_WRITE | flags.MOVED_TO | flags.MOVED_FROM | flags.CREATE | flags.DELETE
-TRAIN_DIR_MASK = flags.MODIFY | flags.CLOSE_WRITE | flags.CREATE | flags.MOVED_TO
+EVENT_DIR_MASK = flags.MODIFY | flags.CLOSE_WRITE | flags.CREATE | flags.MOVED_TO
+EVENT_DIRS = ("train", "eval")
 PROGRESS_DELAY = 0.25
 
 
@@ -32,34 +34,41 @@ class ModelDirWatcher:
         self.on_checkpoints = on_checkpoints
         self.on_progress = on_progress
         self._wds: list[int] = []
-        self._train_wd: int | None = None
+        self._event_wds: dict[str, int] = {}
         self._progress_timer: object | None = None
 
     def start(self) -> None:
         os.makedirs(self.model_dir, exist_ok=True)
         self._wds.append(self.hub.watch(self.model_dir, MODEL_DIR_MASK, self._on_model_dir, self._overflow))
-        self._watch_train_dir()
+        self._watch_event_dirs()
         self.on_checkpoints()
         self.on_progress()
 
-    def _watch_train_dir(self) -> None:
-        train = os.path.join(self.model_dir, "train")
-        if self._train_wd is None and os.path.isdir(train):
-            try:
-                self._train_wd = self.hub.watch(train, TRAIN_DIR_MASK, lambda *_: self._progress_soon(), self._overflow)
-                self._wds.append(self._train_wd)
-            except OperationError:
-                self._train_wd = None  # removed again meanwhile; its re-creation brings us back here
+    def _watch_event_dirs(self) -> None:
+        for sub in EVENT_DIRS:
+            path = os.path.join(self.model_dir, sub)
+            if sub not in self._event_wds and os.path.isdir(path):
+                try:
+                    self._event_wds[sub] = self.hub.watch(path, EVENT_DIR_MASK, lambda *_: self._progress_soon(),
+                                                          self._overflow)
+                except OperationError:
+                    continue  # removed again meanwhile; its re-creation brings us back here
+                self._wds.append(self._event_wds[sub])
 
     def _on_model_dir(self, name: str, mask: int) -> None:
-        if name == "train":
-            self._watch_train_dir()
+        if name in EVENT_DIRS:
+            if mask & (flags.DELETE | flags.MOVED_FROM):
+                wd = self._event_wds.pop(name, None)  # the kernel dropped that watch with the directory
+                if wd is not None:
+                    self.hub.unwatch(wd)
+                    self._wds.remove(wd)
+            self._watch_event_dirs()
             self._progress_soon()
         elif is_checkpoint_event(name):
             self.on_checkpoints()
 
     def _overflow(self) -> None:
-        self._watch_train_dir()
+        self._watch_event_dirs()
         self.on_checkpoints()
         self.on_progress()
 
@@ -75,7 +84,7 @@ class ModelDirWatcher:
         for wd in self._wds:
             self.hub.unwatch(wd)
         self._wds.clear()
-        self._train_wd = None
+        self._event_wds.clear()
         if self._progress_timer is not None:
             self.loop.remove(self._progress_timer)
             self._progress_timer = None

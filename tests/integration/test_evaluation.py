@@ -139,3 +139,15 @@ def test_status_shows_checkpoints_trends_and_best(daemon_env):
     text = out.stdout
     assert "best" in text and "ckpt-4" in text and "evaluated" in text
     assert "loss" in text and "mAP" in text
+
+
+def test_cold_one_shot_evaluation_from_the_cli(daemon_env):
+    env = daemon_env.start()
+    env.drop("cold.toml", env.job_text("cold", num_steps=10, every=5, keep=5, step_seconds=0.01))
+    env.wait_state("cold", "succeeded", 60)
+    out = env.cli("eval", "cold", "--checkpoint", "best/ckpt-3", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["step"] == 10 and result["metrics"][MAP] == eval_metrics(10)[MAP]
+    out = env.cli("eval", "cold", "--checkpoint", "ckpt-99")
+    assert out.returncode == 1 and "ckpt-99.index does not exist" in out.stderr
