@@ -99,7 +99,7 @@ class JobEvaluation:
                 self.book.add_missed(n, now, "deleted before it could be pinned")
                 log.warning("job %s: checkpoint ckpt-%d vanished before it could be pinned", self.name, n)
             else:
-                self.book.add(n, prefix, now)
+                self.book.add(n, prefix, self._completed_at(prefix, now))
                 added = True
         # Pins of checkpoints the book already knows (after a restart) stay valid: nothing to do.
         if added:
@@ -108,6 +108,14 @@ class JobEvaluation:
                 self._unpin(n)
             self.save()
             self.pump()
+
+    @staticmethod
+    def _completed_at(prefix: str, now: float) -> float:
+        """When the checkpoint became complete: its index was closed just before (its mtime)."""
+        try:
+            return min(now, os.stat(prefix + ".index").st_mtime)
+        except OSError:
+            return now
 
     def _pin(self, n: int, listing: list[str]) -> str | None:
         try:
