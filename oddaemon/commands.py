@@ -36,9 +36,9 @@ class Commands:
         return len(self.daemon.state.queue())
 
     def gpus(self) -> dict:
+        """{"total": [ids], "free": [ids], "holders": {id: (job name, "train" | "eval")}}"""
         state = self.daemon.state
-        holders = {g: j.name for j in state.jobs.values() for g in j.gpus}
-        return {"total": list(state.inventory), "free": list(state.free_gpus()), "holders": holders}
+        return {"total": list(state.inventory), "free": list(state.free_gpus()), "holders": self.daemon.gpu_holders()}
 
     def list_jobs(self) -> list[dict]:
         return self.daemon.views()

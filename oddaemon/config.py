@@ -32,6 +32,8 @@ class Config:
     log_dir: str = "/var/log/oddaemon"
     gpus: str | tuple[int, ...] = "auto"
     metrics_listen: str = f"127.0.0.1:{DEFAULT_PORT}"
+    metrics_max_finished_jobs: int = 20  # finished jobs still exported (bounded label cardinality)
+    metrics_finished_max_age_seconds: float = 86400.0
     log_max_bytes: int = 10 * 1024 * 1024
     log_backups: int = 5
     max_restarts: int = 3
@@ -121,7 +123,9 @@ def _gpus(value: Any) -> str | tuple[int, ...]:
 SCHEMA: dict[str, dict[str, tuple[str, Callable[[Any], Any]]]] = {
     "paths": {"spool_dir": ("spool_dir", _path), "state_dir": ("state_dir", _path), "log_dir": ("log_dir", _path)},
     "gpus": {"devices": ("gpus", _gpus)},
-    "metrics": {"listen": ("metrics_listen", _listen)},
+    "metrics": {"listen": ("metrics_listen", _listen),
+                "max_finished_jobs": ("metrics_max_finished_jobs", whole_number(0, 10_000)),
+                "finished_job_max_age_seconds": ("metrics_finished_max_age_seconds", finite_number(0, inclusive=True))},
     "logs": {"max_bytes": ("log_max_bytes", whole_number(4096)), "backups": ("log_backups", whole_number(0, 1000))},
     "restart": {
         "max_restarts": ("max_restarts", whole_number(0, 1000)),

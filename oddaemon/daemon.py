@@ -27,6 +27,7 @@ from oddaemon.inotify_watch import InotifyHub
 from oddaemon.intake import SpoolIntake, Verdict
 from oddaemon.jobspec import Problem
 from oddaemon.loop import Loop
+from oddaemon.metrics import SnapshotCollector, build_snapshot, serve
 from oddaemon.procs import Worker, kill_leftover, process_start_time, worker_environment
 from oddaemon.progress import TrainProgress, pipeline_num_steps
 from oddaemon.spool import Spool
@@ -70,6 +71,11 @@ class Daemon:
         self._dispatching = False
         self._queued_events: list[sch.Event] = []
         self.on_state_change: list[Callable[[sch.StateChanged], None]] = []
+        self.counters = {"rejected_files": 0, "worker_restarts": 0, "checkpoints_evaluated": 0}
+        self.snapshot: dict | None = None  # read by the metrics thread; replaced, never mutated
+        self._snapshot_timer: object | None = None
+        self.metrics_server: object | None = None
+        self.evaluations.listeners.append(self._on_checkpoint_evaluated)
 
     # ---- start-up ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -84,11 +90,25 @@ class Daemon:
         self.intake_.start(self.inotify)
         self.control = ControlServer(os.path.join(self.config.state_dir, "control.sock"), self.loop,
                                      self.commands.handle_request)
+        self.publish_snapshot()
+        self._start_metrics()
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal(signum, self.shutdown)
         self.loop.add_signal(signal.SIGHUP, self.reload)
         log.info("ready: spool %s, state %s, logs %s, event loop %s", self.config.spool_dir,
                  self.config.state_dir, self.config.log_dir, self.loop.name)
+
+    def _start_metrics(self) -> None:
+        address = self.config.metrics_address()
+        if address is None:
+            return
+        try:
+            self.metrics_server = serve(address, SnapshotCollector(lambda: self.snapshot))
+        except OSError as exc:
+            log.error("metrics endpoint %s unavailable: %s (the daemon runs on without it)",
+                      self.config.metrics_listen, exc.strerror)
+            return
+        log.info("metrics on http://%s/metrics", self.config.metrics_listen)
 
     def _kill_leftover_workers(self) -> None:
         """Workers of an earlier daemon instance die with it (parent-death signal); if one
@@ -126,6 +146,7 @@ class Daemon:
                 self._step(self._queued_events.pop(0))
         finally:
             self._dispatching = False
+        self.snapshot_soon()
         return actions
 
     def _step(self, event: sch.Event) -> list[sch.Action]:
@@ -163,6 +184,8 @@ class Daemon:
                 self.intake_.reject(action.token, [Problem(action.reason)], "the daemon cannot run it")
         elif isinstance(action, sch.StateChanged):
             log.info("job %s: %s -> %s (%s)", action.name, action.old or "new", action.new, action.reason)
+            if action.new == "backoff":
+                self.counters["worker_restarts"] += 1
             for listener in self.on_state_change:
                 listener(action)
         elif isinstance(action, sch.WakeAt):
@@ -233,8 +256,14 @@ class Daemon:
             self.progress[name] = TrainProgress(job.spec.model_dir, target)
         self.evaluations.ensure(job)
         if name not in self.watchers:
+            progress = self.progress[name]
+
+            def on_progress() -> None:
+                progress.refresh()
+                self.snapshot_soon()
+
             watcher = ModelDirWatcher(self.inotify, self.loop, job.spec.model_dir,
-                                      lambda: self.evaluations.rescan(name), self.progress[name].refresh)
+                                      lambda: self.evaluations.rescan(name), on_progress)
             try:
                 watcher.start()
             except (OddaemonError, OSError) as exc:
@@ -274,6 +303,30 @@ class Daemon:
                                    self.supervisor.log_path(job.name, "train"), self.evaluations.book(job.name)))
         return result
 
+    def gpu_holders(self) -> dict[int, tuple[str, str]]:
+        holders = {}
+        for job in self.state.jobs.values():
+            if job.state not in TERMINAL:
+                holders.update({g: (job.name, "train") for g in job.gpus if job.state.value in ("running", "backoff", "stopping")})
+            holders.update({g: (job.name, "eval") for g in job.eval_gpus})
+        return holders
+
+    def snapshot_soon(self) -> None:
+        """Publish a fresh metrics snapshot within a second (coalesces bursts of changes)."""
+        if self._snapshot_timer is None and self.metrics_server is not None:
+            self._snapshot_timer = self.loop.call_later(1.0, self.publish_snapshot)
+
+    def publish_snapshot(self) -> None:
+        self._snapshot_timer = None
+        self.counters["rejected_files"] = self.intake_.rejected_total
+        gpus = {"total": list(self.state.inventory), "free": list(self.state.free_gpus()), "holders": self.gpu_holders()}
+        self.snapshot = build_snapshot(self.views(), gpus, dict(self.counters), self.started_at, self.clock(),
+                                       self.config.metrics_max_finished_jobs, self.config.metrics_finished_max_age_seconds)
+
+    def _on_checkpoint_evaluated(self, name: str, record: object) -> None:
+        self.counters["checkpoints_evaluated"] += 1
+        self.snapshot_soon()
+
     @staticmethod
     def heavy_modules_loaded() -> list[str]:
         """Proof for tests and `doctor`: the daemon must never import these."""
@@ -291,6 +344,8 @@ class Daemon:
         log.info("shutting down: stopping %d worker(s); their jobs resume at next start", len(self.supervisor.workers))
         if self.control is not None:
             self.control.close()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()
         if not self.supervisor.workers:
             self.loop.stop()
             return
