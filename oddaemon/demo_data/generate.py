@@ -24,8 +24,6 @@ import io
 import os
 import sys
 
-import numpy as np
-
 CLASSES = ("rectangle", "circle", "triangle")  # label ids 1, 2, 3
 COLOURS = {1: (225, 45, 45), 2: (40, 205, 60), 3: (50, 90, 235)}
 TRAIN_SHARDS = 2
@@ -286,8 +284,9 @@ def _overlaps(box, boxes, limit=0.3) -> bool:
     return False
 
 
-def make_image(rng: np.random.Generator, size: int):
+def make_image(rng, size: int):
     """(HxWx3 uint8 image, [(ymin, xmin, ymax, xmax) normalized], [label id]) with 1 to 3 shapes."""
+    import numpy as np
     from PIL import Image, ImageDraw
 
     noise = rng.integers(40, 140, size=(size, size, 3), dtype=np.uint8)
@@ -321,7 +320,7 @@ def make_image(rng: np.random.Generator, size: int):
     return np.asarray(image), normalized, labels
 
 
-def encode(image: np.ndarray, fmt: str) -> bytes:
+def encode(image, fmt: str) -> bytes:
     from PIL import Image
 
     out = io.BytesIO()
@@ -329,7 +328,7 @@ def encode(image: np.ndarray, fmt: str) -> bytes:
     return out.getvalue()
 
 
-def make_example(image: np.ndarray, boxes, labels, filename: str, fmt: str):
+def make_example(image, boxes, labels, filename: str, fmt: str):
     import tensorflow as tf
 
     def _bytes(values):
@@ -381,6 +380,8 @@ def generate(out: str, model: str = "ssd_mobilenet_tiny", train_images: int = 24
     """Write the data set into ``out``; returns the paths written."""
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r}; choose one of {', '.join(MODELS)}")
+    import numpy as np
+
     out = os.path.abspath(out)
     os.makedirs(out, exist_ok=True)
     size = MODELS[model][0]

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-_APPLIED: dict[str, bool] = {}
+_APPLIED: dict[str, str] = {}  # shim name -> "applied", "not needed" or "failed"
 
 # (name on control_flow_ops, module under tensorflow.python.ops, attribute there)
 _CONTROL_FLOW_MOVES = (
@@ -34,38 +34,41 @@ def prepare_environment() -> None:
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
 
 
-def _shim_control_flow_ops() -> bool:
+def _shim_control_flow_ops() -> str:
     import importlib
 
     from tensorflow.python.ops import control_flow_ops
 
-    for name, module_name, attribute in _CONTROL_FLOW_MOVES:
-        if hasattr(control_flow_ops, name):
-            continue
+    missing = [move for move in _CONTROL_FLOW_MOVES if not hasattr(control_flow_ops, move[0])]
+    for name, module_name, attribute in missing:
         module = importlib.import_module(f"tensorflow.python.ops.{module_name}")
         setattr(control_flow_ops, name, getattr(module, attribute))
-    return all(hasattr(control_flow_ops, name) for name, _, _ in _CONTROL_FLOW_MOVES)
+    if not all(hasattr(control_flow_ops, name) for name, _, _ in _CONTROL_FLOW_MOVES):
+        return "failed"
+    return "applied" if missing else "not needed"
 
 
-def _shim_pillow() -> bool:
+def _shim_pillow() -> str:
     try:
         from PIL import ImageFont
     except ImportError:
-        return True  # nothing to patch; object_detection's own import will complain
+        return "not needed"  # nothing to patch; object_detection's own import will complain
 
     def getsize(font, text, *args, **kwargs):
         left, top, right, bottom = font.getbbox(text, *args, **kwargs)
         return right - left, bottom - top
 
+    patched = False
     for cls_name in ("FreeTypeFont", "ImageFont", "TransposedFont"):
         cls = getattr(ImageFont, cls_name, None)
         if cls is not None and not hasattr(cls, "getsize") and hasattr(cls, "getbbox"):
             cls.getsize = getsize
-    return True
+            patched = True
+    return "applied" if patched else "not needed"
 
 
-def apply() -> dict[str, bool]:
-    """Apply every shim (once); returns {shim name: applied/needed-and-working}."""
+def apply() -> dict[str, str]:
+    """Apply every shim (once); returns {shim name: "applied" | "not needed" | "failed"}."""
     if not _APPLIED:
         prepare_environment()
         _APPLIED["tf_slim_control_flow_ops"] = _shim_control_flow_ops()
@@ -74,11 +77,22 @@ def apply() -> dict[str, bool]:
 
 
 def configure_logging() -> None:
-    """TF's normal INFO logs on stderr, the way model_main_tf2.py --alsologtostderr prints them."""
+    """TF's normal INFO logs on stderr, as ``model_main_tf2.py --logtostderr`` prints them: absl's
+    handler on the root logger (``I1126 04:37:48.123456 12345 model_lib_v2.py:705] ...``) plus
+    tensorflow's own ``INFO:tensorflow:...`` line. Call before object_detection is imported: its
+    dependency ``lvis`` calls ``logging.basicConfig`` at import, which is a no-op once the root
+    logger has a handler (otherwise every TF message would print a third time)."""
     import logging
 
+    from absl import flags
     from absl import logging as absl_logging
 
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS(["oddaemon.workers", "--logtostderr"], known_only=True)
+    absl_logging.use_absl_handler()
     absl_logging.set_verbosity(absl_logging.INFO)
-    absl_logging.set_stderrthreshold(absl_logging.INFO)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if not isinstance(handler, absl_logging.ABSLHandler):
+            root.removeHandler(handler)
     logging.getLogger("tensorflow").setLevel(logging.INFO)
