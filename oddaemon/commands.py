@@ -60,8 +60,10 @@ class Commands:
         path = os.path.join(spool.new, f"{base[:-5]}.{uuid.uuid4().hex[:8]}.toml")
         atomic_write(path, data, mode=0o640)
         verdict = self.daemon.intake(path)
-        if verdict is None or not verdict.accepted:
+        if verdict is None or verdict.accepted is False:
             raise CommandError(verdict.message if verdict else "the file vanished before it could be read")
+        if verdict.accepted is None:
+            return {"name": verdict.name, "state": "validating", "queue_position": None}
         return self._submitted(verdict.name)
 
     def submit_file(self, path: str) -> dict:

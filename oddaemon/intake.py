@@ -16,8 +16,9 @@ from oddaemon import scheduler as sch
 from oddaemon.config import Config
 from oddaemon.errors import OddaemonError, user_message
 from oddaemon.inotify_watch import SPOOL_MASK, InotifyHub
-from oddaemon.jobspec import Problem, parse_job, render_error_file
+from oddaemon.jobspec import JobSpec, Problem, parse_job, render_error_file
 from oddaemon.loop import Loop
+from oddaemon.preflight import Preflights
 from oddaemon.spool import NotARegularFile, Spool, is_candidate
 
 log = logging.getLogger("oddaemon.intake")
@@ -27,21 +28,27 @@ SETTLE_SECONDS = 1.0  # a file in new/ younger than this at rescan may still be 
 
 @dataclass(frozen=True)
 class Verdict:
-    accepted: bool
+    accepted: bool | None  # None: valid so far, its preflight is running
     name: str
     message: str  # why it was rejected (the .error text, or the scheduler's reason)
 
 
 class SpoolIntake:
-    def __init__(self, config: Config, spool: Spool, loop: Loop, dispatch: Callable[[sch.Event], list[sch.Action]]):
+    def __init__(self, config: Config, spool: Spool, loop: Loop, dispatch: Callable[[sch.Event], list[sch.Action]],
+                 active_names: Callable[[], set[str]], preflights: Preflights | None):
         self.config = config
         self.spool = spool
         self.loop = loop
         self.dispatch = dispatch
+        self.active_names = active_names  # names of jobs that are queued, running, ... (not finished)
+        self.preflights = preflights
         self.rejected_total = 0
         self._rescan_pending = False
 
     def start(self, hub: InotifyHub) -> None:
+        # Files whose preflight a restart interrupted are checked again first.
+        for path in self.spool.scan(self.spool.cur):
+            self.intake(path)
         # Watch first, then rescan: a file that arrives in between is seen by one or the other.
         hub.watch(self.spool.new, SPOOL_MASK, self._on_event, self.rescan)
         self.rescan()
@@ -83,10 +90,25 @@ class SpoolIntake:
         result = parse_job(data, name, self.config.validation_context())
         if isinstance(result, list):
             return self.reject(path, result)
-        for action in self.dispatch(sch.Submit(result, token=path)):
+        if self.preflights is None:
+            return self.submit(result, path)
+        if result.name in self.active_names() or result.name in self.preflights.names():
+            return self.reject(path, [Problem(f"a job named '{result.name}' is already queued, running or being "
+                                              "checked; cancel it first or choose another name")],
+                               "the daemon cannot run it")
+        try:
+            held = path if os.path.dirname(path) == self.spool.cur else self.spool.hold(path)
+        except OddaemonError as exc:
+            log.error("%s", user_message(exc))
+            return None
+        self.preflights.add(result, held)
+        return Verdict(None, result.name, "")
+
+    def submit(self, spec: JobSpec, path: str) -> Verdict:
+        for action in self.dispatch(sch.Submit(spec, token=path)):
             if isinstance(action, sch.Rejected):
-                return Verdict(False, result.name, action.reason)
-        return Verdict(True, result.name, "")
+                return Verdict(False, spec.name, action.reason)
+        return Verdict(True, spec.name, "")
 
     def reject(self, path: str, problems: list[Problem], because: str = "it is not a valid oddaemon job spec") -> Verdict:
         self.rejected_total += 1

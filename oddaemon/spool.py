@@ -3,6 +3,7 @@
     spool/tmp/       writers create files here ...
     spool/new/       ... and rename them in (``cp job.toml spool/new/`` also works: the daemon acts
                      on close-after-write or moved-to, never on a half-written file)
+    spool/cur/       files being checked by a preflight worker (a restart checks them again)
     spool/accepted/  files the daemon took (moved out of new/, so never read twice)
     spool/rejected/  files it refused, each with a sibling ``.error`` explaining every problem
 
@@ -39,25 +40,27 @@ class Spool:
         self.root = root
         self.tmp = os.path.join(root, "tmp")
         self.new = os.path.join(root, "new")
+        self.cur = os.path.join(root, "cur")
         self.accepted = os.path.join(root, "accepted")
         self.rejected = os.path.join(root, "rejected")
 
     def ensure_dirs(self) -> None:
-        for d in (self.root, self.tmp, self.new, self.accepted, self.rejected):
+        for d in (self.root, self.tmp, self.new, self.cur, self.accepted, self.rejected):
             try:
                 os.makedirs(d, exist_ok=True)
             except OSError as exc:
                 raise OperationError(d, "create spool directory", exc) from exc
 
-    def scan(self) -> list[str]:
-        """Candidate files in new/, oldest first (by mtime, then name)."""
+    def scan(self, directory: str | None = None) -> list[str]:
+        """Candidate files in new/ (or ``directory``), oldest first (by mtime, then name)."""
+        directory = directory or self.new
         try:
-            names = [n for n in os.listdir(self.new) if is_candidate(n)]
+            names = [n for n in os.listdir(directory) if is_candidate(n)]
         except OSError as exc:
-            raise OperationError(self.new, "list spool directory", exc) from exc
+            raise OperationError(directory, "list spool directory", exc) from exc
         entries = []
         for n in names:
-            path = os.path.join(self.new, n)
+            path = os.path.join(directory, n)
             try:
                 entries.append((os.lstat(path).st_mtime, n, path))
             except FileNotFoundError:
@@ -91,6 +94,12 @@ class Spool:
             return b"".join(chunks)
         finally:
             os.close(fd)
+
+    def hold(self, path: str) -> str:
+        """Move a file from new/ to cur/ while its preflight runs."""
+        dest = self._unique(self.cur, os.path.basename(path)[:-5], ".toml")
+        self._move(path, dest, "move job file under preflight to")
+        return dest
 
     def accept(self, path: str, name: str) -> str:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())

@@ -37,12 +37,16 @@ class Supervisor:
         self._logs: dict[tuple[str, str], RotatingLog] = {}
         self._handles: dict[int, list[object]] = {}
 
+    @staticmethod
+    def log_name(role: str) -> str:
+        """train.log, preflight.log; the evaluator and the exporter share eval.log."""
+        return role if role in ("train", "preflight") else "eval"
+
     def log_path(self, name: str, role: str) -> str:
-        """train.log; the evaluator and the exporter share eval.log."""
-        return os.path.join(self.log_dir, name, f"{'train' if role == 'train' else 'eval'}.log")
+        return os.path.join(self.log_dir, name, f"{self.log_name(role)}.log")
 
     def _log_for(self, name: str, role: str) -> RotatingLog:
-        key = (name, "train" if role == "train" else "eval")
+        key = (name, self.log_name(role))
         if key not in self._logs:
             self._logs[key] = RotatingLog(self.log_path(name, role), self.log_max_bytes, self.log_backups)
         return self._logs[key]

@@ -34,9 +34,10 @@ DIRECTIVE_DEFAULTS: dict[str, float | int | None] = {
     "step_seconds": 0.02, "crash_at_step": None, "crash_times": None, "exit_code": 1,
     "hang_at_step": None, "oom_at_step": None, "nan_at_step": None, "log_lines_per_step": 1,
     "eval_seconds": 0.05, "eval_crash": None, "map_peak_step": None, "ignore_sigterm": 0,
-    "eval_crash_times": None, "export_seconds": 0.05,
+    "eval_crash_times": None, "export_seconds": 0.05, "preflight_problem": None,
 }
-_DIRECTIVE_TYPES = {key: float if key.endswith("_seconds") else int for key in DIRECTIVE_DEFAULTS}
+_DIRECTIVE_TYPES = {key: float if key.endswith("_seconds") else str if key.endswith("_problem") else int
+                    for key in DIRECTIVE_DEFAULTS}
 _FAILURES = ("hang_at_step", "oom_at_step", "nan_at_step", "crash_at_step")
 _PIPELINE_NUMBERS = {"num_steps": int, "batch_size": int, "learning_rate_base": float,
                      "warmup_learning_rate": float, "warmup_steps": int, "total_steps": int}
@@ -391,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     serve_parser = commands.add_parser("eval-serve")
     serve_parser.add_argument("--job", required=True)
     serve_parser.add_argument("--reply-fd", type=int, required=True)
+    preflight_parser = commands.add_parser("preflight")
+    for option in ("--job", "--result"):
+        preflight_parser.add_argument(option, required=True)
     export_parser = commands.add_parser("export")
     for option in ("--job", "--checkpoint", "--output"):
         export_parser.add_argument(option, required=True)
@@ -405,6 +409,13 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # to test the daemon's SIGKILL after the grace period
     if args.command == "train":
         return train(setup)
+    if args.command == "preflight":
+        problem = setup.directives["preflight_problem"]
+        result = {"ok": problem is None, "problems": [problem] if problem else [], "warnings": [],
+                  "effective": {"num_steps": _setting(setup.pipeline, "num_steps", DEFAULT_NUM_STEPS)}}
+        with open(args.result, "w", encoding="utf-8") as out:
+            json.dump(result, out)
+        return 0
     from oddaemon.testing import standin_eval  # noqa: PLC0415
 
     if args.command == "eval":

@@ -84,14 +84,14 @@ class DaemonEnv:
         sections = {
             "paths": {"spool_dir": self.spool, "state_dir": self.state, "log_dir": self.logs},
             "gpus": {"devices": o.get("gpus", "none")},
-            "metrics": {"listen": ""},
+            "metrics": {"listen": o.get("metrics_listen", "")},
             "logs": {"max_bytes": o.get("log_max_bytes", 10 * 1024 * 1024), "backups": o.get("log_backups", 5)},
             "restart": {"max_restarts": o.get("max_restarts", 3), "backoff_base_seconds": o.get("backoff_base", 0.2),
                         "backoff_cap_seconds": o.get("backoff_cap", 1.0), "reset_after_seconds": 600},
             "jobs": {"allowed_roots": [self.root], "max_cpu_jobs": o.get("max_cpu_jobs", 1),
                      "stop_grace_seconds": o.get("stop_grace", 2.0)},
             "worker": {"python": sys.executable, "module": STANDIN},
-            "daemon": {"event_loop": o.get("event_loop", "auto")},
+            "daemon": {"event_loop": o.get("event_loop", "auto"), "dbus": o.get("dbus", "none")},
         }
         text = []
         for section, values in sections.items():

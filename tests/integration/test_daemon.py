@@ -146,7 +146,7 @@ def test_cancel_running_and_queued_jobs(daemon_env):
     assert out.returncode == 0 and "stopping" in out.stdout
     env.wait_state("runner", "cancelled", 20)
     assert env.job("waiter")["state"] == "cancelled"
-    assert not worker_pids(os.path.join(env.state, "work", "runner"))  # neither trainer nor evaluator
+    wait_for(lambda: not worker_pids(os.path.join(env.state, "work", "runner")), 10, what="no trainer or evaluator left")
     assert env.cli("cancel", "runner").returncode == 1
 
 
@@ -260,5 +260,17 @@ def test_jobs_that_can_never_run_or_clash_are_rejected_with_the_reason(daemon_en
     env.wait_state("one", "running", 20)
     env.drop("one-again.toml", env.job_text("one", num_steps=5))
     wait_for(lambda: "one-again.toml.error" in env.rejected(), 10, what="duplicate rejected")
-    assert "a job named 'one' already exists and is running" in open(
+    assert "a job named 'one' is already queued, running or being checked" in open(
         os.path.join(env.spool, "rejected", "one-again.toml.error")).read()
+
+
+def test_preflight_problems_reject_the_file_and_a_passing_preflight_queues_it(daemon_env):
+    env = daemon_env.start()
+    env.drop("pf.toml", env.job_text("pf", num_steps=5, preflight_problem="num_classes is 3 but the label map has 5 items"))
+    wait_for(lambda: "pf.toml.error" in env.rejected(), 20, what="the preflight rejection")
+    error = open(os.path.join(env.spool, "rejected", "pf.toml.error")).read()
+    assert "because its preflight found problems" in error and "num_classes is 3 but the label map has 5 items" in error
+    assert not os.listdir(os.path.join(env.spool, "cur"))
+    env.drop("pf2.toml", env.job_text("pf2", num_steps=5))
+    env.wait_state("pf2", "succeeded", 30)
+    assert os.path.exists(os.path.join(env.logs, "pf2", "preflight.log"))
