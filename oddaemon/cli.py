@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log-level", default="INFO")
     s = sub.add_parser("submit", help="submit a job file (atomic rename into the spool)")
     s.add_argument("file")
-    s.add_argument("--wait", type=float, default=5.0, help="seconds to wait for the daemon's verdict (0: don't)")
+    s.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the daemon's verdict (0: don't)")
     for name, text in (("list", "list jobs"), ("status", "show one job"), ("cancel", "cancel a job"), ("retry", "retry a failed or cancelled job")):
         s = sub.add_parser(name, help=text)
         if name != "list":
@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name")
     s.add_argument("-f", "--follow", action="store_true")
     s.add_argument("-n", "--lines", type=int, default=40)
-    s.add_argument("--role", default="train", choices=("train", "eval"))
+    s.add_argument("--role", default="train", choices=("train", "eval", "preflight"))
     s = sub.add_parser("eval", help="evaluate one checkpoint of a job now (a cold one-shot worker; prints the metrics)")
     s.add_argument("name")
     s.add_argument("--checkpoint", required=True, help="checkpoint prefix, absolute or relative to the job's model_dir "
@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("demo", help="run the bundled demo job with a local daemon (see README)")
     s.add_argument("--dir", default="demo", help="project folder for the demo's config, spool, state and logs")
     s.add_argument("--keep-serving", action="store_true", help="keep the daemon running after the demo job ends")
+    s.add_argument("--standin", action="store_true", help="use the stand-in worker instead of TensorFlow (seconds, not minutes)")
     return p
 
 
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from oddaemon.demo import run_demo  # noqa: PLC0415
 
-            return run_demo(args.dir, args.keep_serving)
+            return run_demo(args.dir, args.keep_serving, args.standin)
         config = load_config(config_path(args.config))
         if args.command == "serve":
             return cmd_serve(config, args.log_level)
@@ -123,6 +124,14 @@ def cmd_submit(config: Config, path: str, wait: float) -> int:
         print("the daemon has not picked it up yet (is it running?); it stays in the spool until it does")
         return EXIT_OK
     stem = os.path.basename(dest)[: -len(".toml")]
+    held = os.path.join(spool.cur, os.path.basename(dest))
+    if os.path.lexists(held):
+        print("checking it (preflight) ...", flush=True)
+        while os.path.lexists(held) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if os.path.lexists(held):
+            print(f"its preflight is still running; see `oddaemon logs --role preflight {stem}` or `oddaemon list`")
+            return EXIT_OK
     errors = sorted((e for e in os.scandir(spool.rejected) if e.name.startswith(stem) and e.name.endswith(".error")
                      and e.stat().st_mtime >= time.time() - wait - 1), key=lambda e: e.stat().st_mtime)
     if errors:
@@ -135,7 +144,7 @@ def cmd_submit(config: Config, path: str, wait: float) -> int:
 
         with open(path, "rb") as f:
             name = tomllib.load(f).get("name", stem)
-        reply = request(socket_path(config), {"cmd": "status", "name": name})
+        reply = ask_daemon(config, {"cmd": "status", "name": name})
     except (DaemonUnreachable, OSError, ValueError):
         return EXIT_OK
     if reply.get("ok"):
@@ -145,11 +154,53 @@ def cmd_submit(config: Config, path: str, wait: float) -> int:
     return EXIT_OK
 
 
+def configured_bus(config: Config) -> str:
+    return os.environ.get("ODDAEMON_DBUS_BUS") or config.dbus_bus
+
+
+def ask_daemon(config: Config, payload: dict) -> dict:
+    """One request, in the control socket's reply shape: over D-Bus when the daemon publishes its
+    API there, else (or when the bus is not reachable, with a note saying so) the control socket."""
+    bus = configured_bus(config)
+    if bus != "none":
+        try:
+            from oddaemon.dbus_client import Client, ClientError, DBusUnavailable  # noqa: PLC0415
+        except ImportError as exc:
+            print(f"oddaemon: D-Bus client unavailable ({exc}); using the control socket", file=sys.stderr)
+        else:
+            try:
+                with Client.connect(bus) as client:
+                    return _ask_dbus(client, payload)
+            except DBusUnavailable as exc:
+                from oddaemon.dbus_client import describe_fallback  # noqa: PLC0415
+
+                print(describe_fallback(str(exc), socket_path(config)), file=sys.stderr)
+            except ClientError as exc:
+                return {"ok": False, "error": str(exc)}
+    return request(socket_path(config), payload)
+
+
+def _ask_dbus(client, payload: dict) -> dict:
+    cmd, name = payload["cmd"], payload.get("name")
+    if cmd == "list":
+        gpus = client.gpus()
+        jobs = client.list_jobs()
+        queue = [j["name"] for j in sorted((j for j in jobs if j["queue_position"]), key=lambda j: j["queue_position"])]
+        return {"ok": True, "jobs": jobs, "gpus": gpus["total"], "free_gpus": gpus["free"], "queue": queue}
+    if cmd == "status":
+        return {"ok": True, "job": client.get_job(name)}
+    if cmd == "cancel":
+        return {"ok": True, "state": client.cancel(name)}
+    if cmd == "retry":
+        return {"ok": True, "state": client.retry(name)}
+    raise ValueError(f"unknown command {cmd!r}")
+
+
 def cmd_control(config: Config, args: argparse.Namespace) -> int:
     payload = {"cmd": args.command}
     if getattr(args, "name", None):
         payload["name"] = args.name
-    reply = request(socket_path(config), payload)
+    reply = ask_daemon(config, payload)
     if not reply.get("ok"):
         print(f"oddaemon: {reply.get('error')}", file=sys.stderr)
         return EXIT_REFUSED

@@ -47,7 +47,9 @@ class Config:
     submit_group: str = "oddaemon-submit"
     worker_python: str = ""
     worker_module: str = "oddaemon.workers"
+    worker_preflight: bool = True  # run `<module> preflight` on each job before it is queued
     event_loop: str = "auto"
+    dbus_bus: str = "system"  # where the D-Bus API is published; "none" = control socket only
 
     def validation_context(self) -> jobspec.ValidationContext:
         return jobspec.ValidationContext(allowed_roots=self.allowed_roots, max_file_bytes=self.max_job_file_bytes)
@@ -140,8 +142,12 @@ SCHEMA: dict[str, dict[str, tuple[str, Callable[[Any], Any]]]] = {
         "max_file_bytes": ("max_job_file_bytes", whole_number(1024, 64 * 1024 * 1024)),
         "submit_group": ("submit_group", _group),
     },
-    "worker": {"python": ("worker_python", _python), "module": ("worker_module", _module)},
-    "daemon": {"event_loop": ("event_loop", one_of(EVENT_LOOPS))},
+    "worker": {"python": ("worker_python", _python), "module": ("worker_module", _module),
+               "preflight": ("worker_preflight", rule("true or false", lambda v: isinstance(v, bool)))},
+    "daemon": {"event_loop": ("event_loop", one_of(EVENT_LOOPS)),
+               "dbus": ("dbus_bus", rule('"system", "session", "none" or a D-Bus address such as "unix:path=/run/x"',
+                                         lambda v: isinstance(v, str) and (v in ("system", "session", "none")
+                                                                           or ":" in v)))},
 }
 # Fields holding paths that may be written relative to the config file's directory.
 RELATIVE_PATH_FIELDS = ("spool_dir", "state_dir", "log_dir", "allowed_roots", "worker_python")

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 
+from oddaemon import dbus_service
 from oddaemon import scheduler as sch
 from oddaemon.commands import Commands
 from oddaemon.config import Config
@@ -29,7 +30,9 @@ from oddaemon.jobspec import Problem
 from oddaemon.loop import Loop
 from oddaemon.metrics import SnapshotCollector, build_snapshot, serve
 from oddaemon.procs import Worker, kill_leftover, process_start_time, worker_environment
+from oddaemon.preflight import Preflights
 from oddaemon.progress import TrainProgress, pipeline_num_steps
+from oddaemon.sdnotify import Notifier, format_status, start_heartbeat
 from oddaemon.spool import Spool
 from oddaemon.states import TERMINAL
 from oddaemon.store import Store
@@ -56,7 +59,11 @@ class Daemon:
         self.state = sch.State(inventory=self.gpu_discovery.ids, policy=policy)
         self.supervisor = Supervisor(loop, config.log_dir, config.log_max_bytes, config.log_backups,
                                      config.stop_grace_seconds, self._on_worker_exit, clock)
-        self.intake_ = SpoolIntake(config, self.spool, loop, self.dispatch)
+        self.preflights = (Preflights(os.path.join(config.state_dir, "preflight"), self._start_preflight,
+                                      lambda spec, path: self.intake_.submit(spec, path),
+                                      lambda path, problems, because: self.intake_.reject(path, problems, because))
+                           if config.worker_preflight else None)
+        self.intake_ = SpoolIntake(config, self.spool, loop, self.dispatch, self._active_names, self.preflights)
         self.evaluations = Evaluations(loop, config.state_dir, self.dispatch, self.start_worker,
                                        self.supervisor.stop, clock)
         self.progress: dict[str, TrainProgress] = {}
@@ -76,6 +83,10 @@ class Daemon:
         self._snapshot_timer: object | None = None
         self.metrics_server: object | None = None
         self.evaluations.listeners.append(self._on_checkpoint_evaluated)
+        # systemd: read NOTIFY_SOCKET/WATCHDOG_* and remove them from our environment (workers never see them)
+        self.notifier = Notifier.from_env(unset=True)
+        self.dbus: dbus_service.Service | None = None
+        self.on_state_change.append(self._announce_state_change)
 
     # ---- start-up ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -95,8 +106,15 @@ class Daemon:
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal(signum, self.shutdown)
         self.loop.add_signal(signal.SIGHUP, self.reload)
+        bus = dbus_service.resolve_bus(os.environ.get(dbus_service.BUS_ENV) or self.config.dbus_bus)
+        if bus != "none":
+            self.dbus = dbus_service.publish(self.commands, bus=bus, submit_group=self.config.submit_group, loop=self.loop)
         log.info("ready: spool %s, state %s, logs %s, event loop %s", self.config.spool_dir,
                  self.config.state_dir, self.config.log_dir, self.loop.name)
+        # READY=1 only now: state restored, spool rescanned, control socket and D-Bus up.
+        if self.notifier.enabled:
+            self.notifier.ready(self.status_line())
+            start_heartbeat(self.loop, self.notifier, self.status_line)
 
     def _start_metrics(self) -> None:
         address = self.config.metrics_address()
@@ -236,6 +254,19 @@ class Daemon:
         self.store.save_runtime(name, self.runtime[name])
         return worker
 
+    def _start_preflight(self, name: str, role: str, args: list[str], job_json: str) -> Worker | None:
+        argv = [self.config.resolved_worker_python(), "-m", self.config.worker_module, args[0], "--job", job_json,
+                *args[1:]]
+        try:
+            return self.supervisor.start(name, role, 0, argv, worker_environment(dict(os.environ), ()),
+                                         os.path.dirname(job_json))
+        except (OddaemonError, OSError) as exc:
+            log.error("job %s: cannot start its preflight: %s", name, user_message(exc))
+            return None
+
+    def _active_names(self) -> set[str]:
+        return {j.name for j in self.state.jobs.values() if j.state not in TERMINAL}
+
     def _worker_job(self, name: str, payload: dict) -> str:
         path = os.path.join(self.store.job_dir(name), "job.json")
         return path if os.path.exists(path) else self.store.write_worker_job(name, payload)
@@ -283,6 +314,10 @@ class Daemon:
             if not self.supervisor.workers:
                 self.loop.stop()
             return  # the saved state keeps the job as it was: it resumes when the daemon starts again
+        if worker.role == "preflight":
+            self.preflights.on_exit(worker, returncode, detail)
+            self.supervisor.close_logs_if_idle(worker.name)
+            return
         if worker.role == "train":
             if worker.name in self.progress:
                 self.progress[worker.name].refresh()
@@ -326,6 +361,18 @@ class Daemon:
     def _on_checkpoint_evaluated(self, name: str, record: object) -> None:
         self.counters["checkpoints_evaluated"] += 1
         self.snapshot_soon()
+        if self.dbus is not None:
+            self.dbus.emit_checkpoint_evaluated(name, getattr(record, "step", None), getattr(record, "metrics", {}))
+
+    def status_line(self) -> str:
+        """The short STATUS= line systemctl status shows."""
+        return format_status({"jobs": self.views(), "gpus": self.commands.gpus()})
+
+    def _announce_state_change(self, change: sch.StateChanged) -> None:
+        if self.dbus is not None:
+            self.dbus.emit_job_state_changed(change.name, change.old, change.new, change.reason)
+        if self.notifier.enabled and self.control is not None:
+            self.notifier.status(self.status_line())
 
     @staticmethod
     def heavy_modules_loaded() -> list[str]:
@@ -334,14 +381,20 @@ class Daemon:
 
     # ---- signals -------------------------------------------------------------------------------
     def reload(self) -> None:
+        self.notifier.reloading()
         log.info("SIGHUP: reopening log files")
         self.supervisor.reopen_logs()
+        self.notifier.ready(self.status_line() if self.notifier.enabled else None)
 
     def shutdown(self) -> None:
         if self.shutting_down:
             return
         self.shutting_down = True
         log.info("shutting down: stopping %d worker(s); their jobs resume at next start", len(self.supervisor.workers))
+        self.notifier.stopping(f"stopping {len(self.supervisor.workers)} worker(s)")
+        if self.dbus is not None:
+            self.dbus.unpublish()
+            self.dbus = None
         if self.control is not None:
             self.control.close()
         if self.metrics_server is not None:
@@ -353,6 +406,9 @@ class Daemon:
 
 
 def run(config: Config, loop: Loop) -> int:
+    import faulthandler  # noqa: PLC0415
+
+    faulthandler.enable()  # a watchdog's SIGABRT prints the hung loop's stack to the journal
     daemon = Daemon(config, loop)
     try:
         daemon.start()
