@@ -9,6 +9,7 @@ so actions always run against the state that produced them.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -19,7 +20,7 @@ from collections.abc import Callable
 from oddaemon import dbus_service
 from oddaemon import scheduler as sch
 from oddaemon.commands import Commands
-from oddaemon.config import Config
+from oddaemon.config import Config, load_config
 from oddaemon.control import ControlServer
 from oddaemon.errors import OddaemonError, user_message
 from oddaemon.evaluation import Evaluations
@@ -41,6 +42,10 @@ from oddaemon.views import job_view
 from oddaemon.watch import ModelDirWatcher
 
 log = logging.getLogger("oddaemon")
+
+# Settings a running daemon cannot change on reload (it warns and keeps the old value).
+RESTART_ONLY = ("spool_dir", "state_dir", "log_dir", "gpus", "metrics_listen", "event_loop", "dbus_bus",
+                "worker_preflight")
 
 __all__ = ["Daemon", "Verdict", "run"]
 
@@ -381,10 +386,34 @@ class Daemon:
 
     # ---- signals -------------------------------------------------------------------------------
     def reload(self) -> None:
+        """SIGHUP / systemctl reload / D-Bus Reload: re-read the configuration, reopen log files."""
         self.notifier.reloading()
-        log.info("SIGHUP: reopening log files")
+        self._reload_config()
+        log.info("reload: reopening log files")
         self.supervisor.reopen_logs()
         self.notifier.ready(self.status_line() if self.notifier.enabled else None)
+
+    def _reload_config(self) -> None:
+        if self.config.path is None:
+            return
+        try:
+            new = load_config(self.config.path)
+        except OddaemonError as exc:
+            log.error("reload: %s; keeping the running configuration", user_message(exc))
+            return
+        fixed = [f for f in RESTART_ONLY if getattr(new, f) != getattr(self.config, f)]
+        if fixed:
+            log.warning("reload: %s changed; that takes a restart (systemctl restart oddaemon)", ", ".join(fixed))
+            new = dataclasses.replace(new, **{f: getattr(self.config, f) for f in fixed})
+        self.config = self.intake_.config = new
+        self.supervisor.log_max_bytes, self.supervisor.log_backups = new.log_max_bytes, new.log_backups
+        self.supervisor.stop_grace = new.stop_grace_seconds
+        policy = sch.Policy(max_restarts=new.max_restarts, backoff_base=new.backoff_base_seconds,
+                            backoff_cap=new.backoff_cap_seconds, reset_after=new.restart_reset_after_seconds,
+                            max_cpu_jobs=new.max_cpu_jobs)
+        self.state = dataclasses.replace(self.state, policy=policy)
+        log.info("reload: configuration re-read from %s", new.path)
+        self.dispatch(sch.Tick())  # e.g. more CPU slots: start what now fits
 
     def shutdown(self) -> None:
         if self.shutting_down:

@@ -119,7 +119,8 @@ class EvalBook:
         if value is None or not math.isfinite(value):
             c.error = f"metric {self.policy.metric!r} missing from the results"
             return Finished(False, None)
-        improved = self.best_value is None or self._better(value, self.best_value, 0.0)
+        # Ties go to the later checkpoint (more trained); patience needs a real improvement.
+        improved = self.best_value is None or not self._better(self.best_value, value, 0.0)
         significant = self.best_value is None or self._better(value, self.best_value, self.policy.min_delta)
         self.evaluations_since_improvement = 0 if significant else self.evaluations_since_improvement + 1
         if improved:

@@ -124,6 +124,7 @@ class Supervisor:
 
     def reopen_logs(self) -> None:
         for rlog in self._logs.values():
+            rlog.max_bytes, rlog.backups = self.log_max_bytes, self.log_backups
             rlog.reopen()
 
     def close_logs_if_idle(self, name: str) -> None:

@@ -90,7 +90,7 @@ class DaemonEnv:
                         "backoff_cap_seconds": o.get("backoff_cap", 1.0), "reset_after_seconds": 600},
             "jobs": {"allowed_roots": [self.root], "max_cpu_jobs": o.get("max_cpu_jobs", 1),
                      "stop_grace_seconds": o.get("stop_grace", 2.0)},
-            "worker": {"python": sys.executable, "module": STANDIN},
+            "worker": {"python": sys.executable, "module": o.get("worker_module", STANDIN)},
             "daemon": {"event_loop": o.get("event_loop", "auto"), "dbus": o.get("dbus", "none")},
         }
         text = []

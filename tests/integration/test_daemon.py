@@ -274,3 +274,21 @@ def test_preflight_problems_reject_the_file_and_a_passing_preflight_queues_it(da
     env.drop("pf2.toml", env.job_text("pf2", num_steps=5))
     env.wait_state("pf2", "succeeded", 30)
     assert os.path.exists(os.path.join(env.logs, "pf2", "preflight.log"))
+
+
+def test_reload_rereads_the_configuration(daemon_env):
+    env = daemon_env.start()
+    env.drop("r1.toml", env.job_text("r1", num_steps=3000, step_seconds=0.05))
+    env.wait_state("r1", "running", 30)
+    env.drop("r2.toml", env.job_text("r2", num_steps=3000, step_seconds=0.05))
+    env.wait_state("r2", "queued", 30)  # max_cpu_jobs = 1
+    env.write_config(max_cpu_jobs=2, log_max_bytes=1 << 20)
+    env.proc.send_signal(signal.SIGHUP)
+    env.wait_state("r2", "running", 30)
+    assert "reload: configuration re-read" in env.daemon_log()
+    # a broken file on reload keeps the running configuration
+    with open(env.config_path, "a") as f:
+        f.write("[nonsense]\n")
+    env.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "keeping the running configuration" in env.daemon_log(), 10, what="the reload error")
+    assert "unknown" in env.daemon_log() and env.answers()

@@ -122,7 +122,8 @@ def test_skip_to_newest_when_behind_but_never_the_final_one():
     assert book(max_behind=1).apply_skip_policy() == []
 
 
-@pytest.mark.parametrize("higher, values, best", [(True, [0.1, 0.3, 0.2], 2), (False, [0.5, 0.2, 0.3], 2)])
+@pytest.mark.parametrize("higher, values, best", [(True, [0.1, 0.3, 0.2], 2), (False, [0.5, 0.2, 0.3], 2),
+                                                 (True, [0.0, 0.0, 0.0], 3), (False, [0.4, 0.2, 0.2], 3)])
 def test_best_follows_direction(higher, values, best):
     b = book(metric="Loss/total_loss" if not higher else MAP, higher_is_better=higher)
     key = b.policy.metric

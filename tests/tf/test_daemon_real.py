@@ -1,0 +1,100 @@
+"""The real daemon with the real TF workers, end to end, on the tiny SSD-MobileNetV2-FPN model:
+preflight -> train (several checkpoints, max_to_keep 1) -> every checkpoint evaluated exactly once
+by the warm evaluator -> best kept and exported -> the SavedModel loads and detects."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "integration"))
+from harness import DaemonEnv, wait_for, worker_pids  # noqa: E402
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(1200),
+    pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("object_detection") is None,
+                       reason="the TF stack is not installed (scripts/setup installs it)"),
+]
+
+MAP = "DetectionBoxes_Precision/mAP"
+
+DETECT = r"""
+import json, sys, numpy as np, tensorflow as tf
+model = tf.saved_model.load(sys.argv[1])
+image = tf.constant(np.random.RandomState(0).randint(0, 255, (1, 160, 160, 3)).astype(np.uint8))
+out = model(image)
+print(json.dumps({"num": int(out["num_detections"][0]), "boxes": list(out["detection_boxes"].shape),
+                  "scores": list(out["detection_scores"].shape)}))
+"""
+
+
+@pytest.fixture
+def real_env(tmp_path):
+    env = DaemonEnv(str(tmp_path))
+    env.write_config(worker_module="oddaemon.workers")
+    yield env
+    try:
+        env.stop(timeout=60)
+    finally:
+        for pid in worker_pids(str(tmp_path)):
+            os.kill(pid, 9)
+
+
+def test_real_training_evaluation_best_and_export(real_env):
+    env = real_env
+    data = os.path.join(env.root, "data", "demo")
+    subprocess.run([sys.executable, "-m", "oddaemon.workers", "generate-demo", "--out", data, "--model",
+                    "ssd_mobilenet_tiny", "--train-images", "16", "--eval-images", "8"], check=True)
+    env.start()
+    job = f'''name = "tiny"
+pipeline_config = "{data}/pipeline.config"
+model_dir = "{env.models}/tiny"
+[pipeline]
+num_classes = 3
+batch_size = 4
+num_steps = 16
+label_map_path = "{data}/label_map.pbtxt"
+train_input_path = "{data}/train-*.tfrecord"
+eval_input_path = "{data}/eval.tfrecord"
+[train]
+gpus = 0
+checkpoint_every_n = 5
+checkpoint_max_to_keep = 1
+[eval]
+device = "cpu"
+export_best = true
+'''
+    env.drop("tiny.toml", job)
+    final = env.wait_state("tiny", ("succeeded", "failed"), 900)
+    assert final["state"] == "succeeded", (final["reason"], env.daemon_log()[-4000:])
+    checkpoints = final["evaluation"]["checkpoints"]
+    # ckpt-1 is step 0; cadence 5; the final step 16 is saved too
+    assert [(c["state"], c["step"], c["attempts"]) for c in checkpoints] == [
+        ("evaluated", s, 1) for s in (0, 5, 10, 15, 16)]
+    assert all(MAP in c["metrics"] and "DetectionBoxes_Recall/AR@100" in c["metrics"] for c in checkpoints)
+    log = open(os.path.join(env.logs, "tiny", "eval.log")).read()
+    assert log.count("ready") >= 1  # one warm evaluator did the work
+    # TF kept only one checkpoint; oddaemon pinned and evaluated all five; best/ holds the best one
+    kept = [n for n in os.listdir(os.path.join(env.models, "tiny")) if n.endswith(".index")]
+    assert len(kept) == 1
+    best = json.load(open(os.path.join(env.models, "tiny", "best", "best.json")))
+    values = {c["step"]: c["metrics"][MAP] for c in checkpoints}
+    assert best["value"] == max(values.values()) and values[best["step"]] == best["value"]
+    # the CLI shows train loss and eval mAP
+    out = env.cli("status", "tiny")
+    assert out.returncode == 0 and "total_loss=" in out.stdout and "best" in out.stdout and "mAP" in out.stdout
+    # the export of the best checkpoint loads and detects
+    exported = os.path.join(env.models, "tiny", "exported")
+    wait_for(lambda: os.path.exists(os.path.join(exported, "saved_model.pb")), 120, 1.0, what="the export")
+    detect = subprocess.run([sys.executable, "-c", DETECT, exported], capture_output=True, text=True, timeout=300)
+    assert detect.returncode == 0, detect.stderr[-3000:]
+    result = json.loads(detect.stdout.strip().splitlines()[-1])
+    assert result["num"] > 0 and result["boxes"][0] == 1 and result["boxes"][2] == 4 and result["scores"][0] == 1
+    # and the daemon never imported tensorflow
+    assert env.ask("ping")["heavy_modules"] == []
