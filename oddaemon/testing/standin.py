@@ -299,20 +299,24 @@ class _CheckpointManager:
 def _failure_due(setup: Setup, step: int) -> str | None:
     """The failure directive that fires at ``step``, counted against crash_times."""
     due = [key for key in _FAILURES if setup.directives[key] == step]
-    if not due:
+    if not due or not take_failure_budget(setup.model_dir, CRASH_MARKER, setup.directives["crash_times"]):
         return None
-    marker = os.path.join(setup.model_dir, CRASH_MARKER)
+    return due[0]
+
+
+def take_failure_budget(model_dir: str, marker_name: str, limit: int | None) -> bool:
+    """Count one planned failure in ``model_dir/marker_name``; False once ``limit`` were used."""
+    marker = os.path.join(model_dir, marker_name)
     try:
         with open(marker, encoding="utf-8") as counter:
             count = int(counter.read().strip() or 0)
     except (OSError, ValueError):
         count = 0
-    limit = setup.directives["crash_times"]
     if limit is not None and count >= limit:
-        return None
+        return False
     with open(marker, "w", encoding="utf-8") as counter:
         counter.write(f"{count + 1}\n")
-    return due[0]
+    return True
 
 
 def _fail(setup: Setup, failure: str, step: int) -> int:

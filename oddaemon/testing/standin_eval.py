@@ -17,7 +17,7 @@ import sys
 import time
 
 from oddaemon.testing.standin import (Setup, _err, _log, _sleep, _Terminated, _traceback, checkpoint_step,
-                                      eval_metrics)
+                                      eval_metrics, take_failure_budget)
 from oddaemon.tfevents import EventFileWriter
 
 EVAL_CRASH_MARKER = ".standin-eval-crashes"
@@ -28,20 +28,8 @@ class EvalFailure(Exception):
 
 
 def _crash_due(setup: Setup, step: int) -> bool:
-    if setup.directives["eval_crash"] != step:
-        return False
-    marker = os.path.join(setup.model_dir, EVAL_CRASH_MARKER)
-    try:
-        with open(marker, encoding="utf-8") as f:
-            count = int(f.read().strip() or 0)
-    except (OSError, ValueError):
-        count = 0
-    limit = setup.directives["eval_crash_times"]
-    if limit is not None and count >= limit:
-        return False
-    with open(marker, "w", encoding="utf-8") as f:
-        f.write(f"{count + 1}\n")
-    return True
+    return setup.directives["eval_crash"] == step and take_failure_budget(
+        setup.model_dir, EVAL_CRASH_MARKER, setup.directives["eval_crash_times"])
 
 
 def evaluate_one(setup: Setup, prefix: str, result_path: str) -> dict:
