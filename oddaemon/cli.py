@@ -1,6 +1,7 @@
 """The ``oddaemon`` command line.
 
-Exit codes: 0 done; 1 the daemon refused (no such job, job already finished, ...); 2 usage or
+Exit codes: 0 done; 1 the daemon refused (no such job, job already finished, ...) or doctor found
+problems; 2 usage or
 configuration error; 3 the daemon is not reachable; 4 the submitted file was rejected.
 """
 
@@ -63,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "(e.g. ckpt-12 or best/ckpt-12)")
     s.add_argument("--gpu", type=int, help="GPU id to evaluate on (default: the CPU)")
     s.add_argument("--json", action="store_true", help="print the result JSON")
+    sub.add_parser("doctor", help="check the workers' TF stack, the shims, GPUs and free disk; print what to fix")
     s = sub.add_parser("demo", help="run the bundled demo job with a local daemon (see README)")
     s.add_argument("--dir", default="demo", help="project folder for the demo's config, spool, state and logs")
     s.add_argument("--keep-serving", action="store_true", help="keep the daemon running after the demo job ends")
@@ -86,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_logs(config, args.name, args.role, args.lines, args.follow)
         if args.command == "eval":
             return cmd_eval(config, args.name, args.checkpoint, args.gpu, args.json)
+        if args.command == "doctor":
+            return cmd_doctor(config)
         return cmd_control(config, args)
     except DaemonUnreachable as exc:
         print(f"oddaemon: {exc}", file=sys.stderr)
@@ -316,6 +320,20 @@ def cmd_eval(config: Config, name: str, checkpoint: str, gpu: int | None, as_jso
         for key, value in sorted(result.get("metrics", {}).items()):
             print(f"  {key:<45} {value:.4f}")
     return EXIT_OK
+
+
+def cmd_doctor(config: Config) -> int:
+    """Run the workers' own check with the worker Python the daemon would use (the daemon never
+    imports tensorflow; neither does this command)."""
+    import subprocess  # noqa: PLC0415
+
+    argv = [config.resolved_worker_python(), "-m", config.worker_module, "doctor"]
+    for root in config.allowed_roots:
+        argv += ["--root", root]
+    print(f"oddaemon doctor: {' '.join(argv)}", flush=True)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"))
+    code = subprocess.run(argv, env=env, check=False).returncode
+    return EXIT_OK if code == 0 else EXIT_REFUSED
 
 
 def cmd_logs(config: Config, name: str, role: str, lines: int, follow: bool) -> int:

@@ -98,3 +98,10 @@ export_best = true
     assert result["num"] > 0 and result["boxes"][0] == 1 and result["boxes"][2] == 4 and result["scores"][0] == 1
     # and the daemon never imported tensorflow
     assert env.ask("ping")["heavy_modules"] == []
+
+
+def test_doctor_reports_a_healthy_stack(real_env):
+    out = real_env.cli("doctor", timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "doctor: all OK" in out.stdout and "tf_slim_control_flow_ops applied" in out.stdout
+    assert f"disk {real_env.root}" in out.stdout
