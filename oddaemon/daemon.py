@@ -17,8 +17,8 @@ import sys
 import time
 from collections.abc import Callable
 
-from oddaemon import dbus_service
 from oddaemon import scheduler as sch
+from oddaemon.announce import Announcer
 from oddaemon.commands import Commands
 from oddaemon.config import Config, load_config
 from oddaemon.control import ControlServer
@@ -29,11 +29,9 @@ from oddaemon.inotify_watch import InotifyHub
 from oddaemon.intake import SpoolIntake, Verdict
 from oddaemon.jobspec import Problem
 from oddaemon.loop import Loop
-from oddaemon.metrics import SnapshotCollector, build_snapshot, serve
 from oddaemon.procs import Worker, kill_leftover, process_start_time, worker_environment
 from oddaemon.preflight import Preflights
 from oddaemon.progress import TrainProgress, pipeline_num_steps
-from oddaemon.sdnotify import Notifier, format_status, start_heartbeat
 from oddaemon.spool import Spool
 from oddaemon.states import TERMINAL
 from oddaemon.store import Store
@@ -83,15 +81,7 @@ class Daemon:
         self._dispatching = False
         self._queued_events: list[sch.Event] = []
         self.on_state_change: list[Callable[[sch.StateChanged], None]] = []
-        self.counters = {"rejected_files": 0, "worker_restarts": 0, "checkpoints_evaluated": 0}
-        self.snapshot: dict | None = None  # read by the metrics thread; replaced, never mutated
-        self._snapshot_timer: object | None = None
-        self.metrics_server: object | None = None
-        self.evaluations.listeners.append(self._on_checkpoint_evaluated)
-        # systemd: read NOTIFY_SOCKET/WATCHDOG_* and remove them from our environment (workers never see them)
-        self.notifier = Notifier.from_env(unset=True)
-        self.dbus: dbus_service.Service | None = None
-        self.on_state_change.append(self._announce_state_change)
+        self.announcer = Announcer(self)  # metrics snapshot, D-Bus signals, sd_notify
 
     # ---- start-up ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -106,32 +96,14 @@ class Daemon:
         self.intake_.start(self.inotify)
         self.control = ControlServer(os.path.join(self.config.state_dir, "control.sock"), self.loop,
                                      self.commands.handle_request)
-        self.publish_snapshot()
-        self._start_metrics()
+        self.announcer.start_metrics()
         for signum in (signal.SIGTERM, signal.SIGINT):
             self.loop.add_signal(signum, self.shutdown)
         self.loop.add_signal(signal.SIGHUP, self.reload)
-        bus = dbus_service.resolve_bus(os.environ.get(dbus_service.BUS_ENV) or self.config.dbus_bus)
-        if bus != "none":
-            self.dbus = dbus_service.publish(self.commands, bus=bus, submit_group=self.config.submit_group, loop=self.loop)
+        self.announcer.start_dbus()
         log.info("ready: spool %s, state %s, logs %s, event loop %s", self.config.spool_dir,
                  self.config.state_dir, self.config.log_dir, self.loop.name)
-        # READY=1 only now: state restored, spool rescanned, control socket and D-Bus up.
-        if self.notifier.enabled:
-            self.notifier.ready(self.status_line())
-            start_heartbeat(self.loop, self.notifier, self.status_line)
-
-    def _start_metrics(self) -> None:
-        address = self.config.metrics_address()
-        if address is None:
-            return
-        try:
-            self.metrics_server = serve(address, SnapshotCollector(lambda: self.snapshot))
-        except OSError as exc:
-            log.error("metrics endpoint %s unavailable: %s (the daemon runs on without it)",
-                      self.config.metrics_listen, exc.strerror)
-            return
-        log.info("metrics on http://%s/metrics", self.config.metrics_listen)
+        self.announcer.ready()  # READY=1 only now: state restored, spool rescanned, control socket and D-Bus up
 
     def _kill_leftover_workers(self) -> None:
         """Workers of an earlier daemon instance die with it (parent-death signal); if one
@@ -169,7 +141,7 @@ class Daemon:
                 self._step(self._queued_events.pop(0))
         finally:
             self._dispatching = False
-        self.snapshot_soon()
+        self.announcer.snapshot_soon()
         return actions
 
     def _step(self, event: sch.Event) -> list[sch.Action]:
@@ -208,7 +180,7 @@ class Daemon:
         elif isinstance(action, sch.StateChanged):
             log.info("job %s: %s -> %s (%s)", action.name, action.old or "new", action.new, action.reason)
             if action.new == "backoff":
-                self.counters["worker_restarts"] += 1
+                self.announcer.counters["worker_restarts"] += 1
             for listener in self.on_state_change:
                 listener(action)
         elif isinstance(action, sch.WakeAt):
@@ -296,7 +268,7 @@ class Daemon:
 
             def on_progress() -> None:
                 progress.refresh()
-                self.snapshot_soon()
+                self.announcer.snapshot_soon()
 
             watcher = ModelDirWatcher(self.inotify, self.loop, job.spec.model_dir,
                                       lambda: self.evaluations.rescan(name), on_progress)
@@ -351,34 +323,6 @@ class Daemon:
             holders.update({g: (job.name, "eval") for g in job.eval_gpus})
         return holders
 
-    def snapshot_soon(self) -> None:
-        """Publish a fresh metrics snapshot within a second (coalesces bursts of changes)."""
-        if self._snapshot_timer is None and self.metrics_server is not None:
-            self._snapshot_timer = self.loop.call_later(1.0, self.publish_snapshot)
-
-    def publish_snapshot(self) -> None:
-        self._snapshot_timer = None
-        self.counters["rejected_files"] = self.intake_.rejected_total
-        gpus = {"total": list(self.state.inventory), "free": list(self.state.free_gpus()), "holders": self.gpu_holders()}
-        self.snapshot = build_snapshot(self.views(), gpus, dict(self.counters), self.started_at, self.clock(),
-                                       self.config.metrics_max_finished_jobs, self.config.metrics_finished_max_age_seconds)
-
-    def _on_checkpoint_evaluated(self, name: str, record: object) -> None:
-        self.counters["checkpoints_evaluated"] += 1
-        self.snapshot_soon()
-        if self.dbus is not None:
-            self.dbus.emit_checkpoint_evaluated(name, getattr(record, "step", None), getattr(record, "metrics", {}))
-
-    def status_line(self) -> str:
-        """The short STATUS= line systemctl status shows."""
-        return format_status({"jobs": self.views(), "gpus": self.commands.gpus()})
-
-    def _announce_state_change(self, change: sch.StateChanged) -> None:
-        if self.dbus is not None:
-            self.dbus.emit_job_state_changed(change.name, change.old, change.new, change.reason)
-        if self.notifier.enabled and self.control is not None:
-            self.notifier.status(self.status_line())
-
     @staticmethod
     def heavy_modules_loaded() -> list[str]:
         """Proof for tests and `doctor`: the daemon must never import these."""
@@ -387,11 +331,11 @@ class Daemon:
     # ---- signals -------------------------------------------------------------------------------
     def reload(self) -> None:
         """SIGHUP / systemctl reload / D-Bus Reload: re-read the configuration, reopen log files."""
-        self.notifier.reloading()
+        self.announcer.reloading()
         self._reload_config()
         log.info("reload: reopening log files")
         self.supervisor.reopen_logs()
-        self.notifier.ready(self.status_line() if self.notifier.enabled else None)
+        self.announcer.ready()
 
     def _reload_config(self) -> None:
         if self.config.path is None:
@@ -420,14 +364,9 @@ class Daemon:
             return
         self.shutting_down = True
         log.info("shutting down: stopping %d worker(s); their jobs resume at next start", len(self.supervisor.workers))
-        self.notifier.stopping(f"stopping {len(self.supervisor.workers)} worker(s)")
-        if self.dbus is not None:
-            self.dbus.unpublish()
-            self.dbus = None
+        self.announcer.stop(f"stopping {len(self.supervisor.workers)} worker(s)")
         if self.control is not None:
             self.control.close()
-        if self.metrics_server is not None:
-            self.metrics_server.shutdown()
         if not self.supervisor.workers:
             self.loop.stop()
             return

@@ -125,9 +125,10 @@ class SnapshotCollector(Collector):
             g["state"].add_metric([name, v["state"]], 1)
             restarts.add_metric([name], v["restarts"])
             g["gpus"].add_metric([name], len(v["gpus"]))
+            live = JobState(v["state"]) not in TERMINAL  # a finished job has no speed and no ETA
             for key, field in (("step", "step"), ("target", "target_steps"), ("progress", "progress"),
                                ("rate", "steps_per_second"), ("eta", "eta_seconds"), ("lr", "learning_rate")):
-                if v.get(field) is not None:
+                if v.get(field) is not None and (live or key not in ("rate", "eta")):
                     g[key].add_metric([name], v[field])
             for component, value in sorted(v["losses"].items()):
                 g["loss"].add_metric([name, component], value)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 
@@ -78,6 +79,12 @@ def evaluate(setup: Setup, prefix: str, result_path: str) -> int:
 
 def serve(setup: Setup, reply_fd: int) -> int:
     replies = os.fdopen(reply_fd, "w", buffering=1)
+
+    def terminate(*_) -> None:
+        raise _Terminated  # also while idle, blocked reading stdin
+
+    if not setup.directives["ignore_sigterm"]:
+        signal.signal(signal.SIGTERM, terminate)
 
     def reply(**message) -> None:
         replies.write(json.dumps(message) + "\n")
