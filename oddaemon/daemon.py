@@ -213,7 +213,10 @@ class Daemon:
     # ---- workers -------------------------------------------------------------------------------
     def start_worker(self, name: str, role: str, args: list[str], gpus: tuple[int, ...],
                      stdin: int | None = None, pass_fds: tuple[int, ...] = ()) -> Worker | None:
-        """Run ``<python> -m <module> <args[0]> --job <job.json> <args[1:]>`` for a job."""
+        """Run ``<python> -m <module> <args[0]> --job <job.json> <args[1:]>`` for a job. None when it
+        cannot be started, or when the daemon is shutting down (nothing new starts then)."""
+        if self.shutting_down:
+            return None
         job = self.state.jobs[name]
         payload = {"spec": job.spec.to_dict(), "attempt": job.attempt, "gpus": list(gpus),
                    "log_path": self.supervisor.log_path(name, role)}
@@ -249,6 +252,8 @@ class Daemon:
         return path if os.path.exists(path) else self.store.write_worker_job(name, payload)
 
     def _start_train(self, action: sch.StartTrain) -> None:
+        if self.shutting_down:
+            return  # the saved record says running: the job starts when the daemon does
         self._watch(action.name)
         worker = self.start_worker(action.name, "train", ["train"], action.gpus)
         if worker is None:

@@ -37,6 +37,7 @@ from oddaemon.warm import WarmEvaluator
 log = logging.getLogger("oddaemon.evaluation")
 
 PLACEMENT_RETRY_SECONDS = 10.0
+EVALUATOR_RETRY_SECONDS = 10.0
 
 
 def policy_for(job: Job) -> EvalPolicy:
@@ -175,8 +176,8 @@ class JobEvaluation:
             if not self.evaluator.start():
                 self.evaluator = None
                 self.owner.dispatch(msg.EvaluatorStopped(self.name))
-                self.book.interrupted(self.owner.clock(), "the evaluator could not be started")
-                self.pump()
+                # try again later (not at once: a worker that cannot start would loop)
+                self.timer = self.owner.loop.call_later(EVALUATOR_RETRY_SECONDS, self.pump)
 
     def on_ready(self) -> None:
         self.pump()

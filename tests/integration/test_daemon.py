@@ -292,3 +292,21 @@ def test_reload_rereads_the_configuration(daemon_env):
     env.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: "keeping the running configuration" in env.daemon_log(), 10, what="the reload error")
     assert "unknown" in env.daemon_log() and env.answers()
+
+
+def test_sigterm_stops_promptly_with_training_and_evaluation_under_way(daemon_env):
+    daemon_env.write_config(max_cpu_jobs=3)
+    env = daemon_env.start()
+    for i in range(3):
+        env.drop(f"busy{i}.toml", env.job_text(f"busy{i}", num_steps=5000, every=1, keep=2, step_seconds=0.01,
+                                               eval_seconds=0.02))
+    for i in range(3):
+        wait_for(lambda i=i: (env.job(f"busy{i}") or {}).get("evaluation", {}).get("counts", {}).get("evaluated", 0) > 2,
+                 30, what=f"busy{i} training and evaluating")
+    started = time.monotonic()
+    assert env.stop(timeout=20) == 0
+    assert time.monotonic() - started < 15
+    wait_for(lambda: not worker_pids(env.root), 5, what="no worker left")
+    env.start()  # and they all come back
+    for i in range(3):
+        env.wait_state(f"busy{i}", "running", 30)

@@ -129,7 +129,7 @@ def test_reload(installed):
     assert result.returncode == 0, result.stderr
     inst.wait(lambda: running(inst), 20, "running after the reload")
     assert inst.main_pid() == pid
-    inst.wait(lambda: "SIGHUP" in inst.journal(50), 10, "the daemon to log the reload")
+    inst.wait(lambda: "reload: configuration re-read" in inst.journal(50), 10, "the daemon to log the reload")
     assert state_of(inst, LONG) == "running"
 
 
