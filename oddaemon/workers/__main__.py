@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--root", action="append", default=[], help="report free disk space under PATH")
     doctor.add_argument("--min-free-gb", type=float, default=2.0)
     demo = commands.add_parser("generate-demo", help="write a small synthetic data set")
-    from oddaemon.demo_data.generate import build_parser as demo_parser
+    from oddaemon.workers.demo_data import build_parser as demo_parser
 
     demo_parser(demo)
     return parser
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
             from oddaemon.workers import doctor
 
             return doctor.run(args)
-        from oddaemon.demo_data import generate
+        from oddaemon.workers import demo_data as generate
 
         return generate.run(args)
     except WorkerError as exc:

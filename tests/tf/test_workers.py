@@ -504,7 +504,7 @@ def test_doctor_pins_agree_with_requirements():
 
 
 def test_importing_the_worker_package_loads_nothing_heavy():
-    code = ("import sys, oddaemon.workers, oddaemon.workers.__main__, oddaemon.demo_data.generate; "
+    code = ("import sys, oddaemon.workers, oddaemon.workers.__main__, oddaemon.workers.demo_data; "
             "heavy = [m for m in ('tensorflow', 'numpy', 'object_detection', 'PIL') if m in sys.modules]; "
             "print(heavy); sys.exit(1 if heavy else 0)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
