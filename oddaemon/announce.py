@@ -108,8 +108,7 @@ class Announcer:
         d = self.daemon
         self._snapshot_timer = None
         self.counters["rejected_files"] = d.rejected_total
-        gpus = {"total": list(d.state.inventory), "free": list(d.state.free_gpus()), "holders": d.gpu_holders()}
-        self.snapshot = build_snapshot(d.views(), gpus, dict(self.counters), d.started_at, d.clock(),
+        self.snapshot = build_snapshot(d.views(), d.commands.gpus(), dict(self.counters), d.started_at, d.clock(),
                                        d.config.metrics_max_finished_jobs, d.config.metrics_finished_max_age_seconds)
         # Finished jobs leave the export when they age out, even if nothing else happens by then.
         ends = [v["finished_at"] for v in self.snapshot["jobs"]

@@ -441,7 +441,7 @@ def test_resolve_bus(monkeypatch):
 # ---- end to end: the real daemon ----------------------------------------------------------------
 def test_end_to_end_with_the_real_daemon(bus_env, tmp_path):
     sys.path.insert(0, os.path.join(REPO, "tests", "integration"))
-    from harness import DaemonEnv, worker_pids  # noqa: PLC0415
+    from harness import DaemonEnv  # noqa: PLC0415
 
     env = DaemonEnv(str(tmp_path))
     recorder = SignalRecorder(bus_env)
@@ -474,14 +474,12 @@ def test_end_to_end_with_the_real_daemon(bus_env, tmp_path):
         client.close()
     finally:
         recorder.close()
-        env.stop()
-        for pid in worker_pids(str(tmp_path)):
-            os.kill(pid, 9)
+        env.close()
 
 
 def test_cli_talks_over_dbus_and_falls_back_to_the_control_socket(bus_env, tmp_path):
     sys.path.insert(0, os.path.join(REPO, "tests", "integration"))
-    from harness import DaemonEnv, worker_pids  # noqa: PLC0415
+    from harness import DaemonEnv  # noqa: PLC0415
 
     env = DaemonEnv(str(tmp_path))
     try:
@@ -496,9 +494,7 @@ def test_cli_talks_over_dbus_and_falls_back_to_the_control_socket(bus_env, tmp_p
         out = env.cli("status", "ghost")
         assert out.returncode == 1 and "no job named 'ghost'" in out.stderr
     finally:
-        env.stop()
-        for pid in worker_pids(str(tmp_path)):
-            os.kill(pid, 9)
+        env.close()
     # no daemon on the bus: the CLI says so, and what it can still do
     env2 = DaemonEnv(str(tmp_path / "nobody"))
     out = env2.cli("list")

@@ -134,6 +134,17 @@ class DaemonEnv:
             self.proc.wait()
             raise AssertionError(f"daemon did not stop within {timeout}s:\n{self.daemon_log()}")
 
+    def close(self, timeout: float = 30) -> None:
+        """Stop the daemon and kill any worker process left under this root (every test's teardown)."""
+        try:
+            self.stop(timeout=timeout)
+        finally:
+            for pid in worker_pids(self.root):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
     def daemon_log(self) -> str:
         try:
             with open(self.stderr_path, errors="replace") as f:

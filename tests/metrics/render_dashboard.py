@@ -17,7 +17,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "integration"))
 
-from harness import DaemonEnv, wait_for, worker_pids  # noqa: E402
+from harness import DaemonEnv, wait_for  # noqa: E402
 from prom import REPO, Prometheus, all_panels, free_port, load_dashboard, substitute  # noqa: E402
 
 BG, PANEL, TEXT, GRID = "#111217", "#181b1f", "#ccccdc", "#2c3235"
@@ -366,13 +365,8 @@ def main() -> int:
         render(prom, start, end, args.out)
     finally:
         try:
-            env.stop()
+            env.close()
         finally:
-            for pid in worker_pids(env.root):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             prom.stop()
             shutil.rmtree(root, ignore_errors=True)
     return 0

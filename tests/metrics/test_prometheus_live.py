@@ -12,12 +12,11 @@ One scenario for the whole module (about 20 s): with ``[gpus] devices = [0]``
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 
 import pytest
-from harness import DaemonEnv, wait_for, worker_pids
+from harness import DaemonEnv, wait_for
 from prom import PROMETHEUS, PROMTOOL, Prometheus, dashboard_expressions, free_port, http_get
 
 from oddaemon.testing.standin import effective_pipeline, eval_metrics, train_scalars
@@ -88,13 +87,8 @@ def scenario(tmp_path_factory):
         yield s
     finally:
         try:
-            env.stop()
+            env.close()
         finally:
-            for pid in worker_pids(env.root):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
             prom.stop()
 
 

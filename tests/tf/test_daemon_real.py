@@ -13,7 +13,7 @@ import sys
 import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "integration"))
-from harness import DaemonEnv, wait_for, worker_pids  # noqa: E402
+from harness import DaemonEnv, wait_for  # noqa: E402
 
 pytestmark = [
     pytest.mark.slow,
@@ -39,11 +39,7 @@ def real_env(tmp_path):
     env = DaemonEnv(str(tmp_path))
     env.write_config(worker_module="oddaemon.workers")
     yield env
-    try:
-        env.stop(timeout=60)
-    finally:
-        for pid in worker_pids(str(tmp_path)):
-            os.kill(pid, 9)
+    env.close(timeout=60)
 
 
 def test_real_training_evaluation_best_and_export(real_env):
