@@ -1,7 +1,8 @@
 """Job spec v1: parse and validate a job file dropped into the spool.
 
 Pure: every filesystem lookup goes through a ``ValidationContext`` so tests can inject fakes.
-``parse_job`` never raises; it returns a ``JobSpec`` or every ``Problem`` it found.
+``parse_job`` never raises; it returns a ``JobSpec`` or every ``Problem`` it found (the first
+``MAX_PROBLEMS`` of them and a count of the rest, so a hostile file cannot make a huge ``.error``).
 """
 
 from __future__ import annotations
@@ -11,23 +12,13 @@ import glob as globmod
 import math
 import os
 import re
+import sys
 import tomllib
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Callable
 
-
-@dataclass(frozen=True)
-class Problem:
-    message: str
-    key: str | None = None
-    line: int | None = None
-    column: int | None = None
-
-    def render(self) -> str:
-        if self.line is None:
-            return self.message
-        where = f"line {self.line}" + (f", column {self.column}" if self.column is not None else "")
-        return f"{where}: {self.message}"
+from oddaemon.checks import (Invalid, Problem, decode, finite_number, is_int, one_of,  # noqa: F401
+                             rule, show, syntax_problem, whole_number)
 
 
 @dataclass(frozen=True)
@@ -54,6 +45,9 @@ class TrainOptions:
     checkpoint_every_n: int = 1000
     checkpoint_max_to_keep: int = 7
     max_restarts: int | None = None  # None = daemon default
+    hang_timeout_seconds: float | None = None  # None = daemon default; 0 = never declare the job hung
+    oom_retry_halve_batch: bool = False  # on out-of-GPU-memory: restart with half the batch (and rate)
+    min_batch_size: int = 1  # the floor for oom_retry_halve_batch
 
 
 @dataclass(frozen=True)
@@ -132,25 +126,39 @@ WHEN_BEHIND = ("evaluate_all", "skip_to_newest")
 METRIC_RE = re.compile(r"[A-Za-z0-9_./@() -]{1,100}")
 MAX_INPUT_PATHS = 1000
 MAX_GPUS = 64
+MAX_STEPS = 2**31 - 1  # fits every integer field of pipeline.config (int32 and uint32 alike)
+MAX_PATH_BYTES = 4095  # Linux PATH_MAX less the NUL: a longer path can never be opened
+MAX_WILDCARD_PARTS = 32  # path components with * ? or [ in one input glob
+MAX_PROBLEMS = 50  # listed in one .error file; the rest are counted
 
 
 def parse_job(data: bytes, filename: str, ctx: ValidationContext) -> JobSpec | list[Problem]:
-    """Parse and validate one job file. Returns the spec, or every problem found (never raises)."""
+    """Parse and validate one job file. Returns the spec, or the problems found (never raises)."""
     if len(data) > ctx.max_file_bytes:
         return [Problem(f"the file is {len(data)} bytes, larger than the limit of {ctx.max_file_bytes} bytes "
                         "(max_file_bytes in the [jobs] section of the daemon configuration)")]
-    text_or_problems = _decode(data)
+    text_or_problems = decode(data)
     if isinstance(text_or_problems, list):
         return text_or_problems
     try:
         doc = tomllib.loads(text_or_problems)
     except tomllib.TOMLDecodeError as exc:
-        return [_syntax_problem(str(exc), text_or_problems)]
+        return [syntax_problem(str(exc), text_or_problems)]
     except RecursionError:
         return [Problem("TOML syntax error: arrays or tables are nested too deeply")]
-    except ValueError as exc:  # e.g. an integer literal with thousands of digits
+    except ValueError as exc:  # an integer literal with thousands of digits (or a tomllib surprise)
+        if "digits" in str(exc):
+            limit = sys.get_int_max_str_digits()
+            return [Problem(f"TOML syntax error: a number has more than {limit} digits, which is more than any "
+                            "setting can use")]
         return [Problem(f"TOML syntax error: {exc}")]
-    return _Validator(ctx).job(doc, filename)
+    result = _Validator(ctx).job(doc, filename)
+    if isinstance(result, list) and len(result) > MAX_PROBLEMS:
+        more = len(result) - MAX_PROBLEMS
+        result = result[:MAX_PROBLEMS] + [Problem(f"... and {more} more problem{'s' if more > 1 else ''} not listed "
+                                                  f"here (at most {MAX_PROBLEMS} are); fix the ones above and "
+                                                  "submit the file again to see the rest")]
+    return result
 
 
 def render_error_file(original_name: str, problems: list[Problem],
@@ -162,89 +170,6 @@ def render_error_file(original_name: str, problems: list[Problem],
     lines.append("Fix the file and submit it again. Every key is described in the \"Job spec\" section "
                  "of the README; etc/jobs/example.toml is a commented example.")
     return "\n".join(lines) + "\n"
-
-
-def _decode(data: bytes) -> str | list[Problem]:
-    problems = []
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        text = None
-        problems.append(_byte_problem(data, exc.start, f"byte 0x{data[exc.start]:02x} at offset {exc.start} "
-                                      "is not valid UTF-8; save the file as UTF-8 text"))
-    nul = data.find(b"\0")
-    if nul >= 0:
-        problems.append(_byte_problem(data, nul, f"NUL byte at offset {nul}; a job file must be plain text"))
-    return problems or text
-
-
-def _byte_problem(data: bytes, offset: int, message: str) -> Problem:
-    line_start = data.rfind(b"\n", 0, offset) + 1
-    return Problem(message, line=data.count(b"\n", 0, offset) + 1, column=offset - line_start + 1)
-
-
-def _syntax_problem(message: str, text: str) -> Problem:
-    """A Problem from a tomllib message such as "Invalid value (at line 3, column 7)"."""
-    line = column = None
-    where = re.search(r"\s*\(at line (\d+), column (\d+)\)$", message)
-    if where:
-        line, column = int(where.group(1)), int(where.group(2))
-    elif where := re.search(r"\s*\(at end of document\)$", message):
-        line, column = text.count("\n") + 1, len(text) - text.rfind("\n")
-    plain = message[:where.start()] if where else message
-    # tomllib names keys as Python tuples, e.g. "Cannot declare ('train',) twice"; show them dotted.
-    plain = re.sub(r"\(((?:'[^']*',? ?)+)\)",
-                   lambda m: "'" + ".".join(re.findall(r"'([^']*)'", m.group(1))) + "'", plain)
-    return Problem(f"TOML syntax error: {plain[:1].lower()}{plain[1:]}", line=line, column=column)
-
-
-# Value checkers, shared with oddaemon.config: each returns the (converted) value or raises Invalid.
-class Invalid(Exception):
-    """A value failed its check; the argument is the reason, without the key label."""
-
-
-def show(value: Any, depth: int = 0) -> str:
-    """A short TOML-like rendering of a value for messages (at most ~60 characters)."""
-    if isinstance(value, dict):
-        text = "a table"
-    elif isinstance(value, bool):
-        text = "true" if value else "false"
-    elif isinstance(value, float) and not math.isfinite(value):
-        text = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    elif isinstance(value, list):
-        text = "[...]" if depth > 2 else "[" + ", ".join(show(v, depth + 1) for v in value[:12]) + \
-            (", ...]" if len(value) > 12 else "]")
-    else:
-        text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def rule(expected: str, accept: Callable[[Any], bool], convert: Callable[[Any], Any] = lambda v: v):
-    """A checker: returns the (converted) value, or raises Invalid naming what was expected and got."""
-    def check(value: Any) -> Any:
-        if not accept(value):
-            raise Invalid(f"must be {expected}, got {show(value)}")
-        return convert(value)
-    return check
-
-
-def whole_number(lo: int, hi: int | None = None) -> Callable[[Any], int]:
-    expected = f"a whole number from {lo} to {hi}" if hi is not None else f"a whole number >= {lo}"
-    return rule(expected, lambda v: is_int(v) and v >= lo and (hi is None or v <= hi))
-
-
-def finite_number(lo: float, inclusive: bool) -> Callable[[Any], float]:
-    def accept(v: Any) -> bool:  # the bounds reject nan, inf and ints too large for a float
-        return (is_int(v) or isinstance(v, float)) and -1e308 < v < 1e308 and (v >= lo if inclusive else v > lo)
-    return rule(f"a finite number {'>=' if inclusive else '>'} {lo:g}", accept, float)
-
-
-def one_of(options: tuple[str, ...]) -> Callable[[Any], str]:
-    return rule(f"one of {', '.join(repr(o) for o in options)}", lambda v: isinstance(v, str) and v in options)
 
 
 _boolean = rule("true or false", lambda v: isinstance(v, bool))
@@ -294,7 +219,8 @@ class _Validator:
         })
         pipeline = self.section("pipeline", tables["pipeline"], {
             "num_classes": whole_number(1, 100_000), "batch_size": whole_number(1, 65_536),
-            "num_steps": whole_number(1), "total_steps": whole_number(1), "warmup_steps": whole_number(0),
+            "num_steps": whole_number(1, MAX_STEPS), "total_steps": whole_number(1, MAX_STEPS),
+            "warmup_steps": whole_number(0, MAX_STEPS),
             "learning_rate_base": finite_number(0, inclusive=False),
             "warmup_learning_rate": finite_number(0, inclusive=True),
             "fine_tune_checkpoint": self.path_checker("checkpoint"),
@@ -309,9 +235,11 @@ class _Validator:
         train = self.section("train", tables["train"], {
             "gpus": _gpus, "checkpoint_every_n": whole_number(1, 10**9),
             "checkpoint_max_to_keep": whole_number(1, 10_000), "max_restarts": whole_number(0, 1000),
+            "hang_timeout_seconds": finite_number(0, inclusive=True), "oom_retry_halve_batch": _boolean,
+            "min_batch_size": whole_number(1, 65_536),
         })
         evaluation = self.section("eval", tables["eval"], {
-            "enabled": _boolean, "device": one_of(EVAL_DEVICES), "sample_1_of_n_eval_examples": whole_number(1),
+            "enabled": _boolean, "device": one_of(EVAL_DEVICES), "sample_1_of_n_eval_examples": whole_number(1, MAX_STEPS),
             "metric": rule("a metric name such as 'DetectionBoxes_Precision/mAP' (letters, digits, _ . / @ ( ) - "
                            "and spaces, at most 100)", lambda v: isinstance(v, str) and METRIC_RE.fullmatch(v) is not None),
             "higher_is_better": _boolean, "export_best": _boolean, "patience": whole_number(1, 10_000),
@@ -334,7 +262,8 @@ class _Validator:
         for key, value in table.items():
             if key in allowed:
                 continue
-            close = difflib.get_close_matches(key, allowed, n=1)
+            # No "did you mean" past the listed problems: difflib on 100,000 keys would take seconds.
+            close = difflib.get_close_matches(key, allowed, n=1) if len(self.problems) < MAX_PROBLEMS else []
             if not section and isinstance(value, dict):
                 hint = f"; did you mean [{close[0]}]?" if close else "."
                 message = f"unknown table [{key}]{hint} Allowed tables: {', '.join(f'[{t}]' for t in TABLES)}"
@@ -404,6 +333,7 @@ class _Validator:
                 raise Invalid(f"{value} does not exist yet and its nearest existing parent directory "
                               f"{ancestor} is outside the allowed roots {self.roots_text()}; "
                               "create the allowed root directory first")
+            return real  # resolved, so that two spellings of one directory are one model_dir to the scheduler
         return value
 
     def inside_roots(self, value: Any) -> str:
@@ -416,6 +346,9 @@ class _Validator:
             raise Invalid(f"must not contain a NUL character, got {show(value)}")
         if not os.path.isabs(value):
             raise Invalid(f"must be an absolute path, got {show(value)}")
+        size = len(value.encode("utf-8", "surrogatepass"))
+        if size > MAX_PATH_BYTES:
+            raise Invalid(f"{show(value)} is {size} bytes long; a path can be at most {MAX_PATH_BYTES} bytes")
         real = self.ctx.realpath(value)
         if not self.under_roots(real):
             shown = value if real == value else f"{value} resolves to {real}, which"
@@ -447,6 +380,10 @@ class _Validator:
 
     def input_glob(self, pattern: Any) -> None:
         self.inside_roots(pattern)
+        wild = sum(1 for part in pattern.split("/") if re.search(r"[*?[]", part))
+        if wild > MAX_WILDCARD_PARTS:
+            raise Invalid(f"{show(pattern)} has {wild} path components with wildcards (* ? [); "
+                          f"at most {MAX_WILDCARD_PARTS} are allowed")
         files = [m for m in self.ctx.glob(pattern) if self.ctx.isfile(m)]
         if not files:
             raise Invalid(f"{pattern} matches no file")

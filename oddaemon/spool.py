@@ -35,6 +35,12 @@ class NotARegularFile(Exception):
     """The spool entry is not something the daemon will read; the message says why."""
 
 
+def _refuse_hard_link(st: os.stat_result) -> None:
+    if st.st_nlink > 1:
+        raise NotARegularFile(f"it is a hard link ({st.st_nlink} links to one file); submit a copy of the file "
+                              "(oddaemon submit copies it)")
+
+
 class Spool:
     def __init__(self, root: str):
         self.root = root
@@ -72,18 +78,21 @@ class Spool:
         """Read a spool file without following links or blocking on FIFOs.
 
         Raises FileNotFoundError if it vanished, NotARegularFile for anything that must be set
-        aside unread (a symlink, a FIFO, a directory, a device)."""
+        aside unread (a symlink, a hard link, a FIFO, a directory, a device). A hard link is refused
+        because it may name a file its submitter cannot read, which the daemon could."""
         st = os.lstat(path)
         if stat.S_ISLNK(st.st_mode):
             raise NotARegularFile("it is a symbolic link; submit the file itself (oddaemon submit copies it)")
         if not stat.S_ISREG(st.st_mode):
             kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "not a regular file"
             raise NotARegularFile(f"it is {kind}; only regular files are read")
+        _refuse_hard_link(st)
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise NotARegularFile("it is not a regular file; only regular files are read")
+            _refuse_hard_link(st)  # linked between the lstat and the open
             chunks, total = [], 0
             while total <= max_bytes:
                 chunk = os.read(fd, min(1 << 20, max_bytes + 1 - total))
