@@ -144,6 +144,11 @@ class EvalBook:
         c.state, c.retry_at = PENDING, now + delay
         return True
 
+    def miss(self, n: int, now: float, why: str) -> None:
+        """A waiting checkpoint can no longer be evaluated (its files are gone): recorded, never retried."""
+        c = self.checkpoints[n]
+        c.state, c.error, c.finished_at, c.retry_at = MISSED, why, now, None
+
     def interrupted(self, now: float, error: str) -> int | None:
         """The evaluator died (or the daemon restarted) during an evaluation: count it as a failed attempt."""
         c = self.running()

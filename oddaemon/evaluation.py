@@ -31,7 +31,7 @@ from oddaemon.evalbook import EvalBook, EvalPolicy
 from oddaemon.jobs import Job
 from oddaemon.loop import Loop
 from oddaemon.procs import Worker
-from oddaemon.store import atomic_write_json
+from oddaemon.store import atomic_write_json, remove_stale_temps
 from oddaemon.warm import WarmEvaluator
 
 log = logging.getLogger("oddaemon.evaluation")
@@ -58,9 +58,13 @@ class JobEvaluation:
         self.pins = os.path.join(self.private, "pins")
         self.results = os.path.join(owner.state_dir, "evals", self.name)
         self.book_path = os.path.join(owner.state_dir, "evals", f"{self.name}.json")
+        remove_stale_temps(os.path.dirname(self.book_path))  # left by a daemon killed mid-write
         self.book = self._load_book()
-        for d in (self.model_dir, self.pins, self.results):
-            os.makedirs(d, exist_ok=True)
+        for d in (self.results, self.pins):
+            try:
+                os.makedirs(d, exist_ok=True)
+            except OSError as exc:  # model_dir read-only or gone: _pin tries again, and says so
+                log.warning("job %s: cannot create %s: %s", self.name, d, exc.strerror)
         self.evaluator: WarmEvaluator | None = None
         self.placement_pending = False
         self.training_over = False
@@ -119,7 +123,9 @@ class JobEvaluation:
             return now
 
     def _pin(self, n: int, listing: list[str]) -> str | None:
+        """Hard-link checkpoint ``n`` into pins/: its prefix there; None if it vanished; in place if links fail."""
         try:
+            os.makedirs(self.pins, exist_ok=True)  # (again: model_dir may have been deleted and re-created)
             for name in checkpoint_files(listing, n):
                 target = os.path.join(self.pins, name)
                 if not os.path.exists(target):
@@ -127,7 +133,24 @@ class JobEvaluation:
         except FileNotFoundError:
             self._unpin(n)
             return None
+        except OSError as exc:
+            self._unpin(n)
+            log.warning("job %s: cannot pin ckpt-%d in %s (%s); evaluating it in place, where max_to_keep may "
+                        "delete it first", self.name, n, self.pins, exc.strerror)
+            return os.path.join(self.model_dir, f"ckpt-{n}")
         return os.path.join(self.pins, f"ckpt-{n}")
+
+    def _still_there(self, c) -> bool:
+        """A waiting checkpoint can still be read: its pin exists, or (pins deleted with model_dir) it pins again."""
+        if os.path.exists(c.prefix + ".index"):
+            return True
+        try:
+            listing = os.listdir(self.model_dir)
+        except OSError:
+            return False
+        prefix = self._pin(c.n, listing) if c.n in complete_checkpoints(listing) else None
+        c.prefix = prefix or c.prefix
+        return prefix is not None
 
     def _unpin(self, n: int) -> None:
         try:
@@ -160,6 +183,12 @@ class JobEvaluation:
                 self.owner.dispatch(msg.PlaceEvaluator(self.name))
             return
         if not self.evaluator.ready or self.evaluator.busy:
+            return
+        if not self._still_there(due):
+            log.warning("job %s: ckpt-%d was deleted before it could be evaluated", self.name, due.n)
+            self.book.miss(due.n, now, "its files were deleted before it could be evaluated")
+            self.save()
+            self.pump()
             return
         self.book.start(due.n, now)
         self.save()
@@ -197,7 +226,11 @@ class JobEvaluation:
         log.info("job %s: evaluated ckpt-%d (step %s): %s = %s", self.name, n, step, self.book.policy.metric,
                  metrics.get(self.book.policy.metric))
         if finished.improved:
-            self._update_best(n)
+            try:
+                self._update_best(n)
+            except OSError as exc:
+                log.error("job %s: cannot keep the best checkpoint ckpt-%d in %s/best: %s", self.name, n,
+                          self.model_dir, exc)
         elif n != self.book.best_n:
             self._unpin(n)
         self.owner.checkpoint_evaluated(self.name, self.book.checkpoints[n])

@@ -5,16 +5,22 @@ whole lines to a ``RotatingLog``. Before a write that would push the file past `
 the file is rotated (``train.log`` -> ``train.log.1`` -> ... -> ``train.log.N``; the oldest is
 dropped). ``reopen()`` (on SIGHUP) reopens the path, so an external logrotate that moved the
 file also works.
+
+A log that cannot be written (disk full, filesystem gone read-only) never stops the worker: the
+output is dropped and counted, the daemon's own log says so once per outage, and the first write
+that works again puts a ``==== oddaemon: N byte(s) of output lost here`` line where the gap is.
 """
 
 from __future__ import annotations
 
 import collections
+import logging
 import os
 
 from oddaemon.errors import OperationError
 
 MAX_PARTIAL_LINE = 64 * 1024
+log = logging.getLogger("oddaemon.logs")
 
 
 class RotatingLog:
@@ -22,8 +28,12 @@ class RotatingLog:
         self.path = path
         self.max_bytes = max_bytes
         self.backups = backups
-        self.write_errors = 0
+        self.write_errors = 0  # failed writes, ever
         self.last_error: str | None = None
+        self.lost_bytes = 0  # output that could not be written, ever
+        self._failing = 0  # failed writes since the last one that worked
+        self._failing_bytes = 0
+        self._torn = False  # a failed write left part of a line in the file
         self._fd: int | None = None
         self._size = 0
         self._open()
@@ -40,6 +50,33 @@ class RotatingLog:
     def _note_error(self, exc: OperationError) -> None:
         self.write_errors += 1
         self.last_error = str(exc)
+        if not self._failing:  # once per outage in the daemon's log, not once per line
+            log.warning("%s; the worker keeps running, its output is dropped until the log can be written again",
+                        exc)
+        self._failing += 1
+
+    def _note_loss(self, size: int) -> None:
+        self.lost_bytes += size
+        self._failing_bytes += size
+
+    def _recovered(self) -> bool:
+        """Before the first write after an outage: say in the file itself where output is missing."""
+        if not self._failing_bytes and not self._torn:  # (e.g. a failed rotation: nothing was lost)
+            self._failing = 0
+            return True
+        note = (f"{chr(10) if self._torn else ''}==== oddaemon: {self._failing_bytes} byte(s) of output lost here "
+                f"({self._failing} failed write(s), the last: {self.last_error})\n").encode()
+        error = self._write_all(note)
+        if error is not None:  # still failing: one more failed write, already announced
+            self.write_errors += 1
+            self._failing += 1
+            self.last_error = str(OperationError(self.path, "append to log file", error))
+            return False
+        log.warning("log file %s is written again after %d failed write(s) (%d byte(s) of output lost)",
+                    self.path, self._failing, self._failing_bytes)
+        self._failing = self._failing_bytes = 0
+        self._torn = False
+        return True
 
     def write(self, data: bytes) -> None:
         """Append whole lines. Rotation happens at line boundaries, so no file grows past
@@ -49,6 +86,7 @@ class RotatingLog:
             if self._fd is None:
                 self._open()
                 if self._fd is None:
+                    self._note_loss(len(data))
                     return
             room = self.max_bytes - self._size
             if len(data) <= room:
@@ -62,20 +100,32 @@ class RotatingLog:
                     cut = data.find(b"\n") + 1 or len(data)
                 piece, data = data[:cut], data[cut:]
             if not self._append(piece):
+                self._note_loss(len(piece) + len(data))
                 return
             if data:
                 self.rotate()
 
     def _append(self, piece: bytes) -> bool:
+        if self._failing and not self._recovered():
+            return False
+        error = self._write_all(piece)
+        if error is not None:
+            self._note_error(OperationError(self.path, "append to log file", error))
+            return False
+        return True
+
+    def _write_all(self, piece: bytes) -> OSError | None:
+        written = 0
         try:
-            written = 0
             while written < len(piece):
                 written += os.write(self._fd, piece[written:])
-            self._size += written
-            return True
+            return None
         except OSError as exc:
-            self._note_error(OperationError(self.path, "append to log file", exc))
-            return False
+            if written:
+                self._torn = not piece[:written].endswith(b"\n")
+            return exc
+        finally:
+            self._size += written
 
     def rotate(self) -> None:
         self.close()

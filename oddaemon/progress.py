@@ -4,11 +4,13 @@ rate, steps/s and an ETA. Readers are incremental, so a refresh costs only the n
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import re
 
 from oddaemon.tfevents import EventDirReader
 
+log = logging.getLogger("oddaemon.progress")
 HISTORY_POINTS = 256
 _NUM_STEPS = re.compile(rb"^\s*num_steps\s*:\s*(\d+)", re.MULTILINE)
 
@@ -39,6 +41,13 @@ class TrainProgress:
         self.loss_history: collections.deque[tuple[int, float]] = collections.deque(maxlen=HISTORY_POINTS)
 
     def refresh(self) -> None:
+        before = [reader.corrupt_records for reader in (self.reader, self.eval_reader)]
+        self._refresh()
+        for reader, count in zip((self.reader, self.eval_reader), before):
+            if reader.corrupt_records > count:  # said once per damaged stretch, not at every refresh
+                log.warning("%s (read on from the next complete record)", reader.last_error)
+
+    def _refresh(self) -> None:
         for event in self.eval_reader.read_new():
             self.eval_by_step.setdefault(event.step, {}).update(event.values)
         while len(self.eval_by_step) > HISTORY_POINTS:

@@ -7,7 +7,9 @@ Layout under ``state_dir``::
     runtime/<name>.json     pids of live workers (only meaningful while the daemon that wrote it runs)
 
 Every write is tmp file + fsync + rename + fsync of the directory, so a SIGKILL at any moment
-leaves either the old or the new content, never a torn file.
+leaves either the old or the new content, never a torn file. A SIGKILL between the temporary
+file's creation and its rename leaves that ``.tmp-*`` file behind; the next daemon removes them
+(``remove_stale_temps``) as it loads the directory, so they never pile up.
 """
 
 from __future__ import annotations
@@ -20,10 +22,13 @@ from collections.abc import Iterator
 from oddaemon.errors import OperationError
 
 
+TEMP_PREFIX = ".tmp-"
+
+
 def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
     directory = os.path.dirname(path) or "."
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+        fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX, dir=directory)
     except OSError as exc:
         raise OperationError(directory, "create a temporary file in", exc) from exc
     try:
@@ -43,6 +48,24 @@ def atomic_write(path: str, data: bytes, mode: int = 0o644) -> None:
         fsync_dir(directory)
     except OSError as exc:
         raise OperationError(directory, "sync directory", exc) from exc
+
+
+def remove_stale_temps(directory: str) -> int:
+    """Remove the temporary files that writes interrupted before their rename left in ``directory``
+    (only safe while nothing writes there: at start-up, or on the loop thread between writes).
+    Returns how many were removed."""
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(TEMP_PREFIX)]
+    except OSError:
+        return 0
+    removed = 0
+    for name in names:
+        try:
+            os.unlink(os.path.join(directory, name))
+            removed += 1
+        except OSError:
+            pass
+    return removed
 
 
 def fsync_dir(directory: str) -> None:
@@ -97,19 +120,14 @@ class Store:
 
     def load_jobs(self) -> Iterator[tuple[str, dict | None, str]]:
         """Yield (path, record or None, error text) for every saved record."""
+        remove_stale_temps(self.jobs_dir)
         try:
             names = sorted(os.listdir(self.jobs_dir))
         except FileNotFoundError:
             return
         for entry in names:
             path = os.path.join(self.jobs_dir, entry)
-            if entry.startswith(".tmp-"):
-                try:
-                    os.unlink(path)  # a write interrupted before its rename
-                except OSError:
-                    pass
-                continue
-            if not entry.endswith(".json"):
+            if entry.startswith(".") or not entry.endswith(".json"):
                 continue
             try:
                 with open(path, "rb") as f:
@@ -124,6 +142,7 @@ class Store:
     def write_worker_job(self, name: str, payload: dict) -> str:
         d = self.job_dir(name)
         os.makedirs(d, exist_ok=True)
+        remove_stale_temps(d)
         path = os.path.join(d, "job.json")
         atomic_write_json(path, payload)
         return path
@@ -142,6 +161,7 @@ class Store:
             pass
 
     def load_runtime(self) -> Iterator[tuple[str, dict]]:
+        remove_stale_temps(self.runtime_dir)
         try:
             entries = sorted(os.listdir(self.runtime_dir))
         except FileNotFoundError:

@@ -19,65 +19,13 @@ import time
 from dataclasses import dataclass
 
 from oddaemon.errors import OddaemonError
+from oddaemon.tfrecord import (_FOOTER_SIZE, _HEADER_SIZE, crc32c, crc32c_pure, encode_record,  # noqa: F401
+                               masked_crc32c, next_header)
 
 FILE_VERSION = "brain.Event:2"
 FILE_PREFIX = "events.out.tfevents."
-_HEADER_SIZE = 12  # uint64 length + uint32 masked crc of the length
-_FOOTER_SIZE = 4  # uint32 masked crc of the data
 _READ_CHUNK = 4 << 20
-_MASK32 = 0xFFFFFFFF
 _MASK64 = (1 << 64) - 1
-
-# --------------------------------------------------------------------------------------------- CRC32C
-
-
-def _crc_table_entry(crc: int) -> int:
-    for _ in range(8):
-        crc = (crc >> 1) ^ 0x82F63B78 if crc & 1 else crc >> 1
-    return crc
-
-
-_CRC_TABLE = tuple(_crc_table_entry(byte) for byte in range(256))
-
-
-def crc32c_pure(data: bytes) -> int:
-    """CRC32C (Castagnoli), table-driven, pure Python."""
-    crc = _MASK32
-    table = _CRC_TABLE
-    for byte in data:
-        crc = table[(crc ^ byte) & 0xFF] ^ (crc >> 8)
-    return crc ^ _MASK32
-
-
-def _fast_crc32c():
-    """A C implementation from an optional package, or None."""
-    try:
-        import google_crc32c
-
-        if getattr(google_crc32c, "implementation", "c") == "c":
-            return lambda data: google_crc32c.value(bytes(data))
-    except ImportError:
-        pass
-    try:
-        import crc32c as crc32c_module
-    except ImportError:
-        return None
-    return lambda data: crc32c_module.crc32c(bytes(data))
-
-
-crc32c = _fast_crc32c() or crc32c_pure
-
-
-def masked_crc32c(data: bytes) -> int:
-    crc = crc32c(data)
-    return ((((crc >> 15) | (crc << 17)) & _MASK32) + 0xA282EAD8) & _MASK32
-
-
-def encode_record(data: bytes) -> bytes:
-    length = struct.pack("<Q", len(data))
-    return (length + struct.pack("<I", masked_crc32c(length))
-            + data + struct.pack("<I", masked_crc32c(data)))
-
 
 # ------------------------------------------------------------------------------------ wire encoding
 
@@ -343,13 +291,19 @@ class CorruptRecord(OddaemonError):
 
 
 class EventFileReader:
-    """Reads one event file incrementally; a partial record at the end waits for a later call."""
+    """Reads one event file incrementally; a partial record at the end waits for a later call.
+
+    A damaged record is skipped: one whose data CRC fails is stepped over by its length; after a
+    header whose length CRC fails (a file truncated inside a header and written on past the cut,
+    which leaves a hole of zeros), the reader looks for the next place where a whole record with
+    valid CRCs starts and carries on from there, so later records are never lost."""
 
     def __init__(self, path: str):
         self.path = path
         self.offset = 0
         self.corrupt_records = 0
         self.last_error: str | None = None
+        self._lost_sync = False  # between a bad header and the next valid record: self.offset is a scan position
 
     def read_new(self) -> list[ScalarEvent]:
         """Scalar events of the records completed since the last call. Never raises for bad content;
@@ -374,9 +328,10 @@ class EventFileReader:
             if available >= _HEADER_SIZE:
                 length_bytes = buf[pos:pos + 8]
                 if struct.unpack_from("<I", buf, pos + 8)[0] != masked_crc32c(length_bytes):
-                    reason = "length CRC mismatch; cannot find the next record"
-                    self.last_error = str(CorruptRecord(self.path, base + pos, reason))
-                    return
+                    self._lose_sync(base + pos, "length CRC mismatch; looking for the next record")
+                    pos = next_header(buf, pos + 1)
+                    self.offset = base + pos
+                    continue
                 needed = _HEADER_SIZE + struct.unpack("<Q", length_bytes)[0] + _FOOTER_SIZE
             if available < needed:
                 end = base + len(buf)
@@ -388,9 +343,21 @@ class EventFileReader:
                 continue
             data_end = pos + needed - _FOOTER_SIZE
             data_crc = struct.unpack_from("<I", buf, data_end)[0]
-            self._decode(memoryview(buf)[pos + _HEADER_SIZE:data_end], data_crc, base + pos, events)
+            data = memoryview(buf)[pos + _HEADER_SIZE:data_end]
+            if self._lost_sync and data_crc != masked_crc32c(data):
+                pos = next_header(buf, pos + 1)  # a header-like pattern inside garbage: keep looking
+                self.offset = base + pos
+                continue
+            self._lost_sync = False
+            self._decode(data, data_crc, base + pos, events)
             pos += needed
             self.offset = base + pos
+
+    def _lose_sync(self, offset: int, reason: str) -> None:
+        if not self._lost_sync:  # one damaged stretch counts once, however many calls it takes to cross
+            self._lost_sync = True
+            self.corrupt_records += 1
+            self.last_error = str(CorruptRecord(self.path, offset, reason))
 
     def _decode(self, data: memoryview, data_crc: int, offset: int, events: list[ScalarEvent]) -> None:
         try:
@@ -434,3 +401,8 @@ class EventDirReader:
     @property
     def corrupt_records(self) -> int:
         return sum(reader.corrupt_records for reader in self._readers.values())
+
+    @property
+    def last_error(self) -> str | None:
+        errors = [reader.last_error for reader in self._readers.values() if reader.last_error]
+        return errors[-1] if errors else None

@@ -5,10 +5,15 @@ and the creation of ``train/`` and ``eval/``) plus one on each of ``model_dir/tr
 No polling: checkpoint changes go to ``on_checkpoints`` (the evaluation side re-lists the
 directory), event-file changes to ``on_progress`` (coalesced over a short delay, since the
 trainer appends to its event file at every logged step). A queue overflow calls both.
+
+If ``model_dir`` itself goes away under a running job (deleted, or moved), the kernel drops the
+watch (``IN_IGNORED``); the watcher then creates the directory again, as at start, watches it anew
+and rescans, so checkpoints written after that are still seen. When it cannot, it retries.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 
@@ -19,10 +24,14 @@ from oddaemon.errors import OperationError
 from oddaemon.inotify_watch import InotifyHub
 from oddaemon.loop import Loop
 
-MODEL_DIR_MASK = flags.CLOSE_WRITE | flags.MOVED_TO | flags.MOVED_FROM | flags.CREATE | flags.DELETE
+MODEL_DIR_MASK = (flags.CLOSE_WRITE | flags.MOVED_TO | flags.MOVED_FROM | flags.CREATE | flags.DELETE
+                  | flags.DELETE_SELF | flags.MOVE_SELF)
 EVENT_DIR_MASK = flags.MODIFY | flags.CLOSE_WRITE | flags.CREATE | flags.MOVED_TO
 EVENT_DIRS = ("train", "eval")
 PROGRESS_DELAY = 0.25
+REWATCH_RETRY_SECONDS = 5.0
+_GONE = flags.IGNORED | flags.DELETE_SELF | flags.MOVE_SELF
+log = logging.getLogger("oddaemon.watch")
 
 
 class ModelDirWatcher:
@@ -36,27 +45,44 @@ class ModelDirWatcher:
         self._wds: list[int] = []
         self._event_wds: dict[str, int] = {}
         self._progress_timer: object | None = None
+        self._rewatch_timer: object | None = None
+        self._stopped = False
 
     def start(self) -> None:
+        """Create ``model_dir`` if needed and watch it. Raises OSError / OperationError when it cannot."""
+        self._stopped = False
+        self._watch_model_dir()
+        self.on_checkpoints()
+        self.on_progress()
+
+    def _watch_model_dir(self) -> None:
         os.makedirs(self.model_dir, exist_ok=True)
         self._wds.append(self.hub.watch(self.model_dir, MODEL_DIR_MASK, self._on_model_dir, self._overflow))
         self._watch_event_dirs()
-        self.on_checkpoints()
-        self.on_progress()
 
     def _watch_event_dirs(self) -> None:
         for sub in EVENT_DIRS:
             path = os.path.join(self.model_dir, sub)
             if sub not in self._event_wds and os.path.isdir(path):
                 try:
-                    self._event_wds[sub] = self.hub.watch(path, EVENT_DIR_MASK, lambda *_: self._progress_soon(),
+                    self._event_wds[sub] = self.hub.watch(path, EVENT_DIR_MASK,
+                                                          lambda name, mask, sub=sub: self._on_event_dir(sub, mask),
                                                           self._overflow)
                 except OperationError:
                     continue  # removed again meanwhile; its re-creation brings us back here
                 self._wds.append(self._event_wds[sub])
 
+    def _on_event_dir(self, sub: str, mask: int) -> None:
+        if mask & flags.IGNORED:  # the kernel dropped this watch (directory deleted): forget it
+            wd = self._event_wds.pop(sub, None)
+            if wd in self._wds:
+                self._wds.remove(wd)
+        self._progress_soon()
+
     def _on_model_dir(self, name: str, mask: int) -> None:
-        if name in EVENT_DIRS:
+        if not name and mask & _GONE:
+            self._gone(mask)
+        elif name in EVENT_DIRS:
             if mask & (flags.DELETE | flags.MOVED_FROM):
                 wd = self._event_wds.pop(name, None)  # the kernel dropped that watch with the directory
                 if wd is not None:
@@ -66,6 +92,37 @@ class ModelDirWatcher:
             self._progress_soon()
         elif is_checkpoint_event(name):
             self.on_checkpoints()
+
+    def _gone(self, mask: int) -> None:
+        """model_dir was deleted or moved away: drop every watch, create it again and watch it anew."""
+        if self._stopped or self._rewatch_timer is not None:
+            return
+        what = "moved away" if mask & flags.MOVE_SELF else "deleted"
+        log.warning("model_dir %s was %s while its job is active: creating it again and watching it anew",
+                    self.model_dir, what)
+        self._unwatch_all()
+        self._rewatch_timer = self.loop.call_later(0, self._rewatch)
+
+    def _rewatch(self) -> None:
+        self._rewatch_timer = None
+        if self._stopped:
+            return
+        try:
+            self._watch_model_dir()
+        except (OperationError, OSError) as exc:
+            self._unwatch_all()
+            log.warning("cannot watch model_dir %s again (%s); retrying in %gs", self.model_dir, exc,
+                        REWATCH_RETRY_SECONDS)
+            self._rewatch_timer = self.loop.call_later(REWATCH_RETRY_SECONDS, self._rewatch)
+            return
+        self.on_checkpoints()
+        self.on_progress()
+
+    def _unwatch_all(self) -> None:
+        for wd in self._wds:
+            self.hub.unwatch(wd)
+        self._wds.clear()
+        self._event_wds.clear()
 
     def _overflow(self) -> None:
         self._watch_event_dirs()
@@ -81,10 +138,11 @@ class ModelDirWatcher:
         self.on_progress()
 
     def stop(self) -> None:
-        for wd in self._wds:
-            self.hub.unwatch(wd)
-        self._wds.clear()
-        self._event_wds.clear()
+        self._stopped = True
+        self._unwatch_all()
+        if self._rewatch_timer is not None:
+            self.loop.remove(self._rewatch_timer)
+            self._rewatch_timer = None
         if self._progress_timer is not None:
             self.loop.remove(self._progress_timer)
             self._progress_timer = None

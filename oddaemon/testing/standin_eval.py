@@ -16,12 +16,14 @@ import shutil
 import signal
 import sys
 import time
+import zlib
 
 from oddaemon.testing.standin import (Setup, _err, _log, _sleep, _Terminated, _traceback, checkpoint_step,
                                       eval_metrics, take_failure_budget)
 from oddaemon.tfevents import EventFileWriter
 
 EVAL_CRASH_MARKER = ".standin-eval-crashes"
+DATA_SHARD = ".data-00000-of-00001"
 
 
 class EvalFailure(Exception):
@@ -33,14 +35,36 @@ def _crash_due(setup: Setup, step: int) -> bool:
         setup.model_dir, EVAL_CRASH_MARKER, setup.directives["eval_crash_times"])
 
 
-def evaluate_one(setup: Setup, prefix: str, result_path: str) -> dict:
-    """Evaluate one checkpoint: events under model_dir/eval, result JSON written atomically.
-    Raises EvalFailure for an unreadable checkpoint; exits the process on a planned crash."""
-    started = time.time()
+def restore_step(prefix: str) -> int:
+    """Read a checkpoint the way TF's restore does, as far as the stand-in's files allow: the step
+    from the index, and a look at the data shard. Damaged files fail with TF's DataLossError text:
+    an index that is not one the stand-in trainer wrote ("not an sstable"), a data shard that is not
+    the short text it writes ("checksum does not match"). Raises EvalFailure."""
     try:
         step = checkpoint_step(prefix)
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
         raise EvalFailure(f"cannot read checkpoint {prefix}: {exc}") from None
+    except ValueError:
+        raise EvalFailure(f"tensorflow.python.framework.errors_impl.DataLossError: Unable to open table file "
+                          f"{prefix}.index: Data loss: not an sstable (bad magic number): perhaps your file is in a "
+                          "different file format and you need to use a different restore operator?") from None
+    try:
+        with open(prefix + DATA_SHARD, "rb") as shard:
+            data = shard.read(4096)
+    except OSError as exc:
+        raise EvalFailure(f"cannot read checkpoint {prefix}: {exc}") from None
+    if not data or not all(32 <= byte < 127 or byte in b"\t\n" for byte in data):
+        raise EvalFailure(f"tensorflow.python.framework.errors_impl.DataLossError: Checksum does not match: stored "
+                          f"{zlib.crc32(str(step).encode())} vs. calculated on the restored bytes {zlib.crc32(data)} "
+                          f"(while reading {prefix}{DATA_SHARD})")
+    return step
+
+
+def evaluate_one(setup: Setup, prefix: str, result_path: str) -> dict:
+    """Evaluate one checkpoint: events under model_dir/eval, result JSON written atomically.
+    Raises EvalFailure for an unreadable or damaged checkpoint; exits the process on a planned crash."""
+    started = time.time()
+    step = restore_step(prefix)
     _log(f"Evaluating checkpoint {prefix} (step {step})", "model_lib_v2.py:1006")
     _sleep(setup.directives["eval_seconds"])
     if _crash_due(setup, step):

@@ -242,16 +242,30 @@ def test_record_with_valid_crcs_but_bad_protobuf_is_counted(tmp_path):
     assert reader.corrupt_records == 1
 
 
-def test_corrupt_length_crc_stops_reading(tmp_path):
+def test_a_corrupt_length_crc_is_skipped_and_reading_resyncs_on_the_next_record(tmp_path):
     path = tmp_path / "events.out.tfevents.1.host"
     data = bytearray(records(1, 2, 3))
     data[len(records(1)) + 9] ^= 0xFF  # record 2's length CRC
     path.write_bytes(bytes(data))
     reader = EventFileReader(str(path))
-    assert [e.step for e in reader.read_new()] == [1]
-    assert reader.offset == len(records(1))
+    assert [e.step for e in reader.read_new()] == [1, 3]
+    assert reader.offset == len(data) and reader.corrupt_records == 1
     assert "length CRC" in reader.last_error
-    assert reader.read_new() == [] and reader.offset == len(records(1))
+    assert reader.read_new() == []
+
+
+def test_a_file_cut_inside_a_header_and_written_past_the_cut_loses_only_the_cut_records(tmp_path):
+    """A truncation inside a header that the writer does not notice leaves a hole of zeros, then
+    whole records again: the reader steps over the hole and reads on."""
+    path = tmp_path / "events.out.tfevents.1.host"
+    first, second = records(1, 2), records(3, 4)
+    cut = len(records(1)) + 5  # inside record 2's header
+    path.write_bytes(first[:cut])
+    reader = EventFileReader(str(path))
+    assert [e.step for e in reader.read_new()] == [1]
+    path.write_bytes(first[:cut] + bytes(len(first) - cut) + second)  # the hole, then the writer's next records
+    assert [e.step for e in reader.read_new()] == [3, 4]
+    assert reader.corrupt_records == 1 and reader.offset == len(first) + len(second)
 
 
 def test_vanished_file_keeps_state(tmp_path):
