@@ -40,6 +40,7 @@ class Config:
     backoff_base_seconds: float = 10.0
     backoff_cap_seconds: float = 600.0
     restart_reset_after_seconds: float = 1800.0
+    hang_timeout_seconds: float = 1800.0  # a train worker silent this long is hung (0 = never)
     stop_grace_seconds: float = 30.0
     allowed_roots: tuple[str, ...] = ("/srv/oddaemon", "/var/lib/oddaemon/models")
     max_cpu_jobs: int = 1
@@ -48,6 +49,8 @@ class Config:
     worker_python: str = ""
     worker_module: str = "oddaemon.workers"
     worker_preflight: bool = True  # run `<module> preflight` on each job before it is queued
+    worker_user: str = ""  # "" = workers run as the daemon's own user (see oddaemon/confine.py)
+    worker_allow_root: bool = False  # a daemon running as root may run its workers as root
     event_loop: str = "auto"
     dbus_bus: str = "system"  # where the D-Bus API is published; "none" = control socket only
 
@@ -96,7 +99,11 @@ def _listen(value: Any) -> str:
 
 
 _path = rule("a non-empty path string", lambda v: isinstance(v, str) and v != "" and "\0" not in v)
-_group = rule("a non-empty group name", lambda v: isinstance(v, str) and v.strip() != "")
+_group = rule("a group name, or \"\" to let anyone who can write to the spool submit",
+              lambda v: isinstance(v, str) and v == v.strip() and "\0" not in v and ":" not in v)
+_user = rule("a user name such as \"oddaemon\", or \"\" for the daemon's own user",
+             lambda v: isinstance(v, str) and v == v.strip() and "\0" not in v and ":" not in v)
+_boolean = rule("true or false", lambda v: isinstance(v, bool))
 _module = rule("a dotted Python module name such as \"oddaemon.workers\"",
                lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", v, re.ASCII) is not None)
 _python = rule("a string (\"\" means the daemon's own interpreter)", lambda v: isinstance(v, str) and "\0" not in v)
@@ -134,6 +141,7 @@ SCHEMA: dict[str, dict[str, tuple[str, Callable[[Any], Any]]]] = {
         "backoff_base_seconds": ("backoff_base_seconds", finite_number(0, inclusive=False)),
         "backoff_cap_seconds": ("backoff_cap_seconds", finite_number(0, inclusive=False)),
         "reset_after_seconds": ("restart_reset_after_seconds", finite_number(0, inclusive=False)),
+        "hang_timeout_seconds": ("hang_timeout_seconds", finite_number(0, inclusive=True)),
     },
     "jobs": {
         "allowed_roots": ("allowed_roots", _roots),
@@ -143,7 +151,8 @@ SCHEMA: dict[str, dict[str, tuple[str, Callable[[Any], Any]]]] = {
         "submit_group": ("submit_group", _group),
     },
     "worker": {"python": ("worker_python", _python), "module": ("worker_module", _module),
-               "preflight": ("worker_preflight", rule("true or false", lambda v: isinstance(v, bool)))},
+               "preflight": ("worker_preflight", _boolean), "user": ("worker_user", _user),
+               "allow_root": ("worker_allow_root", _boolean)},
     "daemon": {"event_loop": ("event_loop", one_of(EVENT_LOOPS)),
                "dbus": ("dbus_bus", rule('"system", "session", "none" or a D-Bus address such as "unix:path=/run/x"',
                                          lambda v: isinstance(v, str) and (v in ("system", "session", "none")

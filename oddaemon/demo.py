@@ -51,7 +51,7 @@ backoff_cap_seconds = 10
 
 [worker]
 module = "{worker_module}"
-
+{worker_root}
 [daemon]
 dbus = "none"
 """
@@ -112,8 +112,14 @@ def prepare(root: str, standin: bool) -> tuple[str, str]:
         os.makedirs(os.path.join(root, sub), exist_ok=True)
     config_path = os.path.join(root, "oddaemon.toml")
     module = "oddaemon.testing.standin" if standin else "oddaemon.workers"
+    as_root = os.geteuid() == 0
+    if as_root:  # the daemon refuses to run workers as root unless told it may
+        print("demo: running as root, so the demo's oddaemon.toml sets [worker] allow_root = true (the training "
+              "workers run as root too); as a service oddaemon runs as its own user", flush=True)
     with open(config_path, "w") as f:
-        f.write(CONFIG.format(worker_module=module))
+        f.write(CONFIG.format(worker_module=module,
+                              worker_root="# the demo runs as root (see the README's security model)\n"
+                                          "allow_root = true\n" if as_root else ""))
     if standin:
         with open(os.path.join(root, "data", "pipeline.config"), "w") as f:
             f.write(STANDIN_PIPELINE)

@@ -2,18 +2,26 @@
 
 Every file that lands in ``new/`` ends in ``accepted/`` (the scheduler took it) or ``rejected/``
 (with its ``.error``); none is read twice and none is lost.
+
+Who may submit: a file must be owned by root, the daemon's user, the worker user, or a member of
+``[jobs] submit_group`` (looked up for each file, so a user just added to the group can submit at
+once); anyone else's file is rejected with the reason. ``submit_group = ""`` turns this check off.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from inotify_simple import flags
+
 from oddaemon import scheduler as sch
 from oddaemon.config import Config
+from oddaemon.confine import Identity, group_exists, submitter_problem, user_name
 from oddaemon.errors import OddaemonError, user_message
 from oddaemon.inotify_watch import SPOOL_MASK, InotifyHub
 from oddaemon.jobspec import JobSpec, Problem, parse_job, render_error_file
@@ -44,8 +52,15 @@ class SpoolIntake:
         self.preflights = preflights
         self.rejected_total = 0
         self._rescan_pending = False
+        self.worker_identity: Identity | None = None  # set by the daemon at start (a root daemon's worker user)
 
     def start(self, hub: InotifyHub) -> None:
+        group = self.config.submit_group
+        if group and not group_exists(group):
+            who = "root" if os.geteuid() == 0 else f"root and {user_name(os.geteuid())}"
+            log.warning("the submit group '%s' ([jobs] submit_group) does not exist on this system: only %s may "
+                        "submit jobs; create it (groupadd %s) and add the users who submit, or set submit_group = "
+                        "\"\" to accept files from anyone who can write to %s", group, who, group, self.spool.new)
         # Files whose preflight a restart interrupted are checked again first.
         for path in self.spool.scan(self.spool.cur):
             self.intake(path)
@@ -54,8 +69,17 @@ class SpoolIntake:
         self.rescan()
 
     def _on_event(self, filename: str, mask: int) -> None:
-        if is_candidate(filename):
-            self.intake(os.path.join(self.spool.new, filename))
+        if not is_candidate(filename):
+            return
+        path = os.path.join(self.spool.new, filename)
+        if mask & flags.CREATE and not mask & flags.ISDIR:
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                return
+            if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
+                return  # a new file being written: its CLOSE_WRITE (or a rescan) takes it
+        self.intake(path)  # moved or written in, or made in place as a link, FIFO or directory
 
     def rescan(self) -> None:
         now = time.time()
@@ -77,7 +101,20 @@ class SpoolIntake:
         self.rescan()
 
     def intake(self, path: str) -> Verdict | None:
-        """Validate and submit one spool file. None if it was already gone (a duplicate event)."""
+        """Validate and submit one spool file. None if it was already gone (a duplicate event).
+        Whatever goes wrong, the file ends in accepted/ or rejected/ (or stays for a restart when
+        even that fails): one bad file never stops the intake of the others."""
+        try:
+            return self._intake(path)
+        except Exception as exc:  # noqa: BLE001 - a daemon bug must not strand the file or the loop
+            log.exception("intake of %s failed", path)
+            if not os.path.lexists(path):
+                return None
+            return self.reject(path, [Problem(f"the daemon failed while reading this file ({type(exc).__name__}: "
+                                              f"{exc}); this is a bug in oddaemon, please report it with the file")],
+                               "the daemon could not process it")
+
+    def _intake(self, path: str) -> Verdict | None:
         name = os.path.basename(path)
         try:
             data = self.spool.read(path, self.config.max_job_file_bytes)
@@ -87,6 +124,21 @@ class SpoolIntake:
             return self.reject(path, [Problem(f"{name} was not read: {exc}")], "it is not a regular file")
         except OSError as exc:
             return self.reject(path, [Problem(f"{name} could not be read: {exc.strerror}")], "it could not be read")
+        try:
+            owner = os.lstat(path).st_uid
+        except FileNotFoundError:
+            return None
+        problem = submitter_problem(owner, self.config.submit_group, self.trusted_uids())
+        if problem:
+            return self.reject(path, [Problem(f"{name} is {problem}")], "its owner may not submit jobs")
+        if len(data) > self.config.max_job_file_bytes:  # read stops at the cap: report the real size
+            try:
+                size = os.lstat(path).st_size
+            except OSError:
+                size = len(data)
+            return self.reject(path, [Problem(f"the file is {size} bytes, larger than the limit of "
+                                              f"{self.config.max_job_file_bytes} bytes (max_file_bytes in the [jobs] "
+                                              "section of the daemon configuration)")])
         result = parse_job(data, name, self.config.validation_context())
         if isinstance(result, list):
             return self.reject(path, result)
@@ -103,6 +155,10 @@ class SpoolIntake:
             return None
         self.preflights.add(result, held)
         return Verdict(None, result.name, "")
+
+    def trusted_uids(self) -> set[int]:
+        """Owners whose files need no group membership: root, the daemon's user, the worker user."""
+        return {0, os.geteuid()} | ({self.worker_identity.uid} if self.worker_identity else set())
 
     def submit(self, spec: JobSpec, path: str) -> Verdict:
         for action in self.dispatch(sch.Submit(spec, token=path)):

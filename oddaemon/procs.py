@@ -4,7 +4,11 @@
 * through ``lifeline.py`` (parent-death signal: if the daemon dies, the worker dies too);
 * in its own session and process group (stop signals reach the whole group);
 * with exactly the environment the daemon decides (no inherited secrets, no NOTIFY_SOCKET or
-  WATCHDOG_* variables) and ``CUDA_VISIBLE_DEVICES`` set to its GPUs ("" = CPU only);
+  WATCHDOG_* variables, no LD_PRELOAD, PYTHONSTARTUP, BASH_ENV, ...: an allow-list; job files
+  cannot add to it) and ``CUDA_VISIBLE_DEVICES`` set to its GPUs ("" = CPU only);
+* as the worker user (``identity``, see ``confine.py``) when the daemon runs as root: uid,
+  primary gid and supplementary groups are set in the child before it execs the lifeline, which
+  then arms the parent-death signal (a change of credentials would clear it if armed earlier);
 * stdout and stderr into one pipe that the daemon pumps into a rotating log.
 
 Exit is observed through a pidfd (readable when the process exits), which plugs into the
@@ -18,12 +22,18 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from oddaemon.errors import OperationError
+
+if TYPE_CHECKING:
+    from oddaemon.confine import Identity
 
 LIFELINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lifeline.py")
 
 # Variables a worker may inherit from the daemon's environment; everything else is dropped.
+# (PYTHONPATH: set by whoever starts the daemon, which runs under it itself; some installations
+# of object_detection need it. Nothing a job file says ever reaches a worker's environment.)
 PASSTHROUGH_ENV = ("PATH", "PYTHONPATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "HOME", "TMPDIR", "LD_LIBRARY_PATH",
                    "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "CUDA_HOME", "XLA_FLAGS")
 
@@ -68,18 +78,24 @@ class Worker:
 
 
 def spawn(name: str, role: str, attempt: int, argv: list[str], env: dict[str, str], cwd: str, now: float,
-          stdin: int | None = None, pass_fds: tuple[int, ...] = ()) -> Worker:
+          stdin: int | None = None, pass_fds: tuple[int, ...] = (), identity: Identity | None = None) -> Worker:
     """``stdin``: an fd the worker reads as its standard input (default /dev/null); ``pass_fds``:
-    extra fds the worker inherits under the same numbers (the warm evaluator's reply pipe)."""
+    extra fds the worker inherits under the same numbers (the warm evaluator's reply pipe);
+    ``identity``: the user to run it as (None: the daemon's own)."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     command = [sys.executable, "-I", "-S", LIFELINE, str(os.getpid()), *argv]
+    switch: dict = {}
+    if identity is not None:
+        switch = {"user": identity.uid, "group": identity.gid, "extra_groups": list(identity.groups)}
+        env = {**env, "HOME": identity.home, "USER": identity.name, "LOGNAME": identity.name}
     try:
         popen = subprocess.Popen(command, stdin=subprocess.DEVNULL if stdin is None else stdin, stdout=write_fd,
                                  stderr=write_fd, env=env, cwd=cwd, start_new_session=True, close_fds=True,
-                                 pass_fds=pass_fds)
+                                 pass_fds=pass_fds, **switch)
     except OSError as exc:
         os.close(read_fd)
-        raise OperationError(argv[0], f"start {role} worker for job {name} with", exc) from exc
+        as_user = f" as user {identity.name}" if identity is not None else ""
+        raise OperationError(argv[0], f"start {role} worker for job {name}{as_user} with", exc) from exc
     finally:
         os.close(write_fd)
     pidfd = os.pidfd_open(popen.pid)

@@ -32,7 +32,7 @@ def main() -> int:
     with open(cfg, "w") as f:
         f.write(f'[paths]\nspool_dir = "{root}/spool"\nstate_dir = "{root}/state"\nlog_dir = "{root}/logs"\n'
                 f'[gpus]\ndevices = "auto"\n[metrics]\nlisten = ""\n[jobs]\nallowed_roots = ["{root}"]\nmax_cpu_jobs = 2\n'
-                f'[worker]\npython = "{sys.executable}"\nmodule = "oddaemon.testing.torch_probe"\n[daemon]\nevent_loop = "auto"\n')
+                f'[worker]\npython = "{sys.executable}"\nmodule = "oddaemon.testing.torch_probe"\nallow_root = true\n[daemon]\nevent_loop = "auto"\n')
     with open(os.path.join(root, "pipeline.config"), "w") as f:
         f.write("train_config { num_steps: 1 }\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),

@@ -89,14 +89,17 @@ class DaemonEnv:
             "restart": {"max_restarts": o.get("max_restarts", 3), "backoff_base_seconds": o.get("backoff_base", 0.2),
                         "backoff_cap_seconds": o.get("backoff_cap", 1.0), "reset_after_seconds": 600},
             "jobs": {"allowed_roots": [self.root], "max_cpu_jobs": o.get("max_cpu_jobs", 1),
-                     "stop_grace_seconds": o.get("stop_grace", 2.0)},
-            "worker": {"python": sys.executable, "module": o.get("worker_module", STANDIN)},
+                     "stop_grace_seconds": o.get("stop_grace", 2.0), "submit_group": o.get("submit_group")},
+            # Tests run the daemon as root: its workers may run as root only when the config says so.
+            "worker": {"python": o.get("worker_python", sys.executable), "module": o.get("worker_module", STANDIN),
+                       "user": o.get("worker_user"), "allow_root": o.get("allow_root", os.geteuid() == 0 or None)},
             "daemon": {"event_loop": o.get("event_loop", "auto"), "dbus": o.get("dbus", "none")},
         }
         text = []
         for section, values in sections.items():
             text.append(f"[{section}]")
-            text += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+            # None leaves a key out of the file: the daemon's default applies
+            text += [f"{k} = {json.dumps(v)}" for k, v in values.items() if v is not None]
         with open(self.config_path, "w") as f:
             f.write("\n".join(text) + "\n")
 

@@ -138,7 +138,10 @@ BAD = [
     ("roots-string", '[jobs]\nallowed_roots = "/srv"\n', "must be a non-empty list of directories, got '/srv'"),
     ("max-file-bytes", "[jobs]\nmax_file_bytes = 10\n", "[jobs] max_file_bytes in /etc/oddaemon/oddaemon.toml: must be a whole "
      "number from 1024 to 67108864"),
-    ("submit-group-empty", '[jobs]\nsubmit_group = ""\n', "must be a non-empty group name"),
+    ("submit-group-spaces", '[jobs]\nsubmit_group = " staff"\n', "must be a group name, or \"\" to let anyone"),
+    ("worker-user-int", "[worker]\nuser = 1000\n", "[worker] user in /etc/oddaemon/oddaemon.toml: must be a user name"),
+    ("allow-root-string", '[worker]\nallow_root = "yes"\n', "[worker] allow_root in /etc/oddaemon/oddaemon.toml: must be "
+     "true or false"),
     ("module-bad", '[worker]\nmodule = "my-workers"\n', "[worker] module in /etc/oddaemon/oddaemon.toml: must be a dotted"),
     ("python-not-string", "[worker]\npython = false\n", "[worker] python in /etc/oddaemon/oddaemon.toml: must be a string"),
     ("event-loop", '[daemon]\nevent_loop = "uvloop"\n', "must be one of 'auto', 'glib', 'select', got 'uvloop'"),
