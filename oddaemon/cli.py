@@ -250,6 +250,10 @@ def format_status(job: dict) -> str:
     lines += [f"  model_dir  {job['model_dir']}", f"  log        {job['train_log']}"]
     if job["last_exit"]:
         lines.append(f"  last exit  {job['last_exit']}")
+    if job.get("failure"):
+        lines.append(f"  failure    {job['failure']['kind']}: {job['failure']['message']}")
+    for change in job.get("adjustments") or ():
+        lines.append(f"  adjusted   {change}")
     lines.append("  history:")
     for h in job["history"][-8:]:
         lines.append(f"    {time.strftime('%H:%M:%S', time.localtime(h['time']))} {h['state']:<10} {h['reason']}")

@@ -17,33 +17,35 @@ import sys
 import time
 from collections.abc import Callable
 
+from oddaemon import confine
 from oddaemon import scheduler as sch
 from oddaemon.announce import Announcer
 from oddaemon.commands import Commands
-from oddaemon.config import Config, load_config
+from oddaemon.config import Config
 from oddaemon.control import ControlServer
 from oddaemon.errors import OddaemonError, user_message
 from oddaemon.evaluation import Evaluations
+from oddaemon.exits import exit_event
+from oddaemon.failures import Failure
 from oddaemon.gpus import discover
 from oddaemon.inotify_watch import InotifyHub
 from oddaemon.intake import SpoolIntake, Verdict
 from oddaemon.jobspec import Problem
 from oddaemon.loop import Loop
-from oddaemon.procs import Worker, kill_leftover, process_start_time, worker_environment
+from oddaemon.procs import Worker, worker_environment
+from oddaemon.recovery import kill_leftover_workers, load_saved_jobs
 from oddaemon.preflight import Preflights
 from oddaemon.progress import TrainProgress, pipeline_num_steps
+from oddaemon.reconfigure import policy_of, reread_config
 from oddaemon.spool import Spool
 from oddaemon.states import TERMINAL
 from oddaemon.store import Store
 from oddaemon.supervisor import Supervisor
+from oddaemon.trainguard import TrainGuard
 from oddaemon.views import job_view
 from oddaemon.watch import ModelDirWatcher
 
 log = logging.getLogger("oddaemon")
-
-# Settings a running daemon cannot change on reload (it warns and keeps the old value).
-RESTART_ONLY = ("spool_dir", "state_dir", "log_dir", "gpus", "metrics_listen", "event_loop", "dbus_bus",
-                "worker_preflight")
 
 __all__ = ["Daemon", "Verdict", "run"]
 
@@ -56,12 +58,11 @@ class Daemon:
         self.store = Store(config.state_dir)
         self.spool = Spool(config.spool_dir)
         self.gpu_discovery = discover(config.gpus)
-        policy = sch.Policy(max_restarts=config.max_restarts, backoff_base=config.backoff_base_seconds,
-                            backoff_cap=config.backoff_cap_seconds, reset_after=config.restart_reset_after_seconds,
-                            max_cpu_jobs=config.max_cpu_jobs)
-        self.state = sch.State(inventory=self.gpu_discovery.ids, policy=policy)
+        self.state = sch.State(inventory=self.gpu_discovery.ids, policy=policy_of(config))
         self.supervisor = Supervisor(loop, config.log_dir, config.log_max_bytes, config.log_backups,
-                                     config.stop_grace_seconds, self._on_worker_exit, clock)
+                                     config.stop_grace_seconds, self._on_worker_exit, clock,
+                                     on_output=lambda name, role: role == "train" and self.guard.activity(name))
+        self.guard = TrainGuard(loop, clock, self._stop_failed_train)  # hung workers, NaN losses
         self.preflights = (Preflights(os.path.join(config.state_dir, "preflight"), self._start_preflight,
                                       lambda spec, path: self.intake_.submit(spec, path),
                                       lambda path, problems, because: self.intake_.reject(path, problems, because))
@@ -72,6 +73,7 @@ class Daemon:
         self.progress: dict[str, TrainProgress] = {}
         self.watchers: dict[str, ModelDirWatcher] = {}
         self.runtime: dict[str, dict[str, dict]] = {}
+        self.start_refusals: dict[str, Failure] = {}  # why a worker was not started (a path left the roots)
         self.inotify: InotifyHub | None = None
         self.control: ControlServer | None = None
         self.commands = Commands(self)
@@ -85,10 +87,14 @@ class Daemon:
 
     # ---- start-up ------------------------------------------------------------------------------
     def start(self) -> None:
+        identity = confine.worker_identity(self.config, os.geteuid())  # never root workers unless configured
         self.store.ensure_dirs()
         self.spool.ensure_dirs()
         os.makedirs(self.config.log_dir, exist_ok=True)
-        log.info("GPUs: %s (%s)", ",".join(map(str, self.gpu_discovery.ids)) or "none", self.gpu_discovery.detail)
+        confine.check_reachable(identity, self.store.work_dir, self.config.resolved_worker_python())
+        self.supervisor.identity = self.intake_.worker_identity = identity
+        log.log(logging.WARNING if "gone" in self.gpu_discovery.detail else logging.INFO, "GPUs: %s (%s)",
+                ",".join(map(str, self.gpu_discovery.ids)) or "none", self.gpu_discovery.detail)
         self.inotify = InotifyHub()
         self.loop.add_reader(self.inotify.fileno(), self.inotify.dispatch)
         self._kill_leftover_workers()
@@ -108,26 +114,10 @@ class Daemon:
     def _kill_leftover_workers(self) -> None:
         """Workers of an earlier daemon instance die with it (parent-death signal); if one
         survived anyway (the signal raced with its start), kill it so no job runs twice."""
-        for name, runtime in self.store.load_runtime():
-            for record in runtime.values():
-                if isinstance(record, dict) and kill_leftover(record.get("pid", -1), record.get("start_time")):
-                    log.warning("killed a leftover %s worker of %s (pid %s)", record.get("role"), name, record.get("pid"))
-                    deadline = time.monotonic() + 10
-                    while process_start_time(record["pid"]) == record.get("start_time") and time.monotonic() < deadline:
-                        time.sleep(0.05)
-            self.store.clear_runtime(name)
+        kill_leftover_workers(self.store)
 
     def _restore(self) -> None:
-        jobs = []
-        for path, record, error in self.store.load_jobs():
-            if record is None:
-                log.error("cannot read saved job record %s: %s (left in place)", path, error)
-                continue
-            try:
-                jobs.append(sch.Job.from_dict(record))
-            except (KeyError, TypeError, ValueError) as exc:
-                log.error("saved job record %s is not valid: %s (left in place)", path, exc)
-        self.dispatch(sch.Restore(tuple(jobs)))
+        self.dispatch(sch.Restore(tuple(load_saved_jobs(self.store))))
 
     # ---- the one way the job table changes -----------------------------------------------------
     def dispatch(self, event: sch.Event) -> list[sch.Action]:
@@ -218,10 +208,18 @@ class Daemon:
         if self.shutting_down:
             return None
         job = self.state.jobs[name]
+        escaped = confine.escaped_paths(job.spec, self.config.allowed_roots)
+        if escaped:
+            log.error("job %s: not starting its %s worker: %s", name, role, "; ".join(escaped))
+            self.start_refusals[name] = Failure("refused", "; ".join(escaped))
+            return None
         payload = {"spec": job.spec.to_dict(), "attempt": job.attempt, "gpus": list(gpus),
                    "log_path": self.supervisor.log_path(name, role)}
         try:
             job_json = self.store.write_worker_job(name, payload) if role == "train" else self._worker_job(name, payload)
+            confine.hand_over(self.supervisor.identity, self.store.job_dir(name), job_json, job.spec.model_dir,
+                              os.path.join(self.config.state_dir, "evals", name),
+                              inside=(self.config.state_dir, *self.config.allowed_roots), keep=self.config.allowed_roots)
             argv = [self.config.resolved_worker_python(), "-m", self.config.worker_module, args[0], "--job", job_json,
                     *args[1:]]
             env = worker_environment(dict(os.environ), gpus)
@@ -230,6 +228,9 @@ class Daemon:
         except (OddaemonError, OSError) as exc:
             log.error("job %s: cannot start its %s worker: %s", name, role, user_message(exc))
             return None
+        if role == "train":
+            timeout = job.spec.train.hang_timeout_seconds
+            self.guard.begin(name, self.config.hang_timeout_seconds if timeout is None else timeout)
         self.runtime.setdefault(name, {})[role] = self.supervisor.runtime_record(worker)
         self.store.save_runtime(name, self.runtime[name])
         return worker
@@ -238,6 +239,8 @@ class Daemon:
         argv = [self.config.resolved_worker_python(), "-m", self.config.worker_module, args[0], "--job", job_json,
                 *args[1:]]
         try:
+            confine.hand_over(self.supervisor.identity, os.path.dirname(job_json), job_json,
+                              inside=(self.config.state_dir,))
             return self.supervisor.start(name, role, 0, argv, worker_environment(dict(os.environ), ()),
                                          os.path.dirname(job_json))
         except (OddaemonError, OSError) as exc:
@@ -258,8 +261,9 @@ class Daemon:
         worker = self.start_worker(action.name, "train", ["train"], action.gpus)
         if worker is None:
             # Reported as an exit on the next loop turn (never re-enter dispatch from an action).
-            self.loop.call_later(0, lambda: self.dispatch(
-                sch.ProcessExited(action.name, action.attempt, 127, "the worker could not be started (see the daemon log)")))
+            refused = self.start_refusals.pop(action.name, None)
+            self.loop.call_later(0, lambda: self.dispatch(sch.ProcessExited(
+                action.name, action.attempt, 127, "the worker could not be started (see the daemon log)", refused)))
 
     def _watch(self, name: str) -> None:
         """Progress and checkpoint watching for a job that trains or evaluates."""
@@ -273,10 +277,14 @@ class Daemon:
 
             def on_progress() -> None:
                 progress.refresh()
+                self.guard.progress(name, progress)
                 self.announcer.snapshot_soon()
 
-            watcher = ModelDirWatcher(self.inotify, self.loop, job.spec.model_dir,
-                                      lambda: self.evaluations.rescan(name), on_progress)
+            def on_checkpoints() -> None:
+                self.guard.activity(name)
+                self.evaluations.rescan(name)
+
+            watcher = ModelDirWatcher(self.inotify, self.loop, job.spec.model_dir, on_checkpoints, on_progress)
             try:
                 watcher.start()
             except (OddaemonError, OSError) as exc:
@@ -284,7 +292,12 @@ class Daemon:
                 return
             self.watchers[name] = watcher
 
-    def _on_worker_exit(self, worker: Worker, returncode: int, detail: str) -> None:
+    def _stop_failed_train(self, name: str, failure: Failure) -> None:
+        log.warning("job %s: %s", name, failure.message)
+        self.supervisor.stop(name, "train", failure.message, failure=failure)
+
+    def _on_worker_exit(self, worker: Worker, returncode: int, failure: Failure | None) -> None:
+        detail = failure.message if failure is not None else ""
         roles = self.runtime.get(worker.name, {})
         roles.pop(worker.role, None)
         if roles:
@@ -301,9 +314,10 @@ class Daemon:
             self.supervisor.close_logs_if_idle(worker.name)
             return
         if worker.role == "train":
+            self.guard.end(worker.name)
             if worker.name in self.progress:
                 self.progress[worker.name].refresh()
-            self.dispatch(sch.ProcessExited(worker.name, worker.attempt, returncode, detail))
+            self.dispatch(exit_event(self.state.jobs.get(worker.name), worker, returncode, failure))
         else:
             self.evaluations.on_worker_exit(worker, returncode, detail)
         if worker.name in self.state.jobs and self.state.jobs[worker.name].state in TERMINAL:
@@ -343,24 +357,13 @@ class Daemon:
         self.announcer.ready()
 
     def _reload_config(self) -> None:
-        if self.config.path is None:
+        new = reread_config(self.config)
+        if new is None:
             return
-        try:
-            new = load_config(self.config.path)
-        except OddaemonError as exc:
-            log.error("reload: %s; keeping the running configuration", user_message(exc))
-            return
-        fixed = [f for f in RESTART_ONLY if getattr(new, f) != getattr(self.config, f)]
-        if fixed:
-            log.warning("reload: %s changed; that takes a restart (systemctl restart oddaemon)", ", ".join(fixed))
-            new = dataclasses.replace(new, **{f: getattr(self.config, f) for f in fixed})
         self.config = self.intake_.config = new
         self.supervisor.log_max_bytes, self.supervisor.log_backups = new.log_max_bytes, new.log_backups
         self.supervisor.stop_grace = new.stop_grace_seconds
-        policy = sch.Policy(max_restarts=new.max_restarts, backoff_base=new.backoff_base_seconds,
-                            backoff_cap=new.backoff_cap_seconds, reset_after=new.restart_reset_after_seconds,
-                            max_cpu_jobs=new.max_cpu_jobs)
-        self.state = dataclasses.replace(self.state, policy=policy)
+        self.state = dataclasses.replace(self.state, policy=policy_of(new))
         log.info("reload: configuration re-read from %s", new.path)
         self.dispatch(sch.Tick())  # e.g. more CPU slots: start what now fits
 

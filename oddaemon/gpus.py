@@ -48,15 +48,40 @@ def discover_nvidia_smi() -> Discovery | None:
     return Discovery(ids, "nvidia-smi", f"{len(ids)} GPU(s) via nvidia-smi")
 
 
-def discover(setting: str | tuple[int, ...]) -> Discovery:
-    if isinstance(setting, tuple):
-        return Discovery(setting, "config", "listed in the configuration")
+def probe() -> Discovery | None:
+    """What the driver says (NVML, then nvidia-smi), or None when nothing can tell (no NVIDIA
+    library, no nvidia-smi, or neither works: e.g. no driver on this machine)."""
     reasons = []
-    for probe in (discover_nvml, discover_nvidia_smi):
-        found = probe()
+    for source in (discover_nvml, discover_nvidia_smi):
+        found = source()
         if found is None:
             continue
-        if found.ids:
+        if found.source != "none":
             return found
         reasons.append(found.detail)
-    return Discovery((), "none", "; ".join(reasons) or "no NVML library and no nvidia-smi: no NVIDIA GPUs")
+    return None if not reasons else Discovery((), "none", "; ".join(reasons))
+
+
+def discover(setting: str | tuple[int, ...], probe_gpus=probe) -> Discovery:
+    found = probe_gpus()
+    if isinstance(setting, tuple):
+        return check_listed(setting, found)
+    if found is not None and found.ids:
+        return found
+    reason = found.detail if found is not None else ""
+    return Discovery((), "none", reason or "no NVML library and no nvidia-smi: no NVIDIA GPUs")
+
+
+def check_listed(listed: tuple[int, ...], found: Discovery | None) -> Discovery:
+    """GPUs listed in the configuration that the driver does not report are left out (with the
+    reason in ``detail``): a job is never given a GPU that is gone. When the driver cannot be asked
+    at all, the list is trusted as it is."""
+    if found is None or found.source == "none":
+        why = f" (not verified: {found.detail})" if found is not None else " (not verified: no NVML, no nvidia-smi)"
+        return Discovery(listed, "config", "listed in the configuration" + why)
+    gone = [g for g in listed if g not in found.ids]
+    present = tuple(g for g in listed if g in found.ids)
+    if not gone:
+        return Discovery(listed, "config", f"listed in the configuration; all present ({found.detail})")
+    return Discovery(present, "config", f"listed in the configuration, but GPU(s) {', '.join(map(str, gone))} "
+                                        f"are gone ({found.detail}); left out until the daemon restarts with them back")

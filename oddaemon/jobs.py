@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Union
 
+from oddaemon.failures import Failure
 from oddaemon.jobspec import JobSpec
 from oddaemon.states import HOLDS_RESOURCES, JobState
 
@@ -46,6 +47,8 @@ class Job:
     last_exit: str = ""
     stop_reason: str = ""  # why training is being stopped early (empty: a cancel)
     eval_gpus: tuple[int, ...] = ()  # GPU held by the job's evaluator ("gpu"/"auto" placement)
+    failure: Failure | None = None  # the latest failure of its training (kind + message for the user)
+    adjustments: tuple[str, ...] = ()  # changes the daemon made to the spec (oom_retry_halve_batch)
     history: tuple[tuple[float, str, str], ...] = ()
 
     @property
@@ -75,6 +78,8 @@ class Job:
         d["gpus"] = tuple(d.get("gpus", ()))
         d["eval_gpus"] = tuple(d.get("eval_gpus", ()))
         d["history"] = tuple(tuple(h) for h in d.get("history", ()))
+        d["failure"] = Failure.from_dict(d.get("failure"))
+        d["adjustments"] = tuple(d.get("adjustments", ()))
         return cls(**d)
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
+from oddaemon.failures import Failure
 from oddaemon.jobs import Job
 from oddaemon.jobspec import JobSpec
+from oddaemon.remedies import Remedy
 
 # ---- events -------------------------------------------------------------------------------
 
@@ -22,7 +24,10 @@ class ProcessExited:
     name: str
     attempt: int
     returncode: int  # negative = killed by that signal (as subprocess reports it)
-    detail: str = ""  # a failure reason read from the log, if any
+    detail: str = ""  # why, when no Failure is known (e.g. the worker could not be started)
+    failure: Failure | None = None  # what the exit status and the log say (oddaemon.failures)
+    remedy: Remedy | str | None = None  # for an out-of-memory exit with oom_retry_halve_batch: the
+    #                                     smaller batch (oddaemon.remedies), or why there is none
 
 
 @dataclass(frozen=True)

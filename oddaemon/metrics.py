@@ -117,6 +117,9 @@ class SnapshotCollector(Collector):
                                      "Latest evaluation: checkpoint complete -> evaluation start", labels=["job_name"]),
             "took": GaugeMetricFamily("oddaemon_job_eval_duration_seconds", "Latest evaluation's duration",
                                       labels=["job_name"]),
+            "failure": GaugeMetricFamily("oddaemon_job_failure", "1 while the job is in backoff or failed; kind: "
+                                         "its latest failure (oom, nan, input, checkpoint, gpu, storage, hung, signal, exit, refused)",
+                                         labels=["job_name", "kind"]),
         }
         restarts = CounterMetricFamily("oddaemon_job_restarts", "Restarts of the job's training after failures",
                                        labels=["job_name"])
@@ -125,6 +128,8 @@ class SnapshotCollector(Collector):
             g["state"].add_metric([name, v["state"]], 1)
             restarts.add_metric([name], v["restarts"])
             g["gpus"].add_metric([name], len(v["gpus"]))
+            if v.get("failure") and v["state"] in ("backoff", "failed"):
+                g["failure"].add_metric([name, v["failure"]["kind"]], 1)
             live = JobState(v["state"]) not in TERMINAL  # a finished job has no speed and no ETA
             for key, field in (("step", "step"), ("target", "target_steps"), ("progress", "progress"),
                                ("rate", "steps_per_second"), ("eta", "eta_seconds"), ("lr", "learning_rate")):

@@ -11,7 +11,11 @@ Policy
   (no backfill), so a big high-priority job is never starved by a stream of small ones.
 * A job that can never fit (more GPUs than exist, an id that does not exist) is rejected at
   submission, never queued forever.
-* A failed train process is restarted after ``min(cap, base * 2**(n-1))`` seconds, where n
+* A failed train process that failed in a way a restart cannot fix (``Failure.retry`` false: a NaN
+  loss, a corrupt or empty input, a bad fine-tune checkpoint) fails the job at once. Out of GPU
+  memory with ``oom_retry_halve_batch``: restarted at once with the ``Remedy`` the daemon computed
+  (half the batch), which counts as a restart but not as a consecutive failure.
+* Any other failed train process is restarted after ``min(cap, base * 2**(n-1))`` seconds, where n
   counts consecutive failures (a run longer than ``reset_after`` starts the count again);
   after ``max_restarts`` consecutive failures the job is ``failed`` with the reason. GPUs stay
   held during backoff so the job resumes where it was.
@@ -27,6 +31,7 @@ from oddaemon.jobspec import JobSpec
 from oddaemon.messages import (Accepted, Action, Cancel, EarlyStop, EvalPlacement, EvaluationsDone, EvaluatorStopped,
                                Event, PlaceEvaluator, ProcessExited, Refused, Rejected, Restore, Retry, SaveJob,
                                StartTrain, StateChanged, StopEvaluator, StopTrain, Submit, Tick, TrainingEnded, WakeAt)
+from oddaemon.remedies import Remedy
 from oddaemon.states import HOLDS_RESOURCES, TERMINAL, JobState, check_transition
 
 __all__ = ["Accepted", "Action", "Cancel", "EarlyStop", "EvalPlacement", "EvaluationsDone", "EvaluatorStopped", "Event",
@@ -143,28 +148,57 @@ def _exited(policy: Policy, jobs: dict[str, Job], ev: ProcessExited, now: float,
     if job is None or job.attempt != ev.attempt or job.state not in (JobState.RUNNING, JobState.STOPPING):
         return  # a stale exit (an earlier attempt): nothing to do
     exit_text = describe_returncode(ev.returncode)
+    failure = ev.failure
     if job.state is JobState.STOPPING and job.stop_reason:
         jobs[job.name], acts = _training_over(job, now, job.stop_reason, last_exit=exit_text)
     elif job.state is JobState.STOPPING:
         jobs[job.name], acts = transition(job, JobState.CANCELLED, now, "cancelled by request", last_exit=exit_text)
-    elif ev.returncode == 0:
+    elif ev.returncode == 0 and failure is None:
         jobs[job.name], acts = _training_over(job, now, "training finished", last_exit=exit_text)
     else:
-        ran = now - job.started_at if job.started_at is not None else 0.0
-        consecutive = 1 if ran >= policy.reset_after else job.consecutive_failures + 1
-        limit = job.spec.train.max_restarts if job.spec.train.max_restarts is not None else policy.max_restarts
-        why = f"train process {exit_text}" + (f": {ev.detail}" if ev.detail else "")
-        if consecutive > limit:
-            reason = f"{why}; gave up after {consecutive} consecutive failure(s) (max_restarts = {limit})"
-            jobs[job.name], acts = transition(job, JobState.FAILED, now, reason, last_exit=exit_text,
-                                              consecutive_failures=consecutive)
-        else:
-            delay = policy.backoff(consecutive)
-            reason = f"{why}; restart {consecutive} of {limit} in {delay:g}s"
-            jobs[job.name], acts = transition(job, JobState.BACKOFF, now, reason, last_exit=exit_text,
-                                              consecutive_failures=consecutive, retry_at=now + delay,
-                                              restarts=job.restarts + 1)
+        acts = _failed(policy, jobs, job, ev, now, exit_text)
     actions += acts
+
+
+def _failed(policy: Policy, jobs: dict[str, Job], job: Job, ev: ProcessExited, now: float,
+            exit_text: str) -> list[Action]:
+    """A train process failed: fail the job, restart it with a remedy, or restart it after a backoff."""
+    failure = ev.failure
+    if failure is not None and failure.kind == "refused":
+        why = f"the train worker was not started: {failure.message}"
+    elif failure is not None and failure.kind in ("signal", "exit"):
+        why = f"train process {failure.message}"
+    elif failure is not None:
+        why = f"train process {exit_text}: {failure.message}"
+    else:
+        why = f"train process {exit_text}" + (f": {ev.detail}" if ev.detail else "")
+    common = {"last_exit": exit_text, "failure": failure or job.failure}
+    if failure is not None and not failure.retry:
+        jobs[job.name], acts = transition(job, JobState.FAILED, now, f"{why}; not restarted: it would fail the "
+                                          "same way", **common)
+        return acts
+    if failure is not None and failure.kind == "oom" and job.spec.train.oom_retry_halve_batch:
+        if isinstance(ev.remedy, Remedy):
+            reason = f"{why}; oom_retry_halve_batch: restarting with {ev.remedy.note}"
+            jobs[job.name], acts = transition(job, JobState.BACKOFF, now, reason, spec=ev.remedy.spec,
+                                              adjustments=job.adjustments + (f"out of GPU memory: {ev.remedy.note}",),
+                                              retry_at=now, restarts=job.restarts + 1, **common)
+            return acts
+        if ev.remedy:
+            why = f"{why}; oom_retry_halve_batch: {ev.remedy}"
+    ran = now - job.started_at if job.started_at is not None else 0.0
+    consecutive = 1 if ran >= policy.reset_after else job.consecutive_failures + 1
+    limit = job.spec.train.max_restarts if job.spec.train.max_restarts is not None else policy.max_restarts
+    if consecutive > limit:
+        reason = f"{why}; gave up after {consecutive} consecutive failure(s) (max_restarts = {limit})"
+        jobs[job.name], acts = transition(job, JobState.FAILED, now, reason, consecutive_failures=consecutive,
+                                          **common)
+    else:
+        delay = policy.backoff(consecutive)
+        reason = f"{why}; restart {consecutive} of {limit} in {delay:g}s"
+        jobs[job.name], acts = transition(job, JobState.BACKOFF, now, reason, consecutive_failures=consecutive,
+                                          retry_at=now + delay, restarts=job.restarts + 1, **common)
+    return acts
 
 
 def _training_over(job: Job, now: float, reason: str, **changes) -> tuple[Job, list[Action]]:

@@ -1,8 +1,10 @@
 """Runs and watches worker processes on the event loop.
 
 The supervisor owns the live ``Worker`` objects, their log pumps and their timers. It reports
-each exit through ``on_exit(worker, returncode, detail)`` and never decides anything about jobs:
-that is the scheduler's job.
+each exit through ``on_exit(worker, returncode, failure)`` (a ``Failure`` read from the exit status
+and the log tail, or the one given to ``stop`` when the daemon stopped a hung or diverging worker)
+and never decides anything about jobs: that is the scheduler's job. ``on_output(name, role)`` is
+called when a worker writes to its log (activity, for hang detection).
 """
 
 from __future__ import annotations
@@ -13,25 +15,30 @@ import signal
 import time
 from collections.abc import Callable
 
-from oddaemon.failures import classify_failure
+from oddaemon.confine import Identity
+from oddaemon.failures import Failure, classify_failure
 from oddaemon.logs import LogPump, RotatingLog
 from oddaemon.loop import Loop
 from oddaemon.procs import Worker, process_start_time, spawn
 
 log = logging.getLogger("oddaemon.supervisor")
 
-ExitCallback = Callable[[Worker, int, str], None]
+ExitCallback = Callable[[Worker, int, "Failure | None"], None]
 
 
 class Supervisor:
     def __init__(self, loop: Loop, log_dir: str, log_max_bytes: int, log_backups: int,
-                 stop_grace: float, on_exit: ExitCallback, clock: Callable[[], float] = time.time):
+                 stop_grace: float, on_exit: ExitCallback, clock: Callable[[], float] = time.time,
+                 on_output: Callable[[str, str], None] | None = None):
         self.loop = loop
         self.log_dir = log_dir
         self.log_max_bytes = log_max_bytes
         self.log_backups = log_backups
         self.stop_grace = stop_grace
         self.on_exit = on_exit
+        self.on_output = on_output
+        self._imposed: dict[int, Failure] = {}  # pid -> the failure the daemon stopped it for
+        self.identity: Identity | None = None  # whom workers run as (None: the daemon's own user); set at start
         self.clock = clock
         self.workers: dict[tuple[str, str], Worker] = {}
         self._logs: dict[tuple[str, str], RotatingLog] = {}
@@ -56,7 +63,8 @@ class Supervisor:
         rlog = self._log_for(name, role)
         rlog.write(f"==== oddaemon: starting {role} attempt {attempt} at "
                    f"{time.strftime('%Y-%m-%d %H:%M:%S')} (CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')!r})\n".encode())
-        worker = spawn(name, role, attempt, argv, env, cwd, self.clock(), stdin=stdin, pass_fds=pass_fds)
+        worker = spawn(name, role, attempt, argv, env, cwd, self.clock(), stdin=stdin, pass_fds=pass_fds,
+                       identity=self.identity)
         pump = LogPump(worker.output_fd, rlog)
         handles = [
             self.loop.add_reader(worker.output_fd, lambda: self._pump(worker, pump)),
@@ -71,7 +79,10 @@ class Supervisor:
                 "role": worker.role, "started_at": worker.started_at}
 
     def _pump(self, worker: Worker, pump: LogPump) -> None:
-        if not pump.pump():
+        alive = pump.pump()
+        if self.on_output is not None:
+            self.on_output(worker.name, worker.role)
+        if not alive:
             handles = self._handles.get(worker.pid)
             if handles and handles[0] is not None:
                 self.loop.remove(handles[0])
@@ -93,18 +104,24 @@ class Supervisor:
                 pump.close()
         if self.workers.get((worker.name, worker.role)) is worker:
             del self.workers[(worker.name, worker.role)]
-        detail = classify_failure(returncode, list(pump.tail)) if returncode != 0 else ""
+        failure = self._imposed.pop(worker.pid, None)
+        if failure is None and returncode != 0:
+            failure = classify_failure(returncode, list(pump.tail))
         self._log_for(worker.name, worker.role).write(
             f"==== oddaemon: {worker.role} attempt {worker.attempt} ended: "
             f"{'exit status ' + str(returncode) if returncode >= 0 else 'signal ' + str(-returncode)}"
-            f"{' (' + detail + ')' if detail else ''}\n".encode())
-        self.on_exit(worker, returncode, detail)
+            f"{' (' + failure.message + ')' if failure else ''}\n".encode())
+        self.on_exit(worker, returncode, failure)
 
-    def stop(self, name: str, role: str, reason: str) -> bool:
-        """SIGTERM to the worker's process group, SIGKILL after the grace period."""
+    def stop(self, name: str, role: str, reason: str, failure: Failure | None = None) -> bool:
+        """SIGTERM to the worker's process group, SIGKILL after the grace period. ``failure``: the
+        daemon stops it because it failed (hung, NaN loss); its exit reports that failure."""
         worker = self.workers.get((name, role))
         if worker is None:
             return False
+        if failure is not None:
+            self._imposed.setdefault(worker.pid, failure)
+            self._log_for(name, role).write(f"==== oddaemon: stopping {role}: {failure.message}\n".encode())
         if worker.stop_requested_at is None:
             worker.stop_requested_at = self.clock()
             log.info("stopping %s worker of %s (pid %d): %s", role, name, worker.pid, reason)

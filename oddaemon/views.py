@@ -39,6 +39,8 @@ def job_view(job: Job, progress: TrainProgress | None, queue_position: int | Non
         "attempt": job.attempt,
         "restarts": job.restarts,
         "last_exit": job.last_exit,
+        "failure": job.failure.to_dict() if job.failure is not None else None,
+        "adjustments": list(job.adjustments),
         "submitted_at": job.submitted_at,
         "started_at": job.started_at,
         "finished_at": job.finished_at,

@@ -8,7 +8,9 @@ fields) as in the text proto, overridden by the job's ``[pipeline]`` values, plu
 ``# standin: key = value`` (see ``DIRECTIVE_DEFAULTS``). The failure directives ``hang_at_step``,
 ``oom_at_step``, ``nan_at_step`` and ``crash_at_step`` fire when training is about to complete that
 step (nothing of that step is written) and share the ``crash_times`` budget, counted in
-``model_dir/.standin-crashes``. Checkpoints are named by save count like TF's CheckpointManager:
+``model_dir/.standin-crashes``; ``crash_text`` replaces crash_at_step's last line (e.g. a TF error).
+Like the real trainer, ``nan_loss_from_step`` keeps training with NaN losses from that step on, and
+``oom_above_batch`` fails with TF's out-of-memory error while the batch size is above it. Checkpoints are named by save count like TF's CheckpointManager:
 ckpt-1 holds step 0. Scalars go to ``model_dir/train`` and ``model_dir/eval`` one event per tag, as
 TF writes them; values are float32-exact, so ``train_scalars``/``eval_metrics`` equal what is read back.
 """
@@ -35,8 +37,9 @@ DIRECTIVE_DEFAULTS: dict[str, float | int | None] = {
     "hang_at_step": None, "oom_at_step": None, "nan_at_step": None, "log_lines_per_step": 1,
     "eval_seconds": 0.05, "eval_crash": None, "map_peak_step": None, "ignore_sigterm": 0,
     "eval_crash_times": None, "export_seconds": 0.05, "preflight_problem": None,
+    "crash_text": None, "nan_loss_from_step": None, "oom_above_batch": None,
 }
-_DIRECTIVE_TYPES = {key: float if key.endswith("_seconds") else str if key.endswith("_problem") else int
+_DIRECTIVE_TYPES = {key: float if key.endswith("_seconds") else str if key.endswith(("_problem", "_text")) else int
                     for key in DIRECTIVE_DEFAULTS}
 _FAILURES = ("hang_at_step", "oom_at_step", "nan_at_step", "crash_at_step")
 _PIPELINE_NUMBERS = {"num_steps": int, "batch_size": int, "learning_rate_base": float,
@@ -335,7 +338,7 @@ def _fail(setup: Setup, failure: str, step: int) -> int:
         _traceback("train_loop", call, "tensorflow.python.framework.errors_impl.InvalidArgumentError: "
                    f"Loss is NaN at step {step} : Tensor had NaN values [Op:CheckNumerics]")
         return 1
-    _traceback("train_loop", call, f"RuntimeError: standin: crash_at_step {step} reached")
+    _traceback("train_loop", call, setup.directives["crash_text"] or f"RuntimeError: standin: crash_at_step {step} reached")
     return setup.directives["exit_code"]
 
 
@@ -354,6 +357,10 @@ def train(setup: Setup) -> int:
         step = 0
         manager.save(0)
     _err(f"standin: train job {setup.name!r} attempt {setup.attempt}: step {step} of {num_steps}")
+    batch = _setting(setup.pipeline, "batch_size", DEFAULT_BATCH_SIZE)
+    if setup.directives["oom_above_batch"] is not None and batch > setup.directives["oom_above_batch"]:
+        return _fail(setup, "oom_at_step", step + 1)
+    nan_from = setup.directives["nan_loss_from_step"]
     writer = EventFileWriter(os.path.join(setup.model_dir, "train"))
     checkpointed = step
     try:
@@ -365,6 +372,8 @@ def train(setup: Setup) -> int:
             _sleep(step_seconds)
             step += 1
             scalars = train_scalars(step, setup.pipeline, step_seconds)
+            if nan_from is not None and step >= nan_from:
+                scalars.update({tag: math.nan for tag in scalars if tag.startswith("Loss/")})
             for tag, value in scalars.items():
                 writer.add_scalars(step, {tag: value})
             _log(f"Step {step} per-step time {time.monotonic() - started:.3f}s")

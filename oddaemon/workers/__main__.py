@@ -52,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from oddaemon.workers import train
 
-            return train.run(args)
+            try:
+                return train.run(args)
+            except Exception as exc:  # name the failure for the daemon, then fail as before
+                _explain(args.job, exc)
+                raise
         if args.command == "eval":
             from oddaemon.workers import evaluate
 
@@ -79,6 +83,18 @@ def main(argv: list[str] | None = None) -> int:
     except WorkerError as exc:
         err(f"oddaemon.workers {args.command}: {exc}")
         return exc.code
+
+
+def _explain(job_path: str, exc: BaseException) -> None:
+    from oddaemon.workers import diagnose, load_job
+
+    try:
+        job = load_job(job_path)
+    except WorkerError:
+        job = None
+    line = diagnose.explain(job, exc)
+    if line:
+        err(line)
 
 
 if __name__ == "__main__":

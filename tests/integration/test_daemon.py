@@ -270,7 +270,8 @@ def test_preflight_problems_reject_the_file_and_a_passing_preflight_queues_it(da
     wait_for(lambda: "pf.toml.error" in env.rejected(), 20, what="the preflight rejection")
     error = open(os.path.join(env.spool, "rejected", "pf.toml.error")).read()
     assert "because its preflight found problems" in error and "num_classes is 3 but the label map has 5 items" in error
-    assert not os.listdir(os.path.join(env.spool, "cur"))
+    # the .error is written first, then the file moves: wait for the move
+    wait_for(lambda: not os.listdir(os.path.join(env.spool, "cur")), 10, what="spool/cur to empty")
     env.drop("pf2.toml", env.job_text("pf2", num_steps=5))
     env.wait_state("pf2", "succeeded", 30)
     assert os.path.exists(os.path.join(env.logs, "pf2", "preflight.log"))

@@ -522,3 +522,38 @@ def test_the_effdet_d0_demo_config_passes_preflight(tmp_path):
     out = preflight(tmp_path, spec)
     assert out["ok"] is True, out["problems"]
     assert out["effective"]["num_classes"] == 3
+
+
+# ---------------------------------------------------------------------------- failure diagnosis
+
+
+def test_a_corrupt_record_is_located_and_named_for_the_daemon(tmp_path):
+    from oddaemon.failures import classify_failure
+    from oddaemon.workers import diagnose
+
+    good, bad = str(tmp_path / "a.tfrecord"), str(tmp_path / "b.tfrecord")
+    for path in (good, bad):
+        with tf.io.TFRecordWriter(path) as writer:
+            for i in range(5):
+                writer.write(b"record %d " % i * 50)
+    data = bytearray(open(bad, "rb").read())
+    record = len(data) // 5
+    data[2 * record + 20] ^= 0xFF  # inside the payload of record 2: its CRC no longer matches
+    open(bad, "wb").write(bytes(data))
+    assert diagnose.find_corrupt_record([str(tmp_path / "*.tfrecord")]) == (bad, 2)
+    job = {"spec": {"pipeline": {"train_input_path": [str(tmp_path / "*.tfrecord")]}}}
+    try:
+        for _ in tf.data.TFRecordDataset([good, bad]):
+            pass
+    except tf.errors.DataLossError as exc:
+        line = diagnose.explain(job, exc)
+    else:
+        pytest.fail("the damaged file was read without an error")
+    failure = classify_failure(1, ["Traceback ...", "DataLossError: corrupted record at 140", line])
+    assert failure.kind == "input" and f"corrupt input record in {bad} at record 2" in failure.message
+    empty = str(tmp_path / "empty.tfrecord")
+    open(empty, "wb").close()
+    line = diagnose.explain({"spec": {"pipeline": {"train_input_path": empty}}}, tf.errors.OutOfRangeError(None, None, "End of sequence"))
+    assert classify_failure(1, [line]).message.startswith(f"no input records: {empty} hold no records")
+    oom = diagnose.explain(None, tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor"))
+    assert classify_failure(1, [oom]).kind == "oom"

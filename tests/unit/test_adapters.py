@@ -7,7 +7,6 @@ import signal
 
 import pytest
 
-from oddaemon.failures import classify_failure
 from oddaemon.logs import LogPump, RotatingLog
 from oddaemon.loop import GLibLoop, SelectLoop
 from oddaemon.spool import NotARegularFile, Spool, is_candidate
@@ -142,15 +141,6 @@ def test_log_pump_keeps_partial_lines_until_complete(tmp_path):
     assert list(pump.tail) == ["first", "second", "no newline at end"]
 
 
-@pytest.mark.parametrize("code, tail, fragment", [
-    (1, ["tensorflow.python.framework.errors_impl.ResourceExhaustedError: OOM when allocating tensor with shape[8,64,80,80]"],
-     "out of GPU memory (tensor shape [8,64,80,80]): lower [pipeline] batch_size"),
-    (1, ["InvalidArgumentError: Loss is NaN at step 120 : Tensor had NaN values"], "loss became NaN at step 120: lower the learning rate"),
-    (-9, ["Step 5"], "killed by SIGKILL"),
-    (3, ["whatever"], ""),
-])
-def test_classify_failure(code, tail, fragment):
-    assert classify_failure(code, tail) == fragment
 
 
 @pytest.mark.parametrize("loop_class", LOOPS)

@@ -1,0 +1,90 @@
+"""Name a train worker's own failure in one line the daemon reads (``oddaemon-failure: KIND: ...``,
+see ``oddaemon.failures``), with what the exception alone does not say: which input file holds the
+corrupt record, and at which record.
+
+Called from ``__main__`` with the exception that ends the worker; it never raises.
+"""
+
+from __future__ import annotations
+
+import glob
+import time
+
+from oddaemon.failures import marker_line
+
+SCAN_SECONDS = 300.0  # at most this long looking for the corrupt file
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]
+
+
+def input_patterns(job: dict) -> list[str]:
+    """The train input patterns: the job's [pipeline] edit, else the effective pipeline.config's."""
+    spec = job["spec"]
+    edit = (spec.get("pipeline") or {}).get("train_input_path")
+    if edit:
+        return [edit] if isinstance(edit, str) else list(edit)
+    try:
+        from oddaemon.workers import pipeline
+
+        proto = pipeline.effective_pipeline(spec)
+        return list(proto.train_input_reader.tf_record_input_reader.input_path)
+    except Exception:  # noqa: BLE001 - best effort: the marker then names no file
+        return []
+
+
+def find_corrupt_record(patterns: list[str], budget: float = SCAN_SECONDS) -> tuple[str, int] | None:
+    """(file, index of the first unreadable record) in the first damaged TFRecord file, or None."""
+    import tensorflow as tf
+
+    deadline = time.monotonic() + budget
+    for pattern in patterns:
+        for path in sorted(glob.glob(pattern)):
+            count = 0
+            try:
+                for _ in tf.data.TFRecordDataset(path):
+                    count += 1
+                    if time.monotonic() > deadline:
+                        return None
+            except (tf.errors.DataLossError, tf.errors.OpError):
+                return path, count
+    return None
+
+
+def count_records(patterns: list[str], limit: int = 1) -> int:
+    import tensorflow as tf
+
+    total = 0
+    for pattern in patterns:
+        for path in sorted(glob.glob(pattern)):
+            total += sum(1 for _ in tf.data.TFRecordDataset(path).take(limit - total))
+            if total >= limit:
+                return total
+    return total
+
+
+def explain(job: dict | None, exc: BaseException) -> str | None:
+    """The marker line for ``exc``, or None when it is nothing this module knows."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return None
+    try:
+        if isinstance(exc, tf.errors.ResourceExhaustedError):
+            return marker_line("oom", f"out of GPU memory ({_first_line(exc)}): lower [pipeline] batch_size, or "
+                                      "set [train] oom_retry_halve_batch = true")
+        if isinstance(exc, tf.errors.DataLossError) and job is not None:
+            found = find_corrupt_record(input_patterns(job))
+            where = f" in {found[0]} at record {found[1]}" if found else ""
+            return marker_line("input", f"corrupt input record{where} ({_first_line(exc)}): replace the file or drop "
+                                        "it from [pipeline] train_input_path, then oddaemon retry")
+        if isinstance(exc, (tf.errors.OutOfRangeError, StopIteration)) and job is not None:
+            patterns = input_patterns(job)
+            if patterns and count_records(patterns) == 0:
+                return marker_line("input", f"no input records: {', '.join(patterns)} hold no records; check "
+                                            "[pipeline] train_input_path, then oddaemon retry")
+    except Exception:  # noqa: BLE001 - diagnosing must never hide the original error
+        return None
+    return None

@@ -1,0 +1,157 @@
+"""Fault matrix, the worker side: a hung worker, a NaN loss that never ends the process, failures a
+restart cannot fix, out of GPU memory with oom_retry_halve_batch, and a GPU listed in the
+configuration but gone. Real daemon, real stand-in workers, real fault injection. Each case
+checks that the job ends with the reason a user can act on, in `oddaemon status`, the job record,
+the metrics and the train log, and that the daemon keeps serving."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import urllib.request
+
+from harness import wait_for
+
+
+def train_keys(text: str, keys: str) -> str:
+    return text.replace("[train]\n", f"[train]\n{keys}\n", 1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        return reply.read().decode()
+
+
+def still_serving(env, name: str) -> None:
+    """The daemon answers and runs a fresh job to the end."""
+    env.drop(f"{name}.toml", env.job_text(name, num_steps=4, every=2, step_seconds=0.01))
+    env.wait_state(name, "succeeded", 60)
+
+
+def test_a_hung_worker_is_stopped_and_restarted_from_its_checkpoint(daemon_env):
+    env = daemon_env.start()
+    text = env.job_text("hangs", num_steps=20, every=5, keep=10, step_seconds=0.02, hang_at_step=12, crash_times=1)
+    env.drop("hangs.toml", train_keys(text, "hang_timeout_seconds = 1.5"))
+    job = env.wait_state("hangs", "succeeded", 60)
+    assert job["restarts"] == 1 and job["attempt"] == 2
+    backoff = [h for h in job["history"] if h["state"] == "backoff"]
+    assert len(backoff) == 1 and "hung: no new step, checkpoint or log line for 1.5s" in backoff[0]["reason"]
+    assert job["failure"]["kind"] == "hung"
+    log = open(os.path.join(env.logs, "hangs", "train.log")).read()
+    assert "==== oddaemon: stopping train: hung" in log and "resuming from step 10" in log
+    # not a single checkpoint evaluation lost across the restart
+    steps = sorted(c["step"] for c in job["evaluation"]["checkpoints"] if c["state"] == "evaluated")
+    assert steps == [0, 5, 10, 15, 20], job["evaluation"]
+    still_serving(env, "after-hang")
+
+
+def test_a_nan_loss_stops_the_job_at_once_with_the_step(daemon_env):
+    port = free_port()
+    daemon_env.write_config(metrics_listen=f"127.0.0.1:{port}")
+    env = daemon_env.start()
+    # like the real TF OD API: the stand-in keeps training with NaN losses; only the daemon stops it
+    env.drop("diverges.toml", env.job_text("diverges", num_steps=5000, every=50, step_seconds=0.02,
+                                           nan_loss_from_step=8))
+    job = env.wait_state("diverges", "failed", 60)
+    assert job["restarts"] == 0 and job["failure"]["kind"] == "nan" and job["failure"]["step"] == 8
+    assert "loss became NaN at step 8 (Loss/total_loss)" in job["reason"]
+    assert "not restarted: it would fail the same way" in job["reason"]
+    assert job["step"] < 5000
+    out = env.cli("status", "diverges")
+    assert "failure    nan: loss became NaN at step 8" in out.stdout, out.stdout
+    wait_for(lambda: 'oddaemon_job_failure{job_name="diverges",kind="nan"} 1.0' in scrape(port), 10,
+             what="the failure in the metrics")
+    still_serving(env, "after-nan")
+
+
+def test_failures_a_restart_cannot_fix_fail_at_once_and_say_what_to_fix(daemon_env):
+    port = free_port()
+    daemon_env.write_config(metrics_listen=f"127.0.0.1:{port}", max_restarts=3)
+    env = daemon_env.start()
+    cases = {
+        "corrupt": ("tensorflow.python.framework.errors_impl.DataLossError: corrupted record at 7 while reading "
+                    "/srv/data/train-00001-of-00004.tfrecord", "input", "corrupt input record in "
+                    "/srv/data/train-00001-of-00004.tfrecord"),
+        "noinput": ("tensorflow.python.framework.errors_impl.OutOfRangeError: End of sequence "
+                    "[[{{node IteratorGetNext}}]]", "input", "no input records"),
+        "badckpt": ("ValueError: Unresolved object in checkpoint (root).model._box_predictor: attributes {...}",
+                    "checkpoint", "fine_tune_checkpoint_type"),
+    }
+    for name, (line, _, _) in cases.items():
+        env.drop(f"{name}.toml", env.job_text(name, num_steps=10, step_seconds=0.01, crash_at_step=3,
+                                              crash_text=json.dumps(line)[1:-1]))
+    for name, (_, kind, advice) in cases.items():
+        job = env.wait_state(name, "failed", 60)
+        assert job["restarts"] == 0 and job["failure"]["kind"] == kind, job
+        assert advice in job["reason"] and "not restarted" in job["reason"]
+        wait_for(lambda: f'oddaemon_job_failure{{job_name="{name}",kind="{kind}"}} 1.0' in scrape(port), 10,
+                 what=f"the failure of {name} in the metrics")
+    # the reason is kept in the job record on disk too
+    record = json.load(open(os.path.join(env.state, "jobs", "corrupt.json")))
+    assert record["failure"]["kind"] == "input"
+    still_serving(env, "after-fatal")
+
+
+def test_out_of_gpu_memory_halves_the_batch_and_scales_the_learning_rate(daemon_env):
+    env = daemon_env.start()
+    text = env.job_text("big", num_steps=10, every=5, step_seconds=0.01, batch_size=16, oom_above_batch=4)
+    text = text.replace("[pipeline]\n", "[pipeline]\nlearning_rate_base = 0.08\nwarmup_learning_rate = 0.002\n", 1)
+    env.drop("big.toml", train_keys(text, "oom_retry_halve_batch = true\nmax_restarts = 0"))
+    job = env.wait_state("big", "succeeded", 60)
+    assert job["adjustments"] == [
+        "out of GPU memory: batch_size 16 -> 8, learning_rate_base 0.08 -> 0.04, warmup_learning_rate 0.002 -> 0.001",
+        "out of GPU memory: batch_size 8 -> 4, learning_rate_base 0.04 -> 0.02, warmup_learning_rate 0.001 -> 0.0005",
+    ]
+    assert job["restarts"] == 2 and job["attempt"] == 3
+    oom = [h["reason"] for h in job["history"] if h["state"] == "backoff"]
+    assert "out of GPU memory at batch_size 16" in oom[0] and "restarting with batch_size 16 -> 8" in oom[0]
+    # the last run trained with what the daemon chose
+    spec = json.load(open(os.path.join(env.state, "work", "big", "job.json")))["spec"]
+    assert spec["pipeline"]["batch_size"] == 4 and abs(spec["pipeline"]["learning_rate_base"] - 0.02) < 1e-12
+    # ... and at the floor it is an ordinary failure with the reason
+    text = env.job_text("huge", num_steps=10, step_seconds=0.01, batch_size=8, oom_above_batch=2)
+    env.drop("huge.toml", train_keys(text, "oom_retry_halve_batch = true\nmin_batch_size = 4\nmax_restarts = 0"))
+    job = env.wait_state("huge", "failed", 60)
+    assert job["adjustments"] == ["out of GPU memory: batch_size 8 -> 4, learning rate unchanged "
+                                  "(no learning_rate_base found)"]
+    assert "batch_size 4 is already at the floor ([train] min_batch_size = 4)" in job["reason"]
+
+
+def fake_nvidia_smi(directory: str, ids: list[int]) -> None:
+    path = os.path.join(directory, "nvidia-smi")
+    with open(path, "w") as f:
+        f.write("#!/bin/sh\n" + "".join(f"echo {i}\n" for i in ids))
+    os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+
+
+def test_a_gpu_listed_in_the_configuration_but_gone(daemon_env, tmp_path, monkeypatch):
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    fake_nvidia_smi(str(bin_dir), [0, 1, 2])
+    daemon_env.write_config(gpus=[0, 1, 2])
+    env = daemon_env.start()
+    env.drop("on2.toml", env.job_text("on2", num_steps=100000, step_seconds=0.05, gpus=[2]))
+    env.wait_state("on2", "running", 30)
+    env.stop()
+    fake_nvidia_smi(str(bin_dir), [0, 1])  # GPU 2 fell off the bus while the daemon was down
+    env.start()
+    job = env.wait_state("on2", "failed", 30)
+    assert "can no longer run here: it asks for GPU id(s) 2, which this machine does not have (GPUs: 0, 1)" \
+        in job["reason"]
+    assert "GPU(s) 2 are gone" in env.daemon_log()
+    env.drop("wants2.toml", env.job_text("wants2", gpus=[2]))
+    wait_for(lambda: "wants2.toml.error" in env.rejected(), 30, what="wants2 rejected")
+    error = open(os.path.join(env.spool, "rejected", "wants2.toml.error")).read()
+    assert "GPU id(s) 2, which this machine does not have" in error
+    env.drop("on1.toml", env.job_text("on1", num_steps=4, every=2, step_seconds=0.01, gpus=[1]))
+    assert env.wait_state("on1", "succeeded", 60)["gpus"] == []
+    assert sorted(env.ask("list")["gpus"]) == [0, 1]
