@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 from oddaemon import __version__
 from oddaemon import scheduler as sch
 from oddaemon.errors import OddaemonError
-from oddaemon.store import atomic_write
 
 if TYPE_CHECKING:
     from oddaemon.daemon import Daemon
@@ -56,9 +55,7 @@ class Commands:
         base = os.path.basename(filename) or "submitted.toml"
         if not base.endswith(".toml"):
             base += ".toml"
-        spool = self.daemon.spool
-        path = os.path.join(spool.new, f"{base[:-5]}.{uuid.uuid4().hex[:8]}.toml")
-        atomic_write(path, data, mode=0o640)
+        path = self.daemon.spool.deliver(data, f"{base[:-5]}.{uuid.uuid4().hex[:8]}.toml")
         verdict = self.daemon.intake(path)
         if verdict is None or verdict.accepted is False:
             raise CommandError(verdict.message if verdict else "the file vanished before it could be read")

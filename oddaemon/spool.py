@@ -19,7 +19,7 @@ import time
 import uuid
 
 from oddaemon.errors import OperationError
-from oddaemon.store import atomic_write, fsync_dir, rename_noreplace
+from oddaemon.store import atomic_write, fsync_dir, remove_stale_temps, rename_noreplace
 
 TEMP_SUFFIXES = ("~", ".swp", ".swx", ".tmp", ".part", ".partial")
 
@@ -56,6 +56,8 @@ class Spool:
                 os.makedirs(d, exist_ok=True)
             except OSError as exc:
                 raise OperationError(d, "create spool directory", exc) from exc
+        for d in (self.tmp, self.new):
+            remove_stale_temps(d)  # the daemon's own half-written files (".tmp-*"), never a user's
 
     def scan(self, directory: str | None = None) -> list[str]:
         """Candidate files in new/ (or ``directory``), oldest first (by mtime, then name)."""
@@ -103,6 +105,19 @@ class Spool:
             return b"".join(chunks)
         finally:
             os.close(fd)
+
+    def deliver(self, data: bytes, name: str) -> str:
+        """The daemon's own delivery (D-Bus SubmitText): written in tmp/, renamed into new/, so a
+        daemon killed half-way leaves only a temporary file in tmp/ (removed at the next start)."""
+        tmp = os.path.join(self.tmp, name)
+        atomic_write(tmp, data, mode=0o640)
+        dest = os.path.join(self.new, name)
+        try:
+            rename_noreplace(tmp, dest)
+        except OSError as exc:
+            os.unlink(tmp)
+            raise OperationError(dest, "deliver to", exc) from exc
+        return dest
 
     def hold(self, path: str) -> str:
         """Move a file from new/ to cur/ while its preflight runs."""

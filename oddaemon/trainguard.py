@@ -65,6 +65,7 @@ class TrainGuard:
         self._timeouts: dict[str, float] = {}
         self._last: dict[str, float] = {}
         self._since: dict[str, float] = {}
+        self._seen: dict[str, float] = {}  # wall time of the latest train event seen
         self._flagged: set[str] = set()
         self._timer: object | None = None
 
@@ -79,6 +80,7 @@ class TrainGuard:
         self._timeouts.pop(name, None)
         self._last.pop(name, None)
         self._since.pop(name, None)
+        self._seen.pop(name, None)
         self._flagged.discard(name)
 
     def activity(self, name: str) -> None:
@@ -92,9 +94,11 @@ class TrainGuard:
         """New event-file data for ``name`` (a TrainProgress, already refreshed)."""
         if name not in self._timeouts or name in self._flagged:
             return
-        self.activity(name)
         if progress.updated_at is None or progress.updated_at < self._since[name] - 1.0:
-            return  # event files of an earlier run (a resubmitted job training into the same model_dir)
+            return  # no train event yet, or event files of an earlier run (a job resubmitted into its model_dir)
+        if progress.updated_at != self._seen.get(name):  # a new train event (not the evaluator's eval events)
+            self._seen[name] = progress.updated_at
+            self.activity(name)
         bad = first_bad_loss(progress.loss_history, progress.scalars, progress.step)
         if bad is not None:
             self._flag(name, nan_failure(*bad))

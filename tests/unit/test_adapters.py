@@ -168,3 +168,21 @@ def test_loop_timers_readers_signals_and_errors(loop_class):
     os.close(r)
     os.close(w)
     assert seen == [("read", b"boom"), ("read", b"again"), "usr1"]
+
+
+def test_the_daemons_own_deliveries_go_through_tmp_and_half_writes_are_cleaned_at_start(tmp_path):
+    spool = Spool(str(tmp_path / "spool"))
+    spool.ensure_dirs()
+    path = spool.deliver(b'name = "x"\n', "x.1234.toml")
+    assert path == os.path.join(spool.new, "x.1234.toml") and open(path, "rb").read() == b'name = "x"\n'
+    assert os.listdir(spool.tmp) == []
+    # a daemon killed inside atomic_write leaves ".tmp-*"; a user's own dotfiles are not ours to touch
+    for directory in (spool.tmp, spool.new):
+        open(os.path.join(directory, ".tmp-deadbeef"), "wb").close()
+        open(os.path.join(directory, ".users-own.toml"), "wb").close()
+    spool.ensure_dirs()
+    assert sorted(os.listdir(spool.tmp)) == [".users-own.toml"]
+    assert sorted(os.listdir(spool.new)) == [".users-own.toml", "x.1234.toml"]
+    with pytest.raises(Exception, match="deliver to"):
+        spool.deliver(b"again", "x.1234.toml")  # never replaces a waiting file
+    assert open(path, "rb").read() == b'name = "x"\n' and os.listdir(spool.tmp) == [".users-own.toml"]

@@ -245,3 +245,20 @@ def test_listed_gpus_missing_from_the_driver_are_left_out():
     assert discover((0, 1, 2), probe_gpus=lambda: nvml).ids == (0, 2)
     assert discover("auto", probe_gpus=lambda: nvml).ids == (0, 2)
     assert discover("auto", probe_gpus=lambda: None).ids == ()
+
+
+def test_only_new_train_events_count_as_activity_not_the_evaluators():
+    now = [1000.0]
+    seen = []
+    guard = TrainGuard(FakeLoop(), lambda: now[0], lambda name, failure: seen.append(failure.kind))
+    guard.begin("a", 60.0)
+    progress = FakeProgress([(1, 1.0)], {"Loss/total_loss": 1.0}, 1, updated_at=1001.0)
+    now[0] += 30
+    guard.progress("a", progress)  # a new train event: activity at 1030
+    now[0] += 40
+    guard.progress("a", progress)  # the same train event again (an eval event woke the reader): no activity
+    guard.check()
+    assert seen == []  # 40 s since the last train event
+    now[0] += 25
+    guard.check()
+    assert seen == ["hung"]
