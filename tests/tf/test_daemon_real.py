@@ -101,3 +101,37 @@ def test_doctor_reports_a_healthy_stack(real_env):
     assert out.returncode == 0, out.stdout + out.stderr
     assert "doctor: all OK" in out.stdout and "tf_slim_control_flow_ops applied" in out.stdout
     assert f"disk {real_env.root}" in out.stdout
+
+
+def test_a_real_nan_loss_is_caught_by_the_daemon(real_env):
+    """The TF2 OD API trains on with a NaN loss (and writes NaN to its event files): measured with
+    learning_rate_base = 1e12 on the tiny model, every logged loss from step 5 on was NaN and the
+    worker exited 0 at num_steps. The daemon's guard reads the loss and stops the job at once."""
+    env = real_env
+    data = os.path.join(env.root, "data", "demo")
+    subprocess.run([sys.executable, "-m", "oddaemon.workers", "generate-demo", "--out", data, "--model",
+                    "ssd_mobilenet_tiny", "--train-images", "16", "--eval-images", "8"], check=True)
+    env.start()
+    env.drop("diverges.toml", f'''name = "diverges"
+pipeline_config = "{data}/pipeline.config"
+model_dir = "{env.models}/diverges"
+[pipeline]
+num_classes = 3
+batch_size = 4
+num_steps = 100000
+learning_rate_base = 1e12
+warmup_learning_rate = 1e12
+label_map_path = "{data}/label_map.pbtxt"
+train_input_path = "{data}/train-*.tfrecord"
+eval_input_path = "{data}/eval.tfrecord"
+[train]
+gpus = 0
+checkpoint_every_n = 5
+[eval]
+enabled = false
+''')
+    job = env.wait_state("diverges", ("failed", "succeeded"), 600)
+    assert job["state"] == "failed" and job["failure"]["kind"] == "nan", (job["reason"], env.daemon_log()[-4000:])
+    assert job["failure"]["step"] == 5 and "loss became NaN at step 5" in job["reason"]
+    assert job["restarts"] == 0 and job["step"] < 1000
+    assert "==== oddaemon: stopping train: loss became NaN" in open(os.path.join(env.logs, "diverges", "train.log")).read()
