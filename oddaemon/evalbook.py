@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
+
+# What TF (and the stand-in) say when a checkpoint's files are damaged, as opposed to an evaluator
+# that crashed or ran out of memory.
+DAMAGED = re.compile(r"DataLossError|not an sstable|Checksum does not match|Unable to open table file|"
+                     r"corrupted record|truncated record")
 
 PENDING, RUNNING, DONE, FAILED, SKIPPED, MISSED = "pending", "running", "evaluated", "failed", "skipped", "missed"
 OPEN = (PENDING, RUNNING)
@@ -134,9 +140,15 @@ class EvalBook:
         return Finished(improved, early_stop)
 
     def fail(self, n: int, error: str, now: float) -> bool:
-        """Record a failed attempt. True if it will be retried, False if it is given up."""
+        """Record a failed attempt. True if it will be retried, False if it is given up: after
+        ``max_attempts``, or at once when the checkpoint itself is damaged (reading it again
+        cannot help; pinned checkpoints are complete, so the damage is real)."""
         c = self.checkpoints[n]
         c.error = error
+        if DAMAGED.search(error):
+            c.error = f"the checkpoint is damaged, not retried: {error}"
+            c.state, c.finished_at, c.retry_at = FAILED, now, None
+            return False
         if c.attempts >= self.policy.max_attempts:
             c.state, c.finished_at = FAILED, now
             return False

@@ -102,6 +102,18 @@ def test_failed_evaluation_is_retried_with_backoff_then_recorded_failed():
     assert b.next_due(300.0).n == 2  # training and the other checkpoints go on
 
 
+def test_a_damaged_checkpoint_is_given_up_at_once_and_the_next_goes_on():
+    b = book(max_attempts=3)
+    b.add(1, "p", 0.0)
+    b.add(2, "q", 0.0)
+    b.start(1, 1.0)
+    error = "tensorflow.python.framework.errors_impl.DataLossError: Unable to open table file p.index: not an sstable"
+    assert b.fail(1, error, 2.0) is False
+    assert b.checkpoints[1].state == FAILED and b.checkpoints[1].attempts == 1
+    assert b.checkpoints[1].error == f"the checkpoint is damaged, not retried: {error}"
+    assert b.next_due(2.0).n == 2
+
+
 def test_interrupted_evaluation_counts_as_an_attempt():
     b = book()
     b.add(1, "p", 0.0)
