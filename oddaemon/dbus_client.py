@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 from oddaemon.dbus_service import (BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PATH, _glib_message, open_connection,
-                                   resolve_bus, view_from_dict)
+                                   resolve_bus)
+from oddaemon.dbus_variants import view_from_dict
 
 
 class DBusUnavailable(Exception):
