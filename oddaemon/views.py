@@ -56,6 +56,13 @@ def job_view(job: Job, progress: TrainProgress | None, queue_position: int | Non
              "steps_per_second": None, "eta_seconds": None, "losses": {}, "learning_rate": None, "updated_at": None,
              "loss_history": [], "eval_by_step": {}}
     view.update(progress.view() if progress is not None else empty)
+    # The event files can lag the checkpoints (model_dir deleted under the trainer, which then writes
+    # into a deleted file): a checkpoint's step, once evaluated, is certain.
+    steps = [c["step"] for c in view["evaluation"]["checkpoints"] if c.get("step") is not None]
+    if steps and (view["step"] is None or max(steps) > view["step"]):
+        view["step"] = max(steps)
+        if view["target_steps"]:
+            view["progress"] = min(1.0, view["step"] / view["target_steps"])
     return view
 
 

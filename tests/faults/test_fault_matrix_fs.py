@@ -159,6 +159,7 @@ def test_model_dir_deleted_under_a_running_job(daemon_env):
     after = range(50, 121, 10)  # written into the re-created model_dir
     assert set(after) <= set(evaluated_steps(job)), evaluated_steps(job)
     assert sorted(checkpoints) == list(range(1, 14))  # ckpt-1 .. ckpt-13: none unknown
+    assert job["step"] == 120 and job["progress"] == 1.0  # not the stale step of the deleted event file
     assert f"model_dir {model_dir} was deleted" in env.daemon_log()
     assert_no_file_lost(env, 1, 0)
     assert_still_serving(env, "deleted")
