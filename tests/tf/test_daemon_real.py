@@ -42,31 +42,34 @@ def real_env(tmp_path):
     env.close(timeout=60)
 
 
-def test_real_training_evaluation_best_and_export(real_env):
-    env = real_env
+def tiny_job(env: DaemonEnv, name: str, pipeline: str, train: str, evaluation: str) -> str:
+    """Generate the tiny SSD demo data, start the daemon and drop a CPU job on that data."""
     data = os.path.join(env.root, "data", "demo")
     subprocess.run([sys.executable, "-m", "oddaemon.workers", "generate-demo", "--out", data, "--model",
                     "ssd_mobilenet_tiny", "--train-images", "16", "--eval-images", "8"], check=True)
     env.start()
-    job = f'''name = "tiny"
+    return env.drop(f"{name}.toml", f'''name = "{name}"
 pipeline_config = "{data}/pipeline.config"
-model_dir = "{env.models}/tiny"
+model_dir = "{env.models}/{name}"
 [pipeline]
 num_classes = 3
 batch_size = 4
-num_steps = 16
+{pipeline}
 label_map_path = "{data}/label_map.pbtxt"
 train_input_path = "{data}/train-*.tfrecord"
 eval_input_path = "{data}/eval.tfrecord"
 [train]
 gpus = 0
 checkpoint_every_n = 5
-checkpoint_max_to_keep = 1
+{train}
 [eval]
-device = "cpu"
-export_best = true
-'''
-    env.drop("tiny.toml", job)
+{evaluation}
+''')
+
+
+def test_real_training_evaluation_best_and_export(real_env):
+    env = real_env
+    tiny_job(env, "tiny", "num_steps = 16", "checkpoint_max_to_keep = 1", 'device = "cpu"\nexport_best = true')
     final = env.wait_state("tiny", ("succeeded", "failed"), 900)
     assert final["state"] == "succeeded", (final["reason"], env.daemon_log()[-4000:])
     checkpoints = final["evaluation"]["checkpoints"]
@@ -108,28 +111,8 @@ def test_a_real_nan_loss_is_caught_by_the_daemon(real_env):
     learning_rate_base = 1e12 on the tiny model, every logged loss from step 5 on was NaN and the
     worker exited 0 at num_steps. The daemon's guard reads the loss and stops the job at once."""
     env = real_env
-    data = os.path.join(env.root, "data", "demo")
-    subprocess.run([sys.executable, "-m", "oddaemon.workers", "generate-demo", "--out", data, "--model",
-                    "ssd_mobilenet_tiny", "--train-images", "16", "--eval-images", "8"], check=True)
-    env.start()
-    env.drop("diverges.toml", f'''name = "diverges"
-pipeline_config = "{data}/pipeline.config"
-model_dir = "{env.models}/diverges"
-[pipeline]
-num_classes = 3
-batch_size = 4
-num_steps = 100000
-learning_rate_base = 1e12
-warmup_learning_rate = 1e12
-label_map_path = "{data}/label_map.pbtxt"
-train_input_path = "{data}/train-*.tfrecord"
-eval_input_path = "{data}/eval.tfrecord"
-[train]
-gpus = 0
-checkpoint_every_n = 5
-[eval]
-enabled = false
-''')
+    tiny_job(env, "diverges", "num_steps = 100000\nlearning_rate_base = 1e12\nwarmup_learning_rate = 1e12", "",
+             "enabled = false")
     job = env.wait_state("diverges", ("failed", "succeeded"), 600)
     assert job["state"] == "failed" and job["failure"]["kind"] == "nan", (job["reason"], env.daemon_log()[-4000:])
     assert job["failure"]["step"] == 5 and "loss became NaN at step 5" in job["reason"]
