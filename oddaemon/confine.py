@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from oddaemon.config import Config
 from oddaemon.errors import OddaemonError, OperationError
-from oddaemon.jobspec import JobSpec
+from oddaemon.jobspec import JobSpec, under_roots
 
 
 class ConfinementError(OddaemonError):
@@ -159,7 +159,7 @@ def hand_over(identity: Identity | None, *paths: str, inside: tuple[str, ...], k
             raise OperationError(path, f"open (to hand it to the worker user {identity.name})", exc) from exc
         try:
             real = os.readlink(f"/proc/self/fd/{fd}")
-            if not _under(real, places):
+            if not under_roots(real, places):
                 raise OperationError(path, f"hand to the worker user {identity.name}",
                                      f"it now leads to {real}, outside {', '.join(inside)}")
             st = os.fstat(fd)
@@ -205,10 +205,6 @@ def group_exists(group: str) -> bool:
     return True
 
 
-def _under(real: str, roots: tuple[str, ...]) -> bool:
-    return any(real == root or real.startswith(root.rstrip("/") + "/") for root in roots)
-
-
 def escaped_paths(spec: JobSpec, allowed_roots: tuple[str, ...],
                   realpath: Callable[[str], str] = os.path.realpath,
                   glob: Callable[[str], list[str]] = globmod.glob) -> list[str]:
@@ -229,7 +225,7 @@ def escaped_paths(spec: JobSpec, allowed_roots: tuple[str, ...],
     escaped = []
     for label, path in named:
         real = realpath(path)
-        if not _under(real, roots):
+        if not under_roots(real, roots):
             escaped.append(f"{label} {path} now resolves to {real}, outside the allowed roots "
                            f"{', '.join(allowed_roots)}")
     if escaped:

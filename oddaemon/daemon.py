@@ -97,8 +97,10 @@ class Daemon:
                 ",".join(map(str, self.gpu_discovery.ids)) or "none", self.gpu_discovery.detail)
         self.inotify = InotifyHub()
         self.loop.add_reader(self.inotify.fileno(), self.inotify.dispatch)
-        self._kill_leftover_workers()
-        self._restore()
+        # Workers of an earlier instance die with it (parent-death signal); one that survived anyway
+        # (the signal raced with its start) is killed, so that no job runs twice. Then the saved jobs.
+        kill_leftover_workers(self.store)
+        self.dispatch(sch.Restore(tuple(load_saved_jobs(self.store))))
         self.intake_.start(self.inotify)
         self.control = ControlServer(os.path.join(self.config.state_dir, "control.sock"), self.loop,
                                      self.commands.handle_request)
@@ -110,14 +112,6 @@ class Daemon:
         log.info("ready: spool %s, state %s, logs %s, event loop %s", self.config.spool_dir,
                  self.config.state_dir, self.config.log_dir, self.loop.name)
         self.announcer.ready()  # READY=1 only now: state restored, spool rescanned, control socket and D-Bus up
-
-    def _kill_leftover_workers(self) -> None:
-        """Workers of an earlier daemon instance die with it (parent-death signal); if one
-        survived anyway (the signal raced with its start), kill it so no job runs twice."""
-        kill_leftover_workers(self.store)
-
-    def _restore(self) -> None:
-        self.dispatch(sch.Restore(tuple(load_saved_jobs(self.store))))
 
     # ---- the one way the job table changes -----------------------------------------------------
     def dispatch(self, event: sch.Event) -> list[sch.Action]:

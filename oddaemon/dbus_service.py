@@ -24,14 +24,13 @@ that changes something; the bus policy denies them first, this is the second lin
 
 from __future__ import annotations
 
-import grp
 import json
 import logging
 import os
-import pwd
 import stat
 from collections.abc import Callable
 
+from oddaemon.confine import submitter_problem
 from oddaemon.dbus_variants import view_to_vardict
 
 log = logging.getLogger("oddaemon.dbus")
@@ -333,12 +332,7 @@ class CallerCheck:
                            f"(caller uid {uid}); ask an administrator to add you to it")
 
     def _in_group(self, uid: int) -> bool:
-        try:
-            user = pwd.getpwuid(uid)
-            gid = grp.getgrnam(self.submit_group).gr_gid
-        except KeyError:
-            return False
-        return gid in os.getgrouplist(user.pw_name, user.pw_gid)
+        return submitter_problem(uid, self.submit_group, trusted=set()) is None  # the spool's own rule
 
 
 def publish(commands, bus: str | None = "system", submit_group: str | None = None, loop=None) -> Service | None:

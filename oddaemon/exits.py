@@ -9,7 +9,8 @@ from oddaemon.failures import Failure
 from oddaemon.jobs import Job
 from oddaemon.messages import ProcessExited
 from oddaemon.procs import Worker
-from oddaemon.remedies import explain_oom, read_pipeline_numbers
+from oddaemon.progress import read_pipeline_numbers
+from oddaemon.remedies import explain_oom
 
 
 def exit_event(job: Job | None, worker: Worker, returncode: int, failure: Failure | None) -> ProcessExited:

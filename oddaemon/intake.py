@@ -24,7 +24,7 @@ from oddaemon.config import Config
 from oddaemon.confine import Identity, group_exists, submitter_problem, user_name
 from oddaemon.errors import OddaemonError, user_message
 from oddaemon.inotify_watch import SPOOL_MASK, InotifyHub
-from oddaemon.jobspec import JobSpec, Problem, parse_job, render_error_file
+from oddaemon.jobspec import JobSpec, Problem, parse_job, render_error_file, size_problem
 from oddaemon.loop import Loop
 from oddaemon.preflight import Preflights
 from oddaemon.spool import NotARegularFile, Spool, is_candidate
@@ -136,9 +136,7 @@ class SpoolIntake:
                 size = os.lstat(path).st_size
             except OSError:
                 size = len(data)
-            return self.reject(path, [Problem(f"the file is {size} bytes, larger than the limit of "
-                                              f"{self.config.max_job_file_bytes} bytes (max_file_bytes in the [jobs] "
-                                              "section of the daemon configuration)")])
+            return self.reject(path, [size_problem(size, self.config.max_job_file_bytes)])
         result = parse_job(data, name, self.config.validation_context())
         if isinstance(result, list):
             return self.reject(path, result)

@@ -135,8 +135,7 @@ MAX_PROBLEMS = 50  # listed in one .error file; the rest are counted
 def parse_job(data: bytes, filename: str, ctx: ValidationContext) -> JobSpec | list[Problem]:
     """Parse and validate one job file. Returns the spec, or the problems found (never raises)."""
     if len(data) > ctx.max_file_bytes:
-        return [Problem(f"the file is {len(data)} bytes, larger than the limit of {ctx.max_file_bytes} bytes "
-                        "(max_file_bytes in the [jobs] section of the daemon configuration)")]
+        return [size_problem(len(data), ctx.max_file_bytes)]
     text_or_problems = decode(data)
     if isinstance(text_or_problems, list):
         return text_or_problems
@@ -159,6 +158,16 @@ def parse_job(data: bytes, filename: str, ctx: ValidationContext) -> JobSpec | l
                                                   f"here (at most {MAX_PROBLEMS} are); fix the ones above and "
                                                   "submit the file again to see the rest")]
     return result
+
+
+def under_roots(real: str, roots: tuple[str, ...]) -> bool:
+    """``real`` (a resolved path) is one of ``roots`` (resolved) or lies below one."""
+    return any(real == root or real.startswith(root.rstrip("/") + "/") for root in roots)
+
+
+def size_problem(size: int, limit: int) -> Problem:
+    return Problem(f"the file is {size} bytes, larger than the limit of {limit} bytes "
+                   "(max_file_bytes in the [jobs] section of the daemon configuration)")
 
 
 def render_error_file(original_name: str, problems: list[Problem],
@@ -356,7 +365,7 @@ class _Validator:
         return real
 
     def under_roots(self, real: str) -> bool:
-        return any(real == root or real.startswith(root.rstrip("/") + "/") for root in self.roots)
+        return under_roots(real, self.roots)
 
     def roots_text(self) -> str:
         return ", ".join(self.ctx.allowed_roots) if self.ctx.allowed_roots else "(none are configured)"

@@ -1,5 +1,5 @@
-"""What the daemon changes in a job when a failure has a known remedy (pure, apart from
-``read_pipeline_numbers``).
+"""What the daemon changes in a job when a failure has a known remedy. Pure: the numbers of the
+pipeline.config come in from ``progress.read_pipeline_numbers``.
 
 ``[train] oom_retry_halve_batch = true``: when training runs out of GPU memory, the job restarts
 with half the batch size, and the learning rate (``learning_rate_base`` and
@@ -10,38 +10,9 @@ recorded in the job (``adjustments``) and its history.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, replace
 
 from oddaemon.jobspec import JobSpec
-
-_TRAIN_CONFIG = re.compile(rb"^\s*train_config\s*[:{]", re.MULTILINE)
-_NUMBERS = {
-    "batch_size": re.compile(rb"^\s*batch_size\s*:\s*(\d+)", re.MULTILINE),
-    "learning_rate_base": re.compile(rb"^\s*learning_rate_base\s*:\s*([0-9.eE+-]+)", re.MULTILINE),
-    "warmup_learning_rate": re.compile(rb"^\s*warmup_learning_rate\s*:\s*([0-9.eE+-]+)", re.MULTILINE),
-}
-
-
-def read_pipeline_numbers(path: str) -> dict[str, float]:
-    """train_config.batch_size and the cosine-decay rates from a pipeline.config text (no protos).
-    Missing values (or an unreadable file) are simply left out."""
-    try:
-        with open(path, "rb") as f:
-            text = f.read(4 << 20)
-    except OSError:
-        return {}
-    found: dict[str, float] = {}
-    train = _TRAIN_CONFIG.search(text)
-    for key, pattern in _NUMBERS.items():
-        # batch_size also appears in eval_config: take the one inside train_config
-        match = pattern.search(text, train.start() if train and key == "batch_size" else 0)
-        if match:
-            try:
-                found[key] = int(match.group(1)) if key == "batch_size" else float(match.group(1))
-            except ValueError:
-                continue
-    return found
 
 
 @dataclass(frozen=True)

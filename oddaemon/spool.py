@@ -109,14 +109,23 @@ class Spool:
     def deliver(self, data: bytes, name: str) -> str:
         """The daemon's own delivery (D-Bus SubmitText): written in tmp/, renamed into new/, so a
         daemon killed half-way leaves only a temporary file in tmp/ (removed at the next start)."""
-        tmp = os.path.join(self.tmp, name)
+        return self._place(data, name, "deliver to")
+
+    def _place(self, data: bytes, name: str, operation: str) -> str:
+        """Write ``data`` in tmp/, then rename it into new/ as ``name``, never replacing a file of that
+        name still waiting there; on failure nothing is left behind."""
+        tmp = os.path.join(self.tmp, f".{uuid.uuid4().hex}.{name}")
         atomic_write(tmp, data, mode=0o640)
         dest = os.path.join(self.new, name)
         try:
             rename_noreplace(tmp, dest)
+        except FileExistsError:
+            os.unlink(tmp)
+            raise OperationError(dest, operation, "a file with this name is already waiting in the spool; "
+                                                  "rename your file or wait for it to be picked up") from None
         except OSError as exc:
             os.unlink(tmp)
-            raise OperationError(dest, "deliver to", exc) from exc
+            raise OperationError(dest, operation, exc) from exc
         return dest
 
     def hold(self, path: str) -> str:
@@ -150,19 +159,7 @@ class Spool:
                 data = f.read()
         except OSError as exc:
             raise OperationError(source, "read job file", exc) from exc
-        tmp = os.path.join(self.tmp, f".{uuid.uuid4().hex}.{base}")
-        atomic_write(tmp, data, mode=0o640)
-        dest = os.path.join(self.new, base)
-        try:
-            rename_noreplace(tmp, dest)  # never replace a file of the same name still waiting
-        except FileExistsError:
-            os.unlink(tmp)
-            raise OperationError(dest, "submit to", "a file with this name is already waiting in the spool; "
-                                                     "rename your file or wait for it to be picked up") from None
-        except OSError as exc:
-            os.unlink(tmp)
-            raise OperationError(dest, "submit to", exc) from exc
-        return dest
+        return self._place(data, base, "submit to")
 
     @staticmethod
     def _unique(directory: str, stem: str, suffix: str) -> str:

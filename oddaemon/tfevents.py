@@ -19,8 +19,7 @@ import time
 from dataclasses import dataclass
 
 from oddaemon.errors import OddaemonError
-from oddaemon.tfrecord import (_FOOTER_SIZE, _HEADER_SIZE, crc32c, crc32c_pure, encode_record,  # noqa: F401
-                               masked_crc32c, next_header)
+from oddaemon.tfrecord import _FOOTER_SIZE, _HEADER_SIZE, encode_record, masked_crc32c, next_header
 
 FILE_VERSION = "brain.Event:2"
 FILE_PREFIX = "events.out.tfevents."

@@ -87,9 +87,6 @@ class TrainGuard:
         if name in self._last:
             self._last[name] = self.clock()
 
-    def watching(self, name: str) -> bool:
-        return name in self._timeouts
-
     def progress(self, name: str, progress) -> None:
         """New event-file data for ``name`` (a TrainProgress, already refreshed)."""
         if name not in self._timeouts or name in self._flagged:

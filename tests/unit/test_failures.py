@@ -12,7 +12,8 @@ from oddaemon import scheduler as sch
 from oddaemon.failures import Failure, classify_failure, marker_line, parse_marker
 from oddaemon.gpus import Discovery, check_listed, discover
 from oddaemon.jobspec import JobSpec, PipelineEdits, TrainOptions
-from oddaemon.remedies import explain_oom, halve_batch, read_pipeline_numbers
+from oddaemon.progress import read_pipeline_numbers
+from oddaemon.remedies import explain_oom, halve_batch
 from oddaemon.states import JobState
 from oddaemon.trainguard import TrainGuard, first_bad_loss, overdue
 
