@@ -18,6 +18,7 @@ from oddaemon import __version__
 from oddaemon.config import Config, load_config
 from oddaemon.control import DaemonUnreachable, request
 from oddaemon.errors import OddaemonError, user_message
+from oddaemon.receipt import locate
 from oddaemon.spool import Spool
 from oddaemon.views import format_duration, progress_bar, sparkline
 
@@ -42,30 +43,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", "-c", help=f"daemon config file (default: $ODDAEMON_CONFIG, else {DEFAULT_CONFIG} if present, else built-in defaults)")
     p.add_argument("--version", action="version", version=f"oddaemon {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("serve", help="run the daemon in the foreground")
+    # -c/--config also after the subcommand (`oddaemon list -c X`); SUPPRESS keeps one given before it
+    config_option = argparse.ArgumentParser(add_help=False)
+    config_option.add_argument("--config", "-c", default=argparse.SUPPRESS, help="daemon config file")
+
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[config_option], **kwargs)
+
+    s = command("serve", help="run the daemon in the foreground")
     s.add_argument("--log-level", default="INFO")
-    s = sub.add_parser("submit", help="submit a job file (atomic rename into the spool)")
+    s = command("submit", help="submit a job file (atomic rename into the spool)")
     s.add_argument("file")
     s.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the daemon's verdict (0: don't)")
     for name, text in (("list", "list jobs"), ("status", "show one job"), ("cancel", "cancel a job"), ("retry", "retry a failed or cancelled job")):
-        s = sub.add_parser(name, help=text)
+        s = command(name, help=text)
         if name != "list":
             s.add_argument("name")
         if name in ("list", "status"):
             s.add_argument("--json", action="store_true", help="machine-readable output")
-    s = sub.add_parser("logs", help="show a job's train log")
+    s = command("logs", help="show a job's log (train by default; eval, export, preflight)")
     s.add_argument("name")
     s.add_argument("-f", "--follow", action="store_true")
     s.add_argument("-n", "--lines", type=int, default=40)
-    s.add_argument("--role", default="train", choices=("train", "eval", "preflight"))
-    s = sub.add_parser("eval", help="evaluate one checkpoint of a job now (a cold one-shot worker; prints the metrics)")
+    s.add_argument("--role", default="train", choices=("train", "eval", "export", "preflight"))
+    s = command("eval", help="evaluate one checkpoint of a job now (a cold one-shot worker; prints the metrics)")
     s.add_argument("name")
     s.add_argument("--checkpoint", required=True, help="checkpoint prefix, absolute or relative to the job's model_dir "
                                                         "(e.g. ckpt-12 or best/ckpt-12)")
     s.add_argument("--gpu", type=int, help="GPU id to evaluate on (default: the CPU)")
     s.add_argument("--json", action="store_true", help="print the result JSON")
-    sub.add_parser("doctor", help="check the workers' TF stack, the shims, GPUs and free disk; print what to fix")
-    s = sub.add_parser("demo", help="run the bundled demo job with a local daemon (see README)")
+    command("doctor", help="check the workers' TF stack, the shims, GPUs and free disk; print what to fix")
+    s = command("demo", help="run the bundled demo job with a local daemon (see README)")
     s.add_argument("--dir", default="demo", help="project folder for the demo's config, spool, state and logs")
     s.add_argument("--keep-serving", action="store_true", help="keep the daemon running after the demo job ends")
     s.add_argument("--standin", action="store_true", help="use the stand-in worker instead of TensorFlow (seconds, not minutes)")
@@ -116,45 +124,58 @@ def cmd_serve(config: Config, level: str) -> int:
 
 
 def cmd_submit(config: Config, path: str, wait: float) -> int:
+    """Deliver the file, then wait for the daemon's verdict on exactly that file (``receipt``)."""
     spool = Spool(config.spool_dir)
-    dest = spool.submit(path)
-    print(f"submitted {path} -> {dest}")
+    delivery = spool.submit(path)
+    print(f"submitted {path} -> {delivery.path}")
+    try:
+        request(socket_path(config), {"cmd": "ping"}, timeout=5)
+    except DaemonUnreachable as exc:
+        print(f"oddaemon: {exc}", file=sys.stderr)
+        print(f"oddaemon: the file waits in the spool ({delivery.path}); the daemon takes it when it starts",
+              file=sys.stderr)
+        return EXIT_UNREACHABLE
     if wait <= 0:
         return EXIT_OK
     deadline = time.monotonic() + wait
-    while os.path.lexists(dest) and time.monotonic() < deadline:
+    where = locate(spool, delivery)
+    checking = False
+    while not where.decided and time.monotonic() < deadline:
+        if where.place == "cur" and not checking:
+            print("checking it (preflight) ...", flush=True)
+            checking = True
         time.sleep(0.05)
-    if os.path.lexists(dest):
-        print("the daemon has not picked it up yet (is it running?); it stays in the spool until it does")
+        where = locate(spool, delivery)
+    if where.place == "new":
+        print(f"the daemon has not taken it yet (after {wait:g}s); it stays in the spool until it does")
         return EXIT_OK
-    stem = os.path.basename(dest)[: -len(".toml")]
-    held = os.path.join(spool.cur, os.path.basename(dest))
-    if os.path.lexists(held):
-        print("checking it (preflight) ...", flush=True)
-        while os.path.lexists(held) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if os.path.lexists(held):
-            print(f"its preflight is still running; see `oddaemon logs --role preflight {stem}` or `oddaemon list`")
-            return EXIT_OK
-    errors = sorted((e for e in os.scandir(spool.rejected) if e.name.startswith(stem) and e.name.endswith(".error")
-                     and e.stat().st_mtime >= time.time() - wait - 1), key=lambda e: e.stat().st_mtime)
-    if errors:
-        print(f"REJECTED (kept as {errors[-1].path[:-len('.error')]}):")
-        with open(errors[-1].path, encoding="utf-8", errors="replace") as f:
-            print(f.read().rstrip())
+    if where.place == "cur":
+        print(f"its preflight is still running (after {wait:g}s); see `oddaemon list` and "
+              "`oddaemon logs --role preflight NAME`")
+        return EXIT_OK
+    if where.place == "rejected":
+        print(f"REJECTED (kept as {where.path}):")
+        try:
+            with open(where.error_path, encoding="utf-8", errors="replace") as f:
+                print(f.read().rstrip())
+        except OSError as exc:
+            print(f"(its explanation {where.error_path} cannot be read: {exc.strerror})")
         return EXIT_REJECTED
+    if where.place == "gone":
+        print(f"oddaemon: {delivery.path} left the spool without a verdict (moved away by someone else?)",
+              file=sys.stderr)
+        return EXIT_REFUSED
+    name = where.job_name
     try:
-        import tomllib  # noqa: PLC0415
-
-        with open(path, "rb") as f:
-            name = tomllib.load(f).get("name", stem)
         reply = ask_daemon(config, {"cmd": "status", "name": name})
-    except (DaemonUnreachable, OSError, ValueError):
-        return EXIT_OK
-    if reply.get("ok"):
-        job = reply["job"]
-        where = f", queue position {job['queue_position']}" if job.get("queue_position") else ""
-        print(f"accepted as job {job['name']}: {job['state']}{where}")
+    except DaemonUnreachable:
+        reply = {}
+    job = reply.get("job") if reply.get("ok") else None
+    if job is None:
+        print(f"accepted as job {name} (kept as {where.path})")
+    else:
+        position = f", queue position {job['queue_position']}" if job.get("queue_position") else ""
+        print(f"accepted as job {job['name']}: {job['state']}{position}")
     return EXIT_OK
 
 
@@ -219,12 +240,16 @@ def cmd_control(config: Config, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def shown(value: object) -> str:
+    """A value for a person: ``-`` when it is not known (never ``None``)."""
+    return "-" if value is None else str(value)
+
+
 def format_list(reply: dict) -> str:
     rows = [f"{'NAME':<24} {'STATE':<10} {'GPUS':<6} {'STEP':>13} {'PROGRESS':<22} {'ETA':>7}  REASON"]
     for job in reply["jobs"]:
         gpus = ",".join(map(str, job["gpus"])) or ("cpu" if job["wants_gpus"] in (0, []) else "-")
-        step = "-" if job["step"] is None else str(job["step"])
-        target = "?" if job["target_steps"] is None else str(job["target_steps"])
+        step, target = shown(job["step"]), shown(job["target_steps"])
         state = job["state"] + (f" #{job['queue_position']}" if job["queue_position"] else "")
         rows.append(f"{job['name']:<24} {state:<10} {gpus:<6} {step + '/' + target:>13} "
                     f"{progress_bar(job['progress']):<22} {format_duration(job['eta_seconds']):>7}  {job['reason']}")
@@ -235,7 +260,7 @@ def format_list(reply: dict) -> str:
 
 def format_status(job: dict) -> str:
     lines = [f"{job['name']}: {job['state']} — {job['reason']}",
-             f"  progress   {progress_bar(job['progress'], 30)} step {job['step']}/{job['target_steps']}"
+             f"  progress   {progress_bar(job['progress'], 30)} step {shown(job['step'])}/{shown(job['target_steps'])}"
              f"  ETA {format_duration(job['eta_seconds'])}",
              f"  gpus       {','.join(map(str, job['gpus'])) or 'none (CPU)'}   attempt {job['attempt']}, restarts {job['restarts']}"]
     if job["losses"]:
@@ -275,14 +300,14 @@ def format_evaluation(ev: dict) -> list[str]:
         lines.append(f"  {short:<10} {sparkline(values)}  {values[0]:.3g} -> {values[-1]:.3g}")
     if ev["best"]:
         b = ev["best"]
-        lines.append(f"  best       {b['checkpoint']} step {b['step']} {short} {b['value']:.4g}")
+        lines.append(f"  best       {b['checkpoint']} step {shown(b['step'])} {short} {b['value']:.4g}")
     counts = ", ".join(f"{n} {state}" for state, n in ev["counts"].items() if n)
     lines.append(f"  checkpoints ({counts}):")
     lines.append(f"    {'CKPT':<10} {'STEP':>8} {'STATE':<10} {short:>10} {'LAG':>6} {'TOOK':>6}")
     for c in checkpoints[-12:]:
         value = f"{c['value']:.4f}" if c["value"] is not None else "-"
         mark = "  <- best" if c["best"] else (f"  ({c['error']})" if c["error"] else "")
-        lines.append(f"    {c['checkpoint']:<10} {c['step'] if c['step'] is not None else '-':>8} {c['state']:<10} "
+        lines.append(f"    {c['checkpoint']:<10} {shown(c['step']):>8} {c['state']:<10} "
                      f"{value:>10} {format_duration(c['lag_seconds']):>6} {format_duration(c['duration_seconds']):>6}{mark}")
     if len(checkpoints) > 12:
         lines.append(f"    ... {len(checkpoints) - 12} earlier checkpoint(s): oddaemon status --json")

@@ -6,16 +6,20 @@ the user; transports turn it into their own error form (a JSON ``error``, a D-Bu
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from typing import TYPE_CHECKING
 
 from oddaemon import __version__
 from oddaemon import scheduler as sch
-from oddaemon.errors import OddaemonError
+from oddaemon.errors import OddaemonError, user_message
 
 if TYPE_CHECKING:
     from oddaemon.daemon import Daemon
+
+
+log = logging.getLogger("oddaemon.commands")
 
 
 class CommandError(OddaemonError):
@@ -117,3 +121,6 @@ class Commands:
             return {"ok": False, "error": f"unknown command {cmd!r}"}
         except CommandError as exc:
             return {"ok": False, "error": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - every request gets an answer, never silence
+            log.exception("control request %r failed", cmd)
+            return {"ok": False, "error": user_message(exc)}

@@ -11,12 +11,16 @@ The CLI uses it for list/status/cancel/retry; the D-Bus API (systemd issue) call
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 from collections.abc import Callable
 from typing import Any
 
+from oddaemon.errors import user_message
 from oddaemon.loop import Loop
+
+log = logging.getLogger("oddaemon.control")
 
 MAX_REQUEST = 1 << 20
 Handler = Callable[[dict], dict]
@@ -78,7 +82,14 @@ class ControlServer:
             response = self.handler(request)
         except ValueError as exc:
             response = {"ok": False, "error": f"bad request: {exc}"}
-        return (json.dumps(response) + "\n").encode()
+        except Exception as exc:  # noqa: BLE001 - a failing handler still answers
+            log.exception("control request failed")
+            response = {"ok": False, "error": user_message(exc)}
+        try:
+            return (json.dumps(response) + "\n").encode()
+        except (TypeError, ValueError) as exc:  # a reply that cannot be encoded is an error reply too
+            log.exception("control reply cannot be encoded")
+            return (json.dumps({"ok": False, "error": user_message(exc)}) + "\n").encode()
 
     def close(self) -> None:
         self.loop.remove(self._handle)

@@ -32,6 +32,7 @@ from collections.abc import Callable
 
 from oddaemon.confine import submitter_problem
 from oddaemon.dbus_variants import view_to_vardict
+from oddaemon.errors import user_message
 
 log = logging.getLogger("oddaemon.dbus")
 
@@ -292,7 +293,7 @@ class Service:
             raise _classify(str(exc), name, submitting) from None
         except Exception as exc:  # noqa: BLE001
             log.exception("D-Bus call failed")
-            raise Internal(f"internal error: {type(exc).__name__}: {exc} (details in the daemon log)") from None
+            raise Internal(f"{user_message(exc)} (details in the daemon log)") from None
 
 
 def _submitted(result: dict) -> tuple[str, str, int]:

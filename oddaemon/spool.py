@@ -17,6 +17,7 @@ import os
 import stat
 import time
 import uuid
+from dataclasses import dataclass
 
 from oddaemon.errors import OperationError
 from oddaemon.store import atomic_write, fsync_dir, remove_stale_temps, rename_noreplace
@@ -29,6 +30,16 @@ def is_candidate(filename: str) -> bool:
     if not filename.endswith(".toml") or filename.startswith((".", "#", "~")):
         return False
     return not filename.endswith(TEMP_SUFFIXES) and len(filename) > len(".toml")
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """A file put into ``new/``: its path there and its identity (device, inode), which every later
+    rename inside the spool keeps (see ``oddaemon.receipt``)."""
+
+    path: str
+    dev: int
+    ino: int
 
 
 class NotARegularFile(Exception):
@@ -109,13 +120,14 @@ class Spool:
     def deliver(self, data: bytes, name: str) -> str:
         """The daemon's own delivery (D-Bus SubmitText): written in tmp/, renamed into new/, so a
         daemon killed half-way leaves only a temporary file in tmp/ (removed at the next start)."""
-        return self._place(data, name, "deliver to")
+        return self._place(data, name, "deliver to").path
 
-    def _place(self, data: bytes, name: str, operation: str) -> str:
+    def _place(self, data: bytes, name: str, operation: str) -> Delivery:
         """Write ``data`` in tmp/, then rename it into new/ as ``name``, never replacing a file of that
         name still waiting there; on failure nothing is left behind."""
         tmp = os.path.join(self.tmp, f".{uuid.uuid4().hex}.{name}")
         atomic_write(tmp, data, mode=0o640)
+        st = os.lstat(tmp)  # before the rename: the daemon may move it on at once
         dest = os.path.join(self.new, name)
         try:
             rename_noreplace(tmp, dest)
@@ -126,7 +138,7 @@ class Spool:
         except OSError as exc:
             os.unlink(tmp)
             raise OperationError(dest, operation, exc) from exc
-        return dest
+        return Delivery(dest, st.st_dev, st.st_ino)
 
     def hold(self, path: str) -> str:
         """Move a file from new/ to cur/ while its preflight runs."""
@@ -149,7 +161,7 @@ class Spool:
         self._move(path, dest, "move rejected job file to")
         return dest, error_path
 
-    def submit(self, source: str) -> str:
+    def submit(self, source: str) -> Delivery:
         """Copy ``source`` into the spool the Maildir way: write in tmp/, then rename into new/."""
         base = os.path.basename(source)
         if not is_candidate(base):
