@@ -12,7 +12,8 @@ Per job with ``[eval] enabled``:
   gives) builds the model once and is handed checkpoint after checkpoint over a pipe, in save
   order, one at a time; if it dies, the checkpoint it was on is retried with backoff;
 * the best checkpoint (``[eval] metric`` / ``higher_is_better``) lives in ``model_dir/best`` with
-  ``best.json``; with ``export_best`` it is exported to ``model_dir/exported`` by a worker;
+  ``best.json``; with ``export_best`` it is exported to ``model_dir/exported`` by a worker that reads
+  a pin of its own (``exports.py``: at the end by default, or each new best);
 * patience runs out -> ``EarlyStop``; training over and all evaluated -> ``EvaluationsDone``.
 """
 
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from oddaemon import messages as msg
 from oddaemon.checkpoints import checkpoint_files, complete_checkpoints
 from oddaemon.evalbook import EvalBook, EvalPolicy
+from oddaemon.exports import JobExports
 from oddaemon.jobs import Job
 from oddaemon.loop import Loop
 from oddaemon.procs import Worker
@@ -68,8 +70,8 @@ class JobEvaluation:
         self.evaluator: WarmEvaluator | None = None
         self.placement_pending = False
         self.training_over = False
-        self.exporting: int | None = None
-        self.export_wanted: int | None = None
+        self.exports = JobExports(self.name, self.model_dir, lambda prefix, output, info: owner.start_export(
+            self.name, prefix, output, info)) if job.spec.eval.export_best else None
         self.timer: object | None = None
 
     def _load_book(self) -> EvalBook:
@@ -269,8 +271,13 @@ class JobEvaluation:
     def _finish(self) -> None:
         if self.evaluator is not None:
             self.evaluator.finish()  # closes its stdin: it exits 0, then EvaluatorStopped
-        if self.exporting is None:
-            self.owner.dispatch(msg.EvaluationsDone(self.name))
+        if self.exports is not None:
+            best = self.book.best()
+            if best is not None and best.n not in self.exports.tried and self.exports.exported_checkpoint() != best.n:
+                self._export(best.n)  # the final best, whatever export_when says (after a running one)
+            if not self.exports.idle:
+                return  # EvaluationsDone once the last export has exited (on_export_exit)
+        self.owner.dispatch(msg.EvaluationsDone(self.name))
 
     def stop(self, reason: str) -> None:
         if self.timer is not None:
@@ -278,6 +285,8 @@ class JobEvaluation:
             self.timer = None
         if self.evaluator is not None:
             self.evaluator.stop(reason)
+        if self.exports is not None:
+            self.exports.stop()
 
     # ---- best checkpoint and export
     def _update_best(self, n: int) -> None:
@@ -304,9 +313,8 @@ class JobEvaluation:
             self._unpin(previous.n)
         log.info("job %s: new best ckpt-%d (step %s) %s = %.4g", self.name, n, c.step, self.book.policy.metric,
                  self.book.best_value)
-        if self.job.spec.eval.export_best:
-            self.export_wanted = n
-            self._maybe_export()
+        if self.exports is not None and self.job.spec.eval.export_when == "each_best":
+            self._export(n)
 
     def _current_best_n(self) -> int | None:
         try:
@@ -315,22 +323,16 @@ class JobEvaluation:
         except (OSError, ValueError, KeyError, IndexError):
             return None
 
-    def _maybe_export(self) -> None:
-        if self.exporting is not None or self.export_wanted is None:
-            return
-        n, self.export_wanted = self.export_wanted, None
-        prefix = os.path.join(self.model_dir, "best", f"ckpt-{n}")
-        if self.owner.start_export(self.name, prefix, os.path.join(self.model_dir, "exported")):
-            self.exporting = n
+    def _export(self, n: int) -> None:
+        c = self.book.checkpoints[n]
+        self.exports.want(n, os.path.join(self.model_dir, "best", f"ckpt-{n}"), {
+            "job": self.name, "checkpoint": f"ckpt-{n}", "step": c.step, "metric": self.book.policy.metric,
+            "value": c.metrics.get(self.book.policy.metric), "higher_is_better": self.book.policy.higher_is_better,
+            "metrics": c.metrics, "evaluated_at": c.finished_at})
 
     def on_export_exit(self, returncode: int, detail: str) -> None:
-        n, self.exporting = self.exporting, None
-        if returncode == 0:
-            log.info("job %s: exported ckpt-%s to %s/exported", self.name, n, self.model_dir)
-        else:
-            log.error("job %s: export of ckpt-%s failed (%s)", self.name, n, detail or returncode)
-        self._maybe_export()
-        if self.exporting is None and self.training_over and self.book.drained():
+        self.exports.exited(returncode, detail)
+        if self.exports.idle and self.training_over and self.book.drained():
             self._finish()
 
 
@@ -378,11 +380,12 @@ class Evaluations:
             return
         if worker.role == "eval":
             ev.on_evaluator_exit(worker, returncode, detail)
-        elif worker.role == "export":
+        elif worker.role == "export" and ev.exports is not None:
             ev.on_export_exit(returncode, detail)
 
-    def start_export(self, name: str, prefix: str, output: str) -> bool:
-        return self.start_worker(name, "export", ["export", "--checkpoint", prefix, "--output", output], ()) is not None
+    def start_export(self, name: str, prefix: str, output: str, info: str) -> bool:
+        args = ["export", "--checkpoint", prefix, "--output", output, "--info", info]
+        return self.start_worker(name, "export", args, ()) is not None
 
     def checkpoint_evaluated(self, name: str, record: object) -> None:
         for listener in self.listeners:

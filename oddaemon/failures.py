@@ -74,8 +74,50 @@ def parse_marker(line: str) -> Failure | None:
     return Failure(kind, message.strip(), int(step.group(1)) if step else None)
 
 
-def classify_failure(returncode: int, tail: list[str]) -> Failure | None:
-    """The failure that ended a worker, or None when nothing specific is known (and it exited 0)."""
+# Each role's failures in its own words: an export or evaluation failure never talks about the
+# fine-tune checkpoint or the batch size, which are training's.
+ROLE_SUBJECT = {"eval": "the evaluation", "export": "the export", "preflight": "the preflight check"}
+_ERROR_LINE = re.compile(r"oddaemon\.workers [\w-]+: (?P<worker>.+)|"
+                         r"^(?:[\w.]+\.)?(?P<exception>\w+(?:Error|Exception)\b.*)$")
+
+
+def last_error_line(tail: list[str]) -> str | None:
+    """The worker's own last error line: its ``oddaemon.workers ROLE: ...`` line, else the last
+    exception line of a traceback (TF's message)."""
+    for line in reversed(tail[-200:]):
+        m = _ERROR_LINE.search(line.strip())
+        if m:
+            text = next(g for g in m.groups() if g)
+            return " ".join(text.split())[:500]
+    return None
+
+
+def _classify_role(role: str, returncode: int, tail: list[str]) -> Failure | None:
+    subject = ROLE_SUBJECT.get(role, f"the {role} worker")
+    for line in reversed(tail[-200:]):
+        marked = parse_marker(line)
+        if marked is not None:
+            return Failure(marked.kind, f"{subject} failed: {marked.message}", marked.step)
+    if returncode == 0:
+        return None
+    text = "\n".join(tail[-80:])
+    line = last_error_line(tail)
+    said = f": {line}" if line else f" (see `oddaemon logs --role {role} NAME`)"
+    storage = _STORAGE.search(text)
+    if storage:
+        return Failure("storage", f"{subject} failed: {storage.group(0)}{said}")
+    if _OOM.search(text):
+        return Failure("oom", f"{subject} ran out of memory{said}")
+    if returncode < 0:  # killed from outside: whatever it printed last is no error of its own
+        return Failure("signal", f"{subject} was {describe_signal(-returncode)}")
+    return Failure("exit", f"{subject} failed (exit status {returncode}){said}")
+
+
+def classify_failure(returncode: int, tail: list[str], role: str = "train") -> Failure | None:
+    """The failure that ended a worker, or None when nothing specific is known (and it exited 0).
+    Training gets the detailed diagnosis below; the other roles their own words (``_classify_role``)."""
+    if role != "train":
+        return _classify_role(role, returncode, tail)
     for line in reversed(tail[-200:]):
         marked = parse_marker(line)
         if marked is not None:

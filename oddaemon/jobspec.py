@@ -57,7 +57,8 @@ class EvalOptions:
     sample_1_of_n_eval_examples: int = 1
     metric: str = "DetectionBoxes_Precision/mAP"         # what "best" means
     higher_is_better: bool = True
-    export_best: bool = False                            # export each new best to a SavedModel
+    export_best: bool = False                            # export the best checkpoint to a SavedModel
+    export_when: str = "end"                             # "end" (the final best, once) | "each_best"
     patience: int | None = None                          # early stopping: evaluations without improvement
     min_delta: float = 0.0                               # improvement smaller than this does not count
     when_behind: str = "evaluate_all"                    # "evaluate_all" | "skip_to_newest"
@@ -123,6 +124,7 @@ NAME_RULE = ("a job name is 1 to 64 characters from A-Z a-z 0-9 '_' '.' '-', "
 CHECKPOINT_TYPES = ("detection", "classification", "fine_tune", "full")
 EVAL_DEVICES = ("cpu", "gpu", "auto")
 WHEN_BEHIND = ("evaluate_all", "skip_to_newest")
+EXPORT_WHEN = ("end", "each_best")
 METRIC_RE = re.compile(r"[A-Za-z0-9_./@() -]{1,100}")
 MAX_INPUT_PATHS = 1000
 MAX_GPUS = 64
@@ -251,7 +253,8 @@ class _Validator:
             "enabled": _boolean, "device": one_of(EVAL_DEVICES), "sample_1_of_n_eval_examples": whole_number(1, MAX_STEPS),
             "metric": rule("a metric name such as 'DetectionBoxes_Precision/mAP' (letters, digits, _ . / @ ( ) - "
                            "and spaces, at most 100)", lambda v: isinstance(v, str) and METRIC_RE.fullmatch(v) is not None),
-            "higher_is_better": _boolean, "export_best": _boolean, "patience": whole_number(1, 10_000),
+            "higher_is_better": _boolean, "export_best": _boolean, "export_when": one_of(EXPORT_WHEN),
+            "patience": whole_number(1, 10_000),
             "min_delta": finite_number(0.0, True), "when_behind": one_of(WHEN_BEHIND),
             "max_behind": whole_number(1, 10_000),
         })

@@ -46,8 +46,8 @@ class Supervisor:
 
     @staticmethod
     def log_name(role: str) -> str:
-        """train.log, preflight.log; the evaluator and the exporter share eval.log."""
-        return role if role in ("train", "preflight") else "eval"
+        """train.log, eval.log (the warm evaluator and one-shot evaluations), export.log, preflight.log."""
+        return role if role in ("train", "preflight", "export") else "eval"
 
     def log_path(self, name: str, role: str) -> str:
         return os.path.join(self.log_dir, name, f"{self.log_name(role)}.log")
@@ -106,7 +106,7 @@ class Supervisor:
             del self.workers[(worker.name, worker.role)]
         failure = self._imposed.pop(worker.pid, None)
         if failure is None and returncode != 0:
-            failure = classify_failure(returncode, list(pump.tail))
+            failure = classify_failure(returncode, list(pump.tail), worker.role)
         self._log_for(worker.name, worker.role).write(
             f"==== oddaemon: {worker.role} attempt {worker.attempt} ended: "
             f"{'exit status ' + str(returncode) if returncode >= 0 else 'signal ' + str(-returncode)}"

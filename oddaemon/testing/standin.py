@@ -37,7 +37,7 @@ DIRECTIVE_DEFAULTS: dict[str, float | int | None] = {
     "hang_at_step": None, "oom_at_step": None, "nan_at_step": None, "log_lines_per_step": 1,
     "eval_seconds": 0.05, "eval_crash": None, "map_peak_step": None, "ignore_sigterm": 0,
     "eval_crash_times": None, "export_seconds": 0.05, "preflight_problem": None,
-    "crash_text": None, "nan_loss_from_step": None, "oom_above_batch": None,
+    "crash_text": None, "nan_loss_from_step": None, "oom_above_batch": None, "export_crash_text": None,
 }
 _DIRECTIVE_TYPES = {key: float if key.endswith("_seconds") else str if key.endswith(("_problem", "_text")) else int
                     for key in DIRECTIVE_DEFAULTS}
@@ -411,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     export_parser = commands.add_parser("export")
     for option in ("--job", "--checkpoint", "--output"):
         export_parser.add_argument(option, required=True)
+    export_parser.add_argument("--info")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
@@ -435,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         return standin_eval.evaluate(setup, args.checkpoint, args.result)
     if args.command == "eval-serve":
         return standin_eval.serve(setup, args.reply_fd)
-    return standin_eval.export(setup, args.checkpoint, args.output)
+    return standin_eval.export(setup, args.checkpoint, args.output, args.info)
 
 
 if __name__ == "__main__":

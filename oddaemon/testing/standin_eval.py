@@ -132,12 +132,27 @@ def serve(setup: Setup, reply_fd: int) -> int:
     return 0
 
 
-def export(setup: Setup, prefix: str, output: str) -> int:
+def export(setup: Setup, prefix: str, output: str, info_path: str | None = None) -> int:
+    """Like the real exporter at the file level: the step from the index first (check_checkpoint),
+    then the model build (``export_seconds``), then the restore reads every file of the checkpoint,
+    so files that vanish during the build fail the export as TF's restore would."""
     try:
         step = checkpoint_step(prefix)
         _sleep(setup.directives["export_seconds"])
-    except (OSError, ValueError) as exc:
-        _err(f"standin: cannot export {prefix}: {exc}")
+        if not os.path.exists(prefix + ".index"):
+            raise EvalFailure(f"tensorflow.python.framework.errors_impl.NotFoundError: Failed to find any matching "
+                              f"files for {prefix}")
+        restore_step(prefix)
+        if setup.directives["export_crash_text"]:
+            _traceback("export_inference_graph", "status.assert_existing_objects_matched()",
+                       setup.directives["export_crash_text"])
+            return 1
+        info = {}
+        if info_path:
+            with open(info_path, "rb") as f:
+                info = json.loads(f.read())
+    except (OSError, ValueError, EvalFailure) as exc:
+        _err(f"oddaemon.workers export: cannot export checkpoint {prefix}: {exc}")  # (as the real worker says it)
         return 2
     except _Terminated:
         return 143
@@ -146,6 +161,10 @@ def export(setup: Setup, prefix: str, output: str) -> int:
     os.makedirs(os.path.join(temp, "variables"))
     with open(os.path.join(temp, "saved_model.pb"), "w", encoding="utf-8") as f:
         json.dump({"standin": True, "checkpoint": prefix, "step": step}, f)
+    info.setdefault("checkpoint", os.path.basename(prefix))
+    info.update(step=step, exported_at=time.time())
+    with open(os.path.join(temp, "export.json"), "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=1, sort_keys=True)
     if os.path.exists(output):
         old = f"{output}.old{os.getpid()}"
         os.rename(output, old)

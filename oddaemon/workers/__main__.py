@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="export one checkpoint to a SavedModel")
     for option in ("--job", "--checkpoint", "--output"):
         export.add_argument(option, required=True)
+    export.add_argument("--info", help="JSON whose fields go into the export's export.json")
     preflight = commands.add_parser("preflight", help="check a job's inputs before it is queued")
     for option in ("--job", "--result"):
         preflight.add_argument(option, required=True)

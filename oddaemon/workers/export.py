@@ -1,16 +1,18 @@
-"""``python -m oddaemon.workers export --job JOB.json --checkpoint PREFIX --output DIR``.
+"""``python -m oddaemon.workers export --job JOB.json --checkpoint PREFIX --output DIR [--info INFO.json]``.
 
 Exports one checkpoint to a SavedModel the way ``exporter_main_v2.py --input_type image_tensor``
 does (``exporter_lib_v2.export_inference_graph``), except that it takes that exact checkpoint rather
 than the latest one of a directory. DIR itself is the SavedModel (``tf.saved_model.load(DIR)``, as
 the stand-in worker writes it); beside it DIR holds ``checkpoint/ckpt-0`` (the inference model's
-weights, for fine-tuning from the export) and the ``pipeline.config`` it was built from. Everything
+weights, for fine-tuning from the export), the ``pipeline.config`` it was built from and
+``export.json`` (INFO's checkpoint, step, metric and value, plus when it was exported). Everything
 is written into ``DIR.tmp`` first and renamed into place at the end, so a half-written export never
 replaces a good one.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -51,6 +53,21 @@ def replace_directory(temp: str, target: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def write_info(directory: str, info_path: str | None, prefix: str, step: int) -> None:
+    """``export.json`` in the export: what the daemon said of the checkpoint, and when it was exported."""
+    info: dict = {}
+    if info_path:
+        try:
+            with open(info_path, "rb") as f:
+                info = json.loads(f.read())
+        except (OSError, ValueError) as exc:
+            raise WorkerError(f"cannot read --info {info_path}: {exc}") from None
+    info.setdefault("checkpoint", os.path.basename(prefix))
+    info.update(step=step, exported_at=time.time())
+    with open(os.path.join(directory, "export.json"), "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=1, sort_keys=True)
+
+
 def run(args) -> int:
     job = load_job(args.job)
     spec = job["spec"]
@@ -82,6 +99,7 @@ def run(args) -> int:
         shutil.rmtree(temp, ignore_errors=True)
         raise WorkerError(f"cannot export checkpoint {args.checkpoint}: {type(exc).__name__}: "
                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else ''}") from None
+    write_info(temp, args.info, args.checkpoint, step)
     replace_directory(temp, target)
     print(f"oddaemon.workers export: step {step} ({args.checkpoint}) exported to {target} "
           f"in {time.monotonic() - started:.1f}s", flush=True)

@@ -263,3 +263,53 @@ def test_only_new_train_events_count_as_activity_not_the_evaluators():
     now[0] += 25
     guard.check()
     assert seen == ["hung"]
+
+
+# ---- each role in its own words ----------------------------------------------------------------
+EXPORT_TAIL = ["Traceback (most recent call last):",
+               '  File "/x/object_detection/exporter_lib_v2.py", line 270, in export_inference_graph',
+               "    status.assert_existing_objects_matched()",
+               TF_LINES["checkpoint"],
+               "oddaemon.workers export: cannot export checkpoint /m/.oddaemon/export/ckpt-4: NotFoundError: "
+               "Unsuccessful TensorSliceReader constructor: Failed to find any matching files for /m/ckpt-4"]
+
+
+@pytest.mark.parametrize("role, subject", [("export", "the export"), ("eval", "the evaluation"),
+                                           ("preflight", "the preflight check")])
+def test_other_roles_fail_in_their_own_words_with_the_workers_last_error_line(role, subject):
+    failure = classify_failure(2, EXPORT_TAIL, role)
+    assert failure == Failure("exit", f"{subject} failed (exit status 2): cannot export checkpoint "
+                                      "/m/.oddaemon/export/ckpt-4: NotFoundError: Unsuccessful TensorSliceReader "
+                                      "constructor: Failed to find any matching files for /m/ckpt-4")
+    assert "fine" not in failure.message and "batch_size" not in failure.message
+    # the same lines from a training process are about the fine-tune checkpoint
+    assert classify_failure(2, EXPORT_TAIL).kind == "checkpoint"
+
+
+def test_other_roles_take_tf_s_exception_line_when_the_worker_said_nothing_itself():
+    tail = ["Traceback (most recent call last):", '  File "x.py", line 1, in <module>',
+            "tensorflow.python.framework.errors_impl.InvalidArgumentError: Incompatible shapes: [1,3] vs. [1,4]",
+            "", "some shutdown noise"]
+    assert classify_failure(1, tail, "eval").message == (
+        "the evaluation failed (exit status 1): InvalidArgumentError: Incompatible shapes: [1,3] vs. [1,4]")
+
+
+def test_other_roles_signals_storage_and_memory():
+    assert classify_failure(-9, ["Evaluating ckpt-3"], "export") == Failure(
+        "signal", "the export was killed by SIGKILL (the kernel's OOM killer? see `journalctl -k`)")
+    storage = classify_failure(1, ["OSError: [Errno 28] No space left on device: '/m/exported.tmp/variables'"],
+                               "export")
+    assert storage.kind == "storage" and storage.message.startswith("the export failed: No space left on device: ")
+    assert "/m/exported.tmp/variables" in storage.message
+    oom = classify_failure(1, [TF_LINES["oom"]], "eval")
+    assert oom.kind == "oom" and oom.message.startswith("the evaluation ran out of memory: ResourceExhaustedError")
+    assert "batch_size" not in oom.message
+    assert classify_failure(0, ["all good"], "export") is None
+    assert classify_failure(3, [], "export").message == (
+        "the export failed (exit status 3) (see `oddaemon logs --role export NAME`)")
+
+
+def test_a_marker_from_another_role_keeps_its_kind_and_gets_the_role_s_subject():
+    tail = [marker_line("storage", "Read-only file system on /m/exported.tmp"), "Traceback ..."]
+    assert classify_failure(1, tail, "export") == Failure("storage", "the export failed: Read-only file system on "
+                                                                     "/m/exported.tmp")
