@@ -65,6 +65,32 @@ def count_records(patterns: list[str], limit: int = 1) -> int:
     return total
 
 
+def _raised_in(exc: BaseException, function: str) -> bool:
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_name == function:
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def fine_tune_failure(job: dict | None, exc: BaseException) -> str | None:
+    """A failure while restoring the fine-tune checkpoint, told apart: a config problem (the version
+    field) or a checkpoint that does not fit the model."""
+    if not _raised_in(exc, "load_fine_tune_checkpoint"):
+        return None
+    spec = (job or {}).get("spec") or {}
+    prefix = (spec.get("pipeline") or {}).get("fine_tune_checkpoint") or "the fine_tune_checkpoint"
+    if "Checkpoint version should be V2" in str(exc):
+        return marker_line("checkpoint", "pipeline.config problem: train_config.fine_tune_checkpoint_version is "
+                                         "not V2, which model_main_tf2 requires: change it to "
+                                         "`fine_tune_checkpoint_version: V2`, then oddaemon retry")
+    return marker_line("checkpoint", f"the fine-tune checkpoint {prefix} does not fit the model "
+                                     f"({_first_line(exc)}): it must come from the same architecture (and "
+                                     "fine_tune_checkpoint_type \"detection\" for a detection checkpoint); the "
+                                     "config itself is fine")
+
+
 def explain(job: dict | None, exc: BaseException) -> str | None:
     """The marker line for ``exc``, or None when it is nothing this module knows."""
     try:
@@ -72,6 +98,9 @@ def explain(job: dict | None, exc: BaseException) -> str | None:
     except ImportError:
         return None
     try:
+        fine_tune = fine_tune_failure(job, exc)
+        if fine_tune:
+            return fine_tune
         if isinstance(exc, tf.errors.ResourceExhaustedError):
             return marker_line("oom", f"out of GPU memory ({_first_line(exc)}): lower [pipeline] batch_size, or "
                                       "set [train] oom_retry_halve_batch = true")

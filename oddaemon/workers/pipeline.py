@@ -162,7 +162,21 @@ def apply_edits(proto, edits: Any):
                 problems.append(f"[pipeline] eval_input_path: eval_input_reader #{index + 1}: {why}")
     if problems:
         raise PipelineError(problems)
+    tf2_ready(edited)
     return edited
+
+
+def tf2_ready(proto) -> None:
+    """Fine-tuning as the manual workflow does it: ``model_main_tf2`` loads only V2 (object-based)
+    checkpoints, but the proto's default ``fine_tune_checkpoint_version`` is V1, so a config that
+    sets ``fine_tune_checkpoint`` without the version fails with "Checkpoint version should be V2".
+    A fine-tune checkpoint with no version given gets V2; one the config sets to V1 explicitly is
+    refused by ``check_effective`` with the line to change."""
+    train = proto.train_config
+    if train.fine_tune_checkpoint and not train.HasField("fine_tune_checkpoint_version"):
+        from object_detection.protos import train_pb2
+
+        train.fine_tune_checkpoint_version = train_pb2.V2
 
 
 def _as_list(value: Any) -> list[str]:
@@ -205,6 +219,10 @@ def check_effective(proto) -> tuple[list[str], list[str]]:
     if not reader.label_map_path:
         problems.append("effective pipeline.config: train_input_reader has no label_map_path; "
                         "set [pipeline] label_map_path")
+    if train.fine_tune_checkpoint and train.fine_tune_checkpoint_version != 2:  # CheckpointVersion.V2
+        problems.append("effective pipeline.config: train_config.fine_tune_checkpoint_version is not V2, and "
+                        "model_main_tf2 (TF2) restores only V2 checkpoints: in the pipeline.config, change the "
+                        "line to `fine_tune_checkpoint_version: V2` (or remove it: oddaemon then sets V2)")
     if train.fine_tune_checkpoint and not train.fine_tune_checkpoint_type:
         warnings.append("fine_tune_checkpoint is set but fine_tune_checkpoint_type is not; TF then "
                         "assumes \"classification\" (set [pipeline] fine_tune_checkpoint_type)")
