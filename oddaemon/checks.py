@@ -16,6 +16,7 @@ class Problem:
     key: str | None = None
     line: int | None = None
     column: int | None = None
+    count: int = 1  # how many problems this one stands for ("... and N more")
 
     def render(self) -> str:
         if self.line is None:

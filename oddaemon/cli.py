@@ -111,8 +111,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def setup_logging(level: str) -> None:
+    from oddaemon.printable import EscapingFormatter  # noqa: PLC0415
+
     fmt = "%(levelname)s %(message)s" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s %(levelname)s %(message)s"
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=fmt, stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(EscapingFormatter(fmt))  # nothing from outside reaches the log raw
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
 def cmd_serve(config: Config, level: str) -> int:
@@ -142,7 +146,7 @@ def cmd_submit(config: Config, path: str, wait: float) -> int:
     checking = False
     while not where.decided and time.monotonic() < deadline:
         if where.place == "cur" and not checking:
-            print("checking it (preflight) ...", flush=True)
+            print("checking it ...", flush=True)
             checking = True
         time.sleep(0.05)
         where = locate(spool, delivery)
@@ -150,7 +154,7 @@ def cmd_submit(config: Config, path: str, wait: float) -> int:
         print(f"the daemon has not taken it yet (after {wait:g}s); it stays in the spool until it does")
         return EXIT_OK
     if where.place == "cur":
-        print(f"its preflight is still running (after {wait:g}s); see `oddaemon list` and "
+        print(f"it is still being checked (after {wait:g}s); see `oddaemon list` and "
               "`oddaemon logs --role preflight NAME`")
         return EXIT_OK
     if where.place == "rejected":
@@ -301,6 +305,8 @@ def format_evaluation(ev: dict) -> list[str]:
     if ev["best"]:
         b = ev["best"]
         lines.append(f"  best       {b['checkpoint']} step {shown(b['step'])} {short} {b['value']:.4g}")
+    if ev.get("pins", {}).get("released"):
+        lines.append(f"  behind     {ev['pins']['released']} checkpoint(s) {ev['pins']['why']}")
     counts = ", ".join(f"{n} {state}" for state, n in ev["counts"].items() if n)
     lines.append(f"  checkpoints ({counts}):")
     lines.append(f"    {'CKPT':<10} {'STEP':>8} {'STATE':<10} {short:>10} {'LAG':>6} {'TOOK':>6}")

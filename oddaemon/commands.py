@@ -21,6 +21,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("oddaemon.commands")
 
+# How long a D-Bus submit waits for the parser's verdict before it answers "validating" (the
+# verdict then lands in the spool as for any file): the loop never waits longer on intake.
+VERDICT_WAIT_SECONDS = 0.05
+
 
 class CommandError(OddaemonError):
     pass
@@ -61,6 +65,8 @@ class Commands:
             base += ".toml"
         path = self.daemon.spool.deliver(data, f"{base[:-5]}.{uuid.uuid4().hex[:8]}.toml")
         verdict = self.daemon.intake(path)
+        if verdict is not None and verdict.accepted is None and not verdict.name:  # being parsed: a moment
+            verdict = self.daemon.intake_.verdict_within(path, VERDICT_WAIT_SECONDS) or verdict
         if verdict is None or verdict.accepted is False:
             raise CommandError(verdict.message if verdict else "the file vanished before it could be read")
         if verdict.accepted is None:

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from oddaemon.config import Config
 from oddaemon.errors import OddaemonError, OperationError
 from oddaemon.jobspec import JobSpec, under_roots
+from oddaemon.pipeline_paths import effective_paths, read_config
 
 
 class ConfinementError(OddaemonError):
@@ -222,6 +223,16 @@ def escaped_paths(spec: JobSpec, allowed_roots: tuple[str, ...],
         for pattern in getattr(edits, key) or ():
             named.append((f"[pipeline] {key}", pattern))
             named += [(f"[pipeline] {key} ({pattern} matches)", match) for match in sorted(glob(pattern))]
+    try:  # what only pipeline.config names (and no [pipeline] key replaces), where it leads now
+        from_config = effective_paths(spec.pipeline_config, read_config(spec.pipeline_config), edits)
+    except OSError:
+        from_config = []  # (unreadable: the worker says so itself)
+    for found in from_config:
+        named.append((found.label, found.path))
+        if found.kind == "checkpoint":
+            named.append((found.label, found.path + ".index"))
+        elif found.kind == "glob":
+            named += [(f"{found.label} ({found.path} matches)", match) for match in sorted(glob(found.path))]
     escaped = []
     for label, path in named:
         real = realpath(path)

@@ -34,9 +34,10 @@ from oddaemon.jobspec import Problem
 from oddaemon.loop import Loop
 from oddaemon.procs import Worker, worker_environment
 from oddaemon.recovery import kill_leftover_workers, load_saved_jobs
+from oddaemon.parsers import ParserPool
 from oddaemon.preflight import Preflights
 from oddaemon.progress import TrainProgress, pipeline_num_steps
-from oddaemon.reconfigure import policy_of, reread_config
+from oddaemon.reconfigure import pin_budget_of, policy_of, reread_config
 from oddaemon.spool import Spool
 from oddaemon.states import TERMINAL
 from oddaemon.store import Store
@@ -67,9 +68,11 @@ class Daemon:
                                       lambda spec, path: self.intake_.submit(spec, path),
                                       lambda path, problems, because: self.intake_.reject(path, problems, because))
                            if config.worker_preflight else None)
-        self.intake_ = SpoolIntake(config, self.spool, loop, self.dispatch, self._active_names, self.preflights)
+        self.parsers = ParserPool(loop)  # job files are parsed in child processes, within limits
+        self.intake_ = SpoolIntake(config, self.spool, loop, self.dispatch, self._active_names, self.preflights,
+                                   self.parsers)
         self.evaluations = Evaluations(loop, config.state_dir, self.dispatch, self.start_worker,
-                                       self.supervisor.stop, clock)
+                                       self.supervisor.stop, clock, pin_budget_of(config))
         self.progress: dict[str, TrainProgress] = {}
         self.watchers: dict[str, ModelDirWatcher] = {}
         self.runtime: dict[str, dict[str, dict]] = {}
@@ -101,6 +104,7 @@ class Daemon:
         # (the signal raced with its start) is killed, so that no job runs twice. Then the saved jobs.
         kill_leftover_workers(self.store)
         self.dispatch(sch.Restore(tuple(load_saved_jobs(self.store))))
+        self.parsers.start()
         self.intake_.start(self.inotify)
         self.control = ControlServer(os.path.join(self.config.state_dir, "control.sock"), self.loop,
                                      self.commands.handle_request)
@@ -358,6 +362,7 @@ class Daemon:
         self.supervisor.log_max_bytes, self.supervisor.log_backups = new.log_max_bytes, new.log_backups
         self.supervisor.stop_grace = new.stop_grace_seconds
         self.state = dataclasses.replace(self.state, policy=policy_of(new))
+        self.evaluations.pin_budget = pin_budget_of(new)
         log.info("reload: configuration re-read from %s", new.path)
         self.dispatch(sch.Tick())  # e.g. more CPU slots: start what now fits
 
@@ -369,6 +374,7 @@ class Daemon:
         self.announcer.stop(f"stopping {len(self.supervisor.workers)} worker(s)")
         if self.control is not None:
             self.control.close()
+        self.parsers.close()
         if not self.supervisor.workers:
             self.loop.stop()
             return

@@ -26,12 +26,15 @@ from oddaemon.errors import OddaemonError, user_message
 from oddaemon.inotify_watch import SPOOL_MASK, InotifyHub
 from oddaemon.jobspec import JobSpec, Problem, parse_job, render_error_file, size_problem
 from oddaemon.loop import Loop
+from oddaemon.parsers import ParserPool
 from oddaemon.preflight import Preflights
 from oddaemon.spool import NotARegularFile, Spool, is_candidate
 
 log = logging.getLogger("oddaemon.intake")
 
 SETTLE_SECONDS = 1.0  # a file in new/ younger than this at rescan may still be being written
+MAX_REMEMBERED = 1000  # verdicts kept for verdict_within
+PER_TURN = 16  # spool files taken per loop turn (each a read, a rename and a pipe write: well under 1 ms)
 
 
 @dataclass(frozen=True)
@@ -43,15 +46,20 @@ class Verdict:
 
 class SpoolIntake:
     def __init__(self, config: Config, spool: Spool, loop: Loop, dispatch: Callable[[sch.Event], list[sch.Action]],
-                 active_names: Callable[[], set[str]], preflights: Preflights | None):
+                 active_names: Callable[[], set[str]], preflights: Preflights | None,
+                 parsers: ParserPool | None = None):
         self.config = config
         self.spool = spool
         self.loop = loop
         self.dispatch = dispatch
         self.active_names = active_names  # names of jobs that are queued, running, ... (not finished)
         self.preflights = preflights
+        self.parsers = parsers  # job files are parsed in child processes (None: in-process)
+        self.decided: dict[str, Verdict] = {}  # delivered path -> verdict, for verdict_within
         self.rejected_total = 0
         self._rescan_pending = False
+        self._queue: dict[str, None] = {}  # paths waiting for intake, in arrival order
+        self._draining = False
         self.worker_identity: Identity | None = None  # set by the daemon at start (a root daemon's worker user)
 
     def start(self, hub: InotifyHub) -> None:
@@ -61,9 +69,9 @@ class SpoolIntake:
             log.warning("the submit group '%s' ([jobs] submit_group) does not exist on this system: only %s may "
                         "submit jobs; create it (groupadd %s) and add the users who submit, or set submit_group = "
                         "\"\" to accept files from anyone who can write to %s", group, who, group, self.spool.new)
-        # Files whose preflight a restart interrupted are checked again first.
+        # Files whose checks a restart interrupted are checked again first.
         for path in self.spool.scan(self.spool.cur):
-            self.intake(path)
+            self._enqueue(path)
         # Watch first, then rescan: a file that arrives in between is seen by one or the other.
         hub.watch(self.spool.new, SPOOL_MASK, self._on_event, self.rescan)
         self.rescan()
@@ -79,7 +87,26 @@ class SpoolIntake:
                 return
             if stat.S_ISREG(st.st_mode) and st.st_nlink == 1:
                 return  # a new file being written: its CLOSE_WRITE (or a rescan) takes it
-        self.intake(path)  # moved or written in, or made in place as a link, FIFO or directory
+        self._enqueue(path)  # moved or written in, or made in place as a link, FIFO or directory
+
+    def _enqueue(self, path: str) -> None:
+        """Files are taken ``PER_TURN`` per loop turn, so a burst of 500 (or a rescan of 2,000) never
+        keeps the loop from the control socket, D-Bus and the workers for long; a path queued twice
+        (two events) is taken once."""
+        self._queue[path] = None
+        if not self._draining:
+            self._draining = True
+            self.loop.call_later(0, self._drain)
+
+    def _drain(self) -> None:
+        for _ in range(min(PER_TURN, len(self._queue))):
+            path = next(iter(self._queue))
+            del self._queue[path]
+            self.intake(path)
+        if self._queue:
+            self.loop.call_later(0, self._drain)
+        else:
+            self._draining = False
 
     def rescan(self) -> None:
         now = time.time()
@@ -91,7 +118,7 @@ class SpoolIntake:
                     continue
             except FileNotFoundError:
                 continue
-            self.intake(path)
+            self._enqueue(path)
         if young and not self._rescan_pending:
             self._rescan_pending = True
             self.loop.call_later(SETTLE_SECONDS, self._rescan_again)
@@ -137,7 +164,28 @@ class SpoolIntake:
             except OSError:
                 size = len(data)
             return self.reject(path, [size_problem(size, self.config.max_job_file_bytes)])
-        result = parse_job(data, name, self.config.validation_context())
+        if self.parsers is None:  # (in-process, for tests of the intake alone)
+            return self._parsed(path, path, parse_job(data, name, self.config.validation_context()))
+        # Parsed in a child process, within limits, while the loop goes on; the file waits in cur/
+        # (a restart checks it again), so nothing else can take or replace it meanwhile.
+        try:
+            held = path if os.path.dirname(path) == self.spool.cur else self.spool.hold(path)
+        except OddaemonError as exc:
+            log.error("%s", user_message(exc))
+            return None
+        self.parsers.parse(data, name, self.config.validation_context(),
+                           lambda result: self._parsed(path, held, result))
+        return Verdict(None, "", "")
+
+    def _parsed(self, origin: str, path: str, result: JobSpec | list[Problem]) -> Verdict | None:
+        verdict = self._decide(path, result)
+        if verdict is not None:
+            self.decided[origin] = verdict
+            while len(self.decided) > MAX_REMEMBERED:
+                self.decided.pop(next(iter(self.decided)))
+        return verdict
+
+    def _decide(self, path: str, result: JobSpec | list[Problem]) -> Verdict | None:
         if isinstance(result, list):
             return self.reject(path, result)
         if self.preflights is None:
@@ -153,6 +201,13 @@ class SpoolIntake:
             return None
         self.preflights.add(result, held)
         return Verdict(None, result.name, "")
+
+    def verdict_within(self, path: str, timeout: float) -> Verdict | None:
+        """The verdict on the file delivered as ``path`` if it comes within ``timeout`` (None: not yet).
+        Blocks the loop that long at most: for the D-Bus submit call's reply."""
+        if path not in self.decided and self.parsers is not None:
+            self.parsers.settle(timeout)
+        return self.decided.pop(path, None)
 
     def trusted_uids(self) -> set[int]:
         """Owners whose files need no group membership: root, the daemon's user, the worker user."""

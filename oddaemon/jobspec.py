@@ -12,6 +12,7 @@ import glob as globmod
 import math
 import os
 import re
+import stat
 import sys
 import tomllib
 from dataclasses import dataclass, fields, is_dataclass
@@ -19,6 +20,9 @@ from typing import Any, Callable
 
 from oddaemon.checks import (Invalid, Problem, decode, finite_number, is_int, one_of,  # noqa: F401
                              rule, show, syntax_problem, whole_number)
+from oddaemon.pipeline_paths import effective_paths, read_config
+from oddaemon.prescan import prescan, strip_bom
+from oddaemon.printable import printable
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,7 @@ class EvalOptions:
     min_delta: float = 0.0                               # improvement smaller than this does not count
     when_behind: str = "evaluate_all"                    # "evaluate_all" | "skip_to_newest"
     max_behind: int = 3                                  # pending checkpoints before when_behind applies
+    max_pinned_bytes: int | None = None                  # bytes only this job's pins may hold (None: daemon's)
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,23 @@ class ValidationContext:
     isfile: Callable[[str], bool] = os.path.isfile
     isdir: Callable[[str], bool] = os.path.isdir
     glob: Callable[[str], list[str]] = globmod.glob
+    kind: Callable[[str], str | None] = lambda path: file_kind(path)  # what a path is that is no file
+    writable: Callable[[str], bool] = lambda path: os.access(path, os.W_OK | os.X_OK)
+    read_text: Callable[[str], str] = read_config  # a pipeline.config (bounded)
+
+
+def file_kind(path: str) -> str | None:
+    """What ``path`` is, in words ("a FIFO (named pipe)", ...); None if it does not exist."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    for test, words in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
+                        (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return words
+    return "not a regular file"
 
 
 TABLES = ("pipeline", "train", "eval")
@@ -141,6 +163,10 @@ def parse_job(data: bytes, filename: str, ctx: ValidationContext) -> JobSpec | l
     text_or_problems = decode(data)
     if isinstance(text_or_problems, list):
         return text_or_problems
+    text_or_problems = strip_bom(text_or_problems)
+    refused = prescan(text_or_problems)
+    if refused is not None:
+        return [refused]
     try:
         doc = tomllib.loads(text_or_problems)
     except tomllib.TOMLDecodeError as exc:
@@ -158,7 +184,7 @@ def parse_job(data: bytes, filename: str, ctx: ValidationContext) -> JobSpec | l
         more = len(result) - MAX_PROBLEMS
         result = result[:MAX_PROBLEMS] + [Problem(f"... and {more} more problem{'s' if more > 1 else ''} not listed "
                                                   f"here (at most {MAX_PROBLEMS} are); fix the ones above and "
-                                                  "submit the file again to see the rest")]
+                                                  "submit the file again to see the rest", count=more)]
     return result
 
 
@@ -175,9 +201,10 @@ def size_problem(size: int, limit: int) -> Problem:
 def render_error_file(original_name: str, problems: list[Problem],
                       because: str = "it is not a valid oddaemon job spec") -> str:
     """The text of the ``.error`` file written next to a rejected job file."""
-    count = f"{len(problems)} problem" + ("" if len(problems) == 1 else "s")
-    lines = [f"Job file '{original_name}' was rejected because {because}; nothing was queued.", f"{count}:"]
-    lines += [f"  - {p.render()}" for p in problems]
+    total = sum(p.count for p in problems)  # the last one may stand for all those not listed
+    count = f"{total} problem" + ("" if total == 1 else "s")
+    lines = [f"Job file '{printable(original_name)}' was rejected because {because}; nothing was queued.", f"{count}:"]
+    lines += [f"  - {printable(p.render())}" for p in problems]
     lines.append("Fix the file and submit it again. Every key is described in the \"Job spec\" section "
                  "of the README; etc/jobs/example.toml is a commented example.")
     return "\n".join(lines) + "\n"
@@ -256,7 +283,7 @@ class _Validator:
             "higher_is_better": _boolean, "export_best": _boolean, "export_when": one_of(EXPORT_WHEN),
             "patience": whole_number(1, 10_000),
             "min_delta": finite_number(0.0, True), "when_behind": one_of(WHEN_BEHIND),
-            "max_behind": whole_number(1, 10_000),
+            "max_behind": whole_number(1, 10_000), "max_pinned_bytes": whole_number(1),
         })
         self.cross_checks(pipeline, train)
         if "name" not in doc:
@@ -266,8 +293,33 @@ class _Validator:
                 self.problems.append(Problem(f"missing required key '{required}' (an absolute path)", key=required))
         if self.problems:
             return self.problems
-        return JobSpec(**top, pipeline=PipelineEdits(**pipeline), train=TrainOptions(**train),
+        spec = JobSpec(**top, pipeline=PipelineEdits(**pipeline), train=TrainOptions(**train),
                        eval=EvalOptions(**evaluation))
+        self.config_paths(spec)
+        return self.problems or spec
+
+    def config_paths(self, spec: JobSpec) -> None:
+        """What pipeline.config itself names (and no [pipeline] key replaces) is confined too."""
+        try:
+            text = self.ctx.read_text(spec.pipeline_config)
+        except OSError:
+            return  # (it was checked as a file: a read error here is the preflight's to report)
+        for found in effective_paths(spec.pipeline_config, text, spec.pipeline):
+            try:
+                if not os.path.isabs(found.path):
+                    raise Invalid(f"{show(found.path)} is a relative path; the workers need absolute paths")
+                self.inside_roots(found.path)
+                if found.kind == "checkpoint":
+                    self.inside_roots(found.path + ".index")
+                elif found.kind == "glob":
+                    for match in self.ctx.glob(found.path):
+                        real = self.ctx.realpath(match)
+                        if not self.under_roots(real):
+                            raise Invalid(f"{found.path} matches {match}, which resolves to {real}, outside the "
+                                          f"allowed roots {self.roots_text()}")
+            except Invalid as exc:
+                self.problems.append(Problem(f"{found.label}: {exc}; set the [pipeline] key that replaces it, "
+                                             "or fix the pipeline.config", key="pipeline_config"))
 
     def reject_unknown(self, section: str, table: dict) -> None:
         allowed = ALLOWED_KEYS[section]
@@ -328,24 +380,45 @@ class _Validator:
     def path(self, value: Any, kind: str) -> str:
         real = self.inside_roots(value)
         if kind == "file" and not self.ctx.isfile(real):
-            raise Invalid(f"{value} is a directory, not a file" if self.ctx.isdir(real)
-                          else f"{value} does not exist")
+            if self.ctx.isdir(real):
+                raise Invalid(f"{value} is a directory, not a file")
+            what = self.ctx.kind(real)
+            raise Invalid(f"{value} does not exist" if what is None else f"{value} is {what}, not a regular file")
         if kind == "checkpoint":
             index = value + ".index"
             if not self.ctx.isfile(index):
                 raise Invalid(f"{index} does not exist (give the checkpoint prefix, e.g. .../checkpoint/ckpt-0)")
             self.inside_roots(index)
         if kind == "model_dir":
-            if self.ctx.isfile(real):
-                raise Invalid(f"{value} exists and is a file; model_dir must be a directory")
-            ancestor = real
-            while not self.ctx.isdir(ancestor) and os.path.dirname(ancestor) != ancestor:
-                ancestor = os.path.dirname(ancestor)
-            if not self.under_roots(ancestor):
-                raise Invalid(f"{value} does not exist yet and its nearest existing parent directory "
-                              f"{ancestor} is outside the allowed roots {self.roots_text()}; "
-                              "create the allowed root directory first")
-            return real  # resolved, so that two spellings of one directory are one model_dir to the scheduler
+            return self.model_dir(value, real)
+        return value
+
+    def model_dir(self, value: str, real: str) -> str:
+        """A directory the daemon can create (or has) for this job alone; returned resolved, so that
+        two spellings of one directory are one model_dir to the scheduler."""
+        if self.ctx.isfile(real):
+            raise Invalid(f"{value} exists and is a file; model_dir must be a directory")
+        if real in self.roots:
+            raise Invalid(f"{value} is an allowed root itself; give the job a directory of its own below it "
+                          f"(e.g. {real.rstrip('/')}/<name>)")
+        long = next((part for part in real.split("/") if len(part.encode("utf-8", "surrogatepass")) > 255), None)
+        if long is not None:
+            raise Invalid(f"{value}: the path component {show(long[:40] + '...')} is longer than 255 bytes, "
+                          "which no file system allows")
+        ancestor = real
+        while not self.ctx.isdir(ancestor) and os.path.dirname(ancestor) != ancestor:
+            ancestor = os.path.dirname(ancestor)
+            if self.ctx.isfile(ancestor) or self.ctx.kind(ancestor) not in (None, "a directory"):
+                raise Invalid(f"{value} cannot be created: {ancestor} is {self.ctx.kind(ancestor) or 'a file'}, "
+                              "not a directory")
+        if not self.under_roots(ancestor):
+            raise Invalid(f"{value} does not exist yet and its nearest existing parent directory "
+                          f"{ancestor} is outside the allowed roots {self.roots_text()}; "
+                          "create the allowed root directory first")
+        if not self.ctx.writable(ancestor):
+            raise Invalid(f"{value} cannot be {'written' if ancestor == real else 'created'}: the daemon may not "
+                          f"write in {ancestor} (permissions, or a read-only file system)")
+        return real
         return value
 
     def inside_roots(self, value: Any) -> str:
@@ -396,8 +469,12 @@ class _Validator:
         if wild > MAX_WILDCARD_PARTS:
             raise Invalid(f"{show(pattern)} has {wild} path components with wildcards (* ? [); "
                           f"at most {MAX_WILDCARD_PARTS} are allowed")
-        files = [m for m in self.ctx.glob(pattern) if self.ctx.isfile(m)]
+        matches = self.ctx.glob(pattern)
+        files = [m for m in matches if self.ctx.isfile(m)]
         if not files:
+            special = [m for m in matches if not self.ctx.isdir(m) and self.ctx.kind(m)]
+            if special:  # a FIFO, a socket, a device: say so, "no file" would send the user looking
+                raise Invalid(f"{pattern} matches no regular file: {special[0]} is {self.ctx.kind(special[0])}")
             raise Invalid(f"{pattern} matches no file")
         for match in files:
             real = self.ctx.realpath(match)

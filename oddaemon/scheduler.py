@@ -94,11 +94,31 @@ def fits_ever(wants: Union[int, tuple[int, ...]], inventory: tuple[int, ...]) ->
         missing = [g for g in wants if g not in inventory]
         if missing:
             have = ", ".join(map(str, inventory)) or "none"
-            return f"asks for GPU id(s) {', '.join(map(str, missing))}, which this machine does not have (GPUs: {have})"
+            return (f"asks for GPU id(s) {', '.join(map(str, missing))} ([train] gpus), which this machine does not "
+                    f"have (GPUs: {have}); change [train] gpus")
         return None
     if wants > len(inventory):
-        return f"asks for {wants} GPU(s) but this machine has {len(inventory)}"
+        return (f"asks for {wants} GPU(s) but this machine has {len(inventory)}; change [train] gpus "
+                f"(0 trains on the CPU)")
     return None
+
+
+def model_dir_clash(mine: str, theirs: str) -> str | None:
+    """How two (resolved) model_dirs collide: one, or one inside the other (their checkpoints,
+    event files and best/ would mix), as words before "job 'x'"; None when they are apart."""
+    if mine == theirs:
+        return "is already used by"
+    if mine.startswith(theirs.rstrip("/") + "/"):
+        return "is inside the model_dir of"
+    if theirs.startswith(mine.rstrip("/") + "/"):
+        return "contains the model_dir of"
+    return None
+
+
+def clash_detail(clash: str, theirs: str) -> str:
+    if clash == "is already used by":
+        return "; two jobs cannot train into one model_dir"
+    return f": {theirs}; a job's model_dir must not be inside another's, nor contain one"
 
 
 def resolve_wants(spec: JobSpec, inventory: tuple[int, ...]) -> Union[int, tuple[int, ...]]:
@@ -115,10 +135,19 @@ def _submit(state: State, jobs: dict[str, Job], ev: Submit, now: float, actions:
         actions.append(Rejected(ev.token, f"a job named '{name}' already exists and is {existing.state}; "
                                           "cancel it first or choose another name"))
         return state.next_seq
+    if existing is not None:  # finished: its record, history and evaluations are kept, never replaced
+        again = (f", or `oddaemon retry {name}` to run it again" if existing.state is not JobState.SUCCEEDED
+                 else "")
+        actions.append(Rejected(ev.token, f"a job named '{name}' already ran and is {existing.state}; its record, "
+                                          f"history and evaluations are kept: choose another name{again}"))
+        return state.next_seq
     for other in jobs.values():
-        if other.name != name and other.state not in TERMINAL and other.spec.model_dir == ev.spec.model_dir:
-            actions.append(Rejected(ev.token, f"model_dir {ev.spec.model_dir} is already used by job "
-                                              f"'{other.name}' ({other.state}); two jobs cannot train into one model_dir"))
+        if other.name == name or other.state in TERMINAL:
+            continue
+        clash = model_dir_clash(ev.spec.model_dir, other.spec.model_dir)
+        if clash:
+            actions.append(Rejected(ev.token, f"model_dir {ev.spec.model_dir} {clash} job '{other.name}' "
+                                              f"({other.state}){clash_detail(clash, other.spec.model_dir)}"))
             return state.next_seq
     wants = resolve_wants(ev.spec, state.inventory)
     why_not = fits_ever(wants, state.inventory)

@@ -13,6 +13,7 @@ No submitted file is ever deleted: every file that lands in ``new/`` ends in ``a
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import time
@@ -40,6 +41,21 @@ class Delivery:
     path: str
     dev: int
     ino: int
+
+
+NAME_MAX = 255
+_ROOM = len(".toml.error") + len(".99999")  # what reject() adds to a stem, at most
+
+
+def short_stem(stem: str) -> str:
+    """``stem`` if ``stem.toml.error`` (and a ``.N`` to make it unique) fits NAME_MAX bytes, else its
+    first bytes and a hash of the whole."""
+    raw = os.fsencode(stem)
+    if len(raw) + _ROOM <= NAME_MAX:
+        return stem
+    digest = hashlib.sha256(raw).hexdigest()[:12]
+    cut = raw[:NAME_MAX - _ROOM - len(digest) - 1]
+    return os.fsdecode(cut) + "~" + digest  # (a character cut in two stays bytes: fine in a file name)
 
 
 class NotARegularFile(Exception):
@@ -153,8 +169,11 @@ class Spool:
         return dest
 
     def reject(self, path: str, error_text: str) -> tuple[str, str]:
+        """Move ``path`` to rejected/ with its ``.error`` beside it. A name too long for the ``.error``
+        sibling (NAME_MAX is 255 bytes) is shortened, unique by a hash of the original; the original
+        name is inside the ``.error`` text."""
         base = os.path.basename(path)
-        stem = base[:-5] if base.endswith(".toml") else base
+        stem = short_stem(base[:-5] if base.endswith(".toml") else base)
         dest = self._unique(self.rejected, stem, ".toml")
         error_path = dest + ".error"
         atomic_write(error_path, error_text.encode())

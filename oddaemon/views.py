@@ -4,6 +4,8 @@ D-Bus and metrics. Pure."""
 from __future__ import annotations
 
 from oddaemon.evalbook import EvalBook
+from oddaemon.pinbudget import RELEASED
+from oddaemon.printable import printable
 from oddaemon.progress import TrainProgress
 from oddaemon.scheduler import Job
 
@@ -12,7 +14,7 @@ def evaluation_view(job: Job, book: EvalBook | None) -> dict:
     metric = job.spec.eval.metric
     if book is None:
         return {"enabled": job.spec.eval.enabled, "metric": metric, "counts": {}, "best": None, "latest": None,
-                "checkpoints": []}
+                "pins": {"released": 0, "why": ""}, "checkpoints": []}
 
     def brief(c) -> dict:
         return {"checkpoint": f"ckpt-{c.n}", "n": c.n, "step": c.step, "state": c.state,
@@ -21,7 +23,9 @@ def evaluation_view(job: Job, book: EvalBook | None) -> dict:
                 "duration_seconds": c.duration_seconds, "error": c.error, "best": c.n == book.best_n}
 
     best, latest = book.best(), book.latest_done()
+    released = [c for c in book.checkpoints.values() if c.state == "skipped" and c.error.startswith(RELEASED)]
     return {"enabled": job.spec.eval.enabled, "metric": metric, "counts": book.counts(),
+            "pins": {"released": len(released), "why": released[-1].error if released else ""},
             "best": brief(best) if best else None, "latest": brief(latest) if latest else None,
             "checkpoints": [brief(c) for c in sorted(book.checkpoints.values(), key=lambda c: c.n)]}
 
@@ -63,7 +67,19 @@ def job_view(job: Job, progress: TrainProgress | None, queue_position: int | Non
         view["step"] = max(steps)
         if view["target_steps"]:
             view["progress"] = min(1.0, view["step"] / view["target_steps"])
-    return view
+    return escaped(view)
+
+
+def escaped(value):
+    """Every string of a view with control characters escaped (``printable``): paths, reasons and
+    worker error lines come from outside, and views reach terminals, D-Bus and logs."""
+    if isinstance(value, str):
+        return printable(value)
+    if isinstance(value, dict):
+        return {k: escaped(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [escaped(v) for v in value]
+    return value
 
 
 def progress_bar(ratio: float | None, width: int = 20) -> str:

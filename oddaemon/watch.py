@@ -3,8 +3,10 @@ and the creation of ``train/`` and ``eval/``) plus one on each of ``model_dir/tr
 ``model_dir/eval`` (event files, for progress and evaluation metrics by step).
 
 No polling: checkpoint changes go to ``on_checkpoints`` (the evaluation side re-lists the
-directory), event-file changes to ``on_progress`` (coalesced over a short delay, since the
-trainer appends to its event file at every logged step). A queue overflow calls both.
+directory), coalesced to one call per loop turn however many events a burst brought (a trainer
+saving 100 checkpoints a second makes ~500 events a second; one re-listing per turn sees them all),
+event-file changes to ``on_progress`` (coalesced over a short delay, since the trainer appends to
+its event file at every logged step). A queue overflow calls both.
 
 If ``model_dir`` itself goes away under a running job (deleted, or moved), the kernel drops the
 watch (``IN_IGNORED``); the watcher then creates the directory again, as at start, watches it anew
@@ -45,6 +47,7 @@ class ModelDirWatcher:
         self._wds: list[int] = []
         self._event_wds: dict[str, int] = {}
         self._progress_timer: object | None = None
+        self._checkpoints_timer: object | None = None
         self._rewatch_timer: object | None = None
         self._stopped = False
 
@@ -91,7 +94,7 @@ class ModelDirWatcher:
             self._watch_event_dirs()
             self._progress_soon()
         elif is_checkpoint_event(name):
-            self.on_checkpoints()
+            self._checkpoints_soon()
 
     def _gone(self, mask: int) -> None:
         """model_dir was deleted or moved away: drop every watch, create it again and watch it anew."""
@@ -129,6 +132,15 @@ class ModelDirWatcher:
         self.on_checkpoints()
         self.on_progress()
 
+    def _checkpoints_soon(self) -> None:
+        if self._checkpoints_timer is None:
+            self._checkpoints_timer = self.loop.call_later(0, self._checkpoints_now)
+
+    def _checkpoints_now(self) -> None:
+        self._checkpoints_timer = None
+        if not self._stopped:
+            self.on_checkpoints()
+
     def _progress_soon(self) -> None:
         if self._progress_timer is None:
             self._progress_timer = self.loop.call_later(PROGRESS_DELAY, self._progress_now)
@@ -143,6 +155,7 @@ class ModelDirWatcher:
         if self._rewatch_timer is not None:
             self.loop.remove(self._rewatch_timer)
             self._rewatch_timer = None
-        if self._progress_timer is not None:
-            self.loop.remove(self._progress_timer)
-            self._progress_timer = None
+        for timer in (self._progress_timer, self._checkpoints_timer):
+            if timer is not None:
+                self.loop.remove(timer)
+        self._progress_timer = self._checkpoints_timer = None

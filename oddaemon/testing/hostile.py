@@ -220,6 +220,7 @@ class _Gen:
             "metric": lambda: basic_string(r.choice(["DetectionBoxes_Precision/mAP", "DetectionBoxes_Recall/AR@100"])),
             "higher_is_better": lambda: r.choice(["true", "false"]), "export_best": lambda: r.choice(["true", "false"]),
             "export_when": lambda: r.choice(['"end"', '"each_best"']),
+            "max_pinned_bytes": lambda: str(r.randint(1, 10**12)),
             "patience": lambda: str(r.randint(1, 10_000)), "min_delta": lambda: repr(r.uniform(0, 1)),
             "when_behind": lambda: basic_string(r.choice(WHEN_BEHIND)), "max_behind": lambda: str(r.randint(1, 10_000)),
         }

@@ -145,13 +145,13 @@ def test_a_gpu_listed_in_the_configuration_but_gone(daemon_env, tmp_path, monkey
     fake_nvidia_smi(str(bin_dir), [0, 1])  # GPU 2 fell off the bus while the daemon was down
     env.start()
     job = env.wait_state("on2", "failed", 30)
-    assert "can no longer run here: it asks for GPU id(s) 2, which this machine does not have (GPUs: 0, 1)" \
+    assert "can no longer run here: it asks for GPU id(s) 2 ([train] gpus), which this machine does not have (GPUs: 0, 1)" \
         in job["reason"]
     assert "GPU(s) 2 are gone" in env.daemon_log()
     env.drop("wants2.toml", env.job_text("wants2", gpus=[2]))
     wait_for(lambda: "wants2.toml.error" in env.rejected(), 30, what="wants2 rejected")
     error = open(os.path.join(env.spool, "rejected", "wants2.toml.error")).read()
-    assert "GPU id(s) 2, which this machine does not have" in error
+    assert "GPU id(s) 2 ([train] gpus), which this machine does not have" in error
     env.drop("on1.toml", env.job_text("on1", num_steps=4, every=2, step_seconds=0.01, gpus=[1]))
     assert env.wait_state("on1", "succeeded", 60)["gpus"] == []
     assert sorted(env.ask("list")["gpus"]) == [0, 1]

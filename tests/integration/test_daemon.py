@@ -255,7 +255,7 @@ def test_jobs_that_can_never_run_or_clash_are_rejected_with_the_reason(daemon_en
     wait_for(lambda: "greedy.toml.error" in env.rejected(), 10, what="greedy rejected")
     error = open(os.path.join(env.spool, "rejected", "greedy.toml.error")).read()
     assert "because the daemon cannot run it" in error
-    assert "job 'greedy' can never run here: it asks for 2 GPU(s) but this machine has 1" in error
+    assert "job 'greedy' can never run here: it asks for 2 GPU(s) but this machine has 1; change [train] gpus" in error
     env.drop("one.toml", env.job_text("one", num_steps=1000, step_seconds=0.05))
     env.wait_state("one", "running", 20)
     env.drop("one-again.toml", env.job_text("one", num_steps=5))

@@ -362,7 +362,8 @@ def test_allowed_keys_match_the_dataclasses():
     assert ALLOWED_KEYS["train"] == ("gpus", "checkpoint_every_n", "checkpoint_max_to_keep", "max_restarts",
                                      "hang_timeout_seconds", "oom_retry_halve_batch", "min_batch_size")
     assert ALLOWED_KEYS["eval"] == ("enabled", "device", "sample_1_of_n_eval_examples", "metric", "higher_is_better",
-                                    "export_best", "export_when", "patience", "min_delta", "when_behind", "max_behind")
+                                    "export_best", "export_when", "patience", "min_delta", "when_behind", "max_behind",
+                                    "max_pinned_bytes")
 
 
 def test_render_error_file(tree, ctx):

@@ -61,7 +61,7 @@ def test_auto_gpus_means_cpu_without_gpus_and_cpu_slots_are_limited():
 @pytest.mark.parametrize("gpus, inventory, fragment", [
     (2, (0,), "asks for 2 GPU(s) but this machine has 1"),
     (1, (), "asks for 1 GPU(s) but this machine has 0"),
-    ((3,), (0, 1), "asks for GPU id(s) 3, which this machine does not have (GPUs: 0, 1)"),
+    ((3,), (0, 1), "asks for GPU id(s) 3 ([train] gpus), which this machine does not have (GPUs: 0, 1)"),
 ])
 def test_a_job_that_can_never_fit_is_rejected(gpus, inventory, fragment):
     state, actions = submit(sch.State(inventory=inventory), spec("big", gpus=gpus))
@@ -78,11 +78,22 @@ def test_duplicate_active_name_and_shared_model_dir_are_rejected():
     assert "already used by job 'a'" in kinds(actions, sch.Rejected)[0].reason
 
 
-def test_a_finished_name_can_be_submitted_again():
+def test_a_finished_name_is_refused_and_its_record_kept():
     state, _ = submit(sch.State(inventory=(0,)), spec("a"))
     state, _ = sch.step(state, sch.ProcessExited("a", 1, 0), 1.0)
-    state, actions = submit(state, spec("a"), now=2.0)
-    assert kinds(actions, sch.Accepted) and state.jobs["a"].state is JobState.RUNNING
+    before = state.jobs["a"]
+    state, actions = submit(state, spec("a", model_dir="/srv/models/a2"), now=2.0)
+    assert not kinds(actions, sch.Accepted) and state.jobs["a"] == before
+    assert kinds(actions, sch.Rejected)[0].reason == (
+        "a job named 'a' already ran and is succeeded; its record, history and evaluations are kept: choose "
+        "another name")
+    state, _ = submit(state, spec("c"), now=3.0)  # runs on the one GPU
+    state, _ = submit(state, spec("b"), now=3.0)  # queued behind it
+    state, _ = sch.step(state, sch.Cancel("b"), 3.5)
+    assert state.jobs["b"].state is JobState.CANCELLED
+    state, actions = submit(state, spec("b"), now=4.0)
+    assert "already ran and is cancelled" in kinds(actions, sch.Rejected)[0].reason
+    assert "`oddaemon retry b` to run it again" in kinds(actions, sch.Rejected)[0].reason
 
 
 def test_crash_restarts_with_growing_capped_backoff_then_fails():
@@ -379,3 +390,16 @@ def test_backoff_grows_and_caps(n):
     assert policy.backoff(n + 1) >= policy.backoff(n)
     if policy.backoff(n) < 100:
         assert policy.backoff(n + 1) == min(100, 2 * policy.backoff(n))
+
+
+@pytest.mark.parametrize("mine, words", [
+    ("/srv/models/a/sub", "is inside the model_dir of job 'a' (running): /srv/models/a; a job's model_dir must "
+                          "not be inside another's, nor contain one"),
+    ("/srv/models", "contains the model_dir of job 'a' (running): /srv/models/a"),
+])
+def test_nested_model_dirs_are_refused_either_way_round_with_the_other_job_named(mine, words):
+    state, _ = submit(sch.State(inventory=(0, 1)), spec("a", model_dir="/srv/models/a"))
+    state, actions = submit(state, spec("b", model_dir=mine))
+    assert words in kinds(actions, sch.Rejected)[0].reason and "b" not in state.jobs
+    state, actions = submit(state, spec("c", model_dir="/srv/models/ab"))  # a shared prefix is no nesting
+    assert kinds(actions, sch.Accepted)
