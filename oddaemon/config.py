@@ -53,6 +53,9 @@ class Config:
     worker_allow_root: bool = False  # a daemon running as root may run its workers as root
     event_loop: str = "auto"
     dbus_bus: str = "system"  # where the D-Bus API is published; "none" = control socket only
+    pins_min_free_bytes: int = 5 * 1024**3  # keep this much free on a model_dir's file system ...
+    pins_min_free_percent: float = 5.0  # ... or this share of it, whichever is larger
+    pins_max_bytes_per_job: int = 0  # bytes only the pins of one job hold (0: no cap but the floor)
 
     def validation_context(self) -> jobspec.ValidationContext:
         return jobspec.ValidationContext(allowed_roots=self.allowed_roots, max_file_bytes=self.max_job_file_bytes)
@@ -153,6 +156,10 @@ SCHEMA: dict[str, dict[str, tuple[str, Callable[[Any], Any]]]] = {
     "worker": {"python": ("worker_python", _python), "module": ("worker_module", _module),
                "preflight": ("worker_preflight", _boolean), "user": ("worker_user", _user),
                "allow_root": ("worker_allow_root", _boolean)},
+    "pins": {"min_free_bytes": ("pins_min_free_bytes", whole_number(0)),
+             "min_free_percent": ("pins_min_free_percent", rule("a number from 0 to 100", lambda v: (
+                 is_int(v) or isinstance(v, float)) and 0 <= v <= 100, float)),
+             "max_bytes_per_job": ("pins_max_bytes_per_job", whole_number(0))},
     "daemon": {"event_loop": ("event_loop", one_of(EVENT_LOOPS)),
                "dbus": ("dbus_bus", rule('"system", "session", "none" or a D-Bus address such as "unix:path=/run/x"',
                                          lambda v: isinstance(v, str) and (v in ("system", "session", "none")

@@ -156,6 +156,11 @@ class EvalBook:
         c.state, c.retry_at = PENDING, now + delay
         return True
 
+    def release(self, n: int, now: float, why: str) -> None:
+        """A waiting checkpoint is given up to keep the pins within their disk budget: skipped, with why."""
+        c = self.checkpoints[n]
+        c.state, c.error, c.finished_at, c.retry_at = SKIPPED, why, now, None
+
     def miss(self, n: int, now: float, why: str) -> None:
         """A waiting checkpoint can no longer be evaluated (its files are gone): recorded, never retried."""
         c = self.checkpoints[n]

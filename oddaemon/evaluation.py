@@ -22,16 +22,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 
 from oddaemon import messages as msg
-from oddaemon.checkpoints import checkpoint_files, complete_checkpoints
+from oddaemon.checkpoints import complete_checkpoints
 from oddaemon.evalbook import EvalBook, EvalPolicy
 from oddaemon.exports import JobExports
 from oddaemon.jobs import Job
 from oddaemon.loop import Loop
+from oddaemon.pinbudget import PinBudget
+from oddaemon.pins import Pins
 from oddaemon.procs import Worker
 from oddaemon.store import atomic_write_json, remove_stale_temps
 from oddaemon.warm import WarmEvaluator
@@ -56,13 +57,12 @@ class JobEvaluation:
         self.name = job.name
         self.job = job
         self.model_dir = job.spec.model_dir
-        self.private = os.path.join(self.model_dir, ".oddaemon")
-        self.pins = os.path.join(self.private, "pins")
+        self.pins = Pins(self.name, self.model_dir)
         self.results = os.path.join(owner.state_dir, "evals", self.name)
         self.book_path = os.path.join(owner.state_dir, "evals", f"{self.name}.json")
         remove_stale_temps(os.path.dirname(self.book_path))  # left by a daemon killed mid-write
         self.book = self._load_book()
-        for d in (self.results, self.pins):
+        for d in (self.results, self.pins.dir):
             try:
                 os.makedirs(d, exist_ok=True)
             except OSError as exc:  # model_dir read-only or gone: _pin tries again, and says so
@@ -98,10 +98,19 @@ class JobEvaluation:
             return
         now = self.owner.clock()
         added = False
-        for n in complete_checkpoints(listing):
+        complete = complete_checkpoints(listing)
+        known = max(self.book.checkpoints, default=0)
+        # Checkpoints are numbered by save count: a gap below a new one was written and deleted by
+        # max_to_keep before the daemon could pin it (a daemon far behind a checkpoint flood). It is
+        # recorded missed, never silently lost.
+        for n in range(known + 1, max(complete, default=0)):
+            if n not in complete and not os.path.exists(os.path.join(self.model_dir, f"ckpt-{n}.index")):
+                self.book.add_missed(n, now, "deleted by checkpoint_max_to_keep before it could be pinned")
+                added = True
+        for n in complete:
             if n in self.book.checkpoints:
                 continue
-            prefix = self._pin(n, listing)
+            prefix = self.pins.pin(n, listing)
             if prefix is None:
                 self.book.add_missed(n, now, "deleted before it could be pinned")
                 log.warning("job %s: checkpoint ckpt-%d vanished before it could be pinned", self.name, n)
@@ -112,7 +121,10 @@ class JobEvaluation:
         if added:
             skipped = self.book.apply_skip_policy()
             for n in skipped:
-                self._unpin(n)
+                self.pins.unpin(n)
+        cap = self.job.spec.eval.max_pinned_bytes or self.owner.pin_budget.max_bytes_per_job
+        released = self.pins.keep_within(self.book, set(listing), self.owner.pin_budget, cap, now)
+        if added or released:
             self.save()
             self.pump()
 
@@ -124,24 +136,6 @@ class JobEvaluation:
         except OSError:
             return now
 
-    def _pin(self, n: int, listing: list[str]) -> str | None:
-        """Hard-link checkpoint ``n`` into pins/: its prefix there; None if it vanished; in place if links fail."""
-        try:
-            os.makedirs(self.pins, exist_ok=True)  # (again: model_dir may have been deleted and re-created)
-            for name in checkpoint_files(listing, n):
-                target = os.path.join(self.pins, name)
-                if not os.path.exists(target):
-                    os.link(os.path.join(self.model_dir, name), target)
-        except FileNotFoundError:
-            self._unpin(n)
-            return None
-        except OSError as exc:
-            self._unpin(n)
-            log.warning("job %s: cannot pin ckpt-%d in %s (%s); evaluating it in place, where max_to_keep may "
-                        "delete it first", self.name, n, self.pins, exc.strerror)
-            return os.path.join(self.model_dir, f"ckpt-{n}")
-        return os.path.join(self.pins, f"ckpt-{n}")
-
     def _still_there(self, c) -> bool:
         """A waiting checkpoint can still be read: its pin exists, or (pins deleted with model_dir) it pins again."""
         if os.path.exists(c.prefix + ".index"):
@@ -150,20 +144,9 @@ class JobEvaluation:
             listing = os.listdir(self.model_dir)
         except OSError:
             return False
-        prefix = self._pin(c.n, listing) if c.n in complete_checkpoints(listing) else None
+        prefix = self.pins.pin(c.n, listing) if c.n in complete_checkpoints(listing) else None
         c.prefix = prefix or c.prefix
         return prefix is not None
-
-    def _unpin(self, n: int) -> None:
-        try:
-            names = [x for x in os.listdir(self.pins) if x.startswith(f"ckpt-{n}.")]
-        except OSError:
-            return
-        for name in names:
-            try:
-                os.unlink(os.path.join(self.pins, name))
-            except OSError:
-                pass
 
     # ---- driving the evaluator
     def pump(self) -> None:
@@ -234,7 +217,7 @@ class JobEvaluation:
                 log.error("job %s: cannot keep the best checkpoint ckpt-%d in %s/best: %s", self.name, n,
                           self.model_dir, exc)
         elif n != self.book.best_n:
-            self._unpin(n)
+            self.pins.unpin(n)
         self.owner.checkpoint_evaluated(self.name, self.book.checkpoints[n])
         if finished.early_stop and not self.training_over:
             self.owner.dispatch(msg.EarlyStop(self.name, finished.early_stop))
@@ -245,7 +228,7 @@ class JobEvaluation:
         log.warning("job %s: evaluation of ckpt-%d failed (%s)%s", self.name, n, error,
                     "; will retry" if retried else "; giving up on this checkpoint")
         if not retried:
-            self._unpin(n)
+            self.pins.unpin(n)
         self.save()
         self.pump()
 
@@ -290,41 +273,25 @@ class JobEvaluation:
 
     # ---- best checkpoint and export
     def _update_best(self, n: int) -> None:
-        previous = self.book.checkpoints.get(self._current_best_n())
-        best_dir = os.path.join(self.model_dir, "best")
-        staging = os.path.join(self.private, "best.tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        os.makedirs(staging)
         c = self.book.checkpoints[n]
-        for name in os.listdir(self.pins):
-            if name.startswith(f"ckpt-{n}."):
-                os.link(os.path.join(self.pins, name), os.path.join(staging, name))
-        atomic_write_json(os.path.join(staging, "best.json"), {
+        previous = self.pins.keep_best(n, {
             "checkpoint": f"ckpt-{n}", "step": c.step, "metric": self.book.policy.metric,
             "value": self.book.best_value, "higher_is_better": self.book.policy.higher_is_better,
             "metrics": c.metrics, "evaluated_at": c.finished_at})
-        old = os.path.join(self.private, "best.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.exists(best_dir):
-            os.rename(best_dir, old)
-        os.rename(staging, best_dir)
-        shutil.rmtree(old, ignore_errors=True)
-        if previous is not None and previous.n != n:
-            self._unpin(previous.n)
+        if previous is not None and previous != n and previous in self.book.checkpoints:
+            self.pins.unpin(previous)
         log.info("job %s: new best ckpt-%d (step %s) %s = %.4g", self.name, n, c.step, self.book.policy.metric,
                  self.book.best_value)
         if self.exports is not None and self.job.spec.eval.export_when == "each_best":
             self._export(n)
 
-    def _current_best_n(self) -> int | None:
-        try:
-            with open(os.path.join(self.model_dir, "best", "best.json")) as f:
-                return int(json.load(f)["checkpoint"].split("-")[1])
-        except (OSError, ValueError, KeyError, IndexError):
-            return None
-
     def _export(self, n: int) -> None:
         c = self.book.checkpoints[n]
+        if c.step == 0:  # TF writes it before the first step, before the model's variables all exist
+            log.info("job %s: not exporting ckpt-%d: it is the untrained step-0 checkpoint, which does not hold "
+                     "the whole model", self.name, n)
+            self.exports.tried.add(n)
+            return
         self.exports.want(n, os.path.join(self.model_dir, "best", f"ckpt-{n}"), {
             "job": self.name, "checkpoint": f"ckpt-{n}", "step": c.step, "metric": self.book.policy.metric,
             "value": c.metrics.get(self.book.policy.metric), "higher_is_better": self.book.policy.higher_is_better,
@@ -341,8 +308,9 @@ class Evaluations:
 
     def __init__(self, loop: Loop, state_dir: str, dispatch: Callable[[msg.Event], object],
                  start_worker: Callable[..., Worker | None], stop_worker: Callable[[str, str, str], object],
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, pin_budget: PinBudget = PinBudget()):
         self.loop = loop
+        self.pin_budget = pin_budget
         self.state_dir = state_dir
         self.dispatch = dispatch
         self.start_worker = start_worker  # (name, role, args, gpus, stdin=None, pass_fds=()) -> Worker | None

@@ -105,6 +105,9 @@ class SnapshotCollector(Collector):
                                              labels=["job_name", "state"]),
             "pending": GaugeMetricFamily("oddaemon_job_checkpoints_pending_evaluation",
                                          "Complete checkpoints not evaluated yet", labels=["job_name"]),
+            "released": GaugeMetricFamily("oddaemon_job_checkpoints_released",
+                                          "Checkpoints released unevaluated to keep the pins within their disk "
+                                          "budget (the evaluator is behind)", labels=["job_name"]),
             "eval_step": GaugeMetricFamily("oddaemon_job_last_evaluated_step", "Step of the latest evaluation",
                                            labels=["job_name"]),
             "eval_metric": GaugeMetricFamily("oddaemon_job_eval_metric", "Metrics of the latest evaluation (COCO, eval losses)",
@@ -147,6 +150,8 @@ def _evaluation(g: dict, name: str, ev: dict) -> None:
         g["checkpoints"].add_metric([name, state], n)
     if ev["counts"]:
         g["pending"].add_metric([name], ev["counts"].get("pending", 0) + ev["counts"].get("running", 0))
+    if ev.get("pins", {}).get("released"):
+        g["released"].add_metric([name], ev["pins"]["released"])
     checkpoints = ev["checkpoints"]
     if checkpoints:
         g["ckpt_time"].add_metric([name], max(c["completed_at"] for c in checkpoints))

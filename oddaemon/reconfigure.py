@@ -8,6 +8,7 @@ import logging
 from oddaemon.config import Config, load_config
 from oddaemon.errors import OddaemonError, user_message
 from oddaemon.jobs import Policy
+from oddaemon.pinbudget import PinBudget
 
 log = logging.getLogger("oddaemon")
 
@@ -20,6 +21,11 @@ def policy_of(config: Config) -> Policy:
     return Policy(max_restarts=config.max_restarts, backoff_base=config.backoff_base_seconds,
                   backoff_cap=config.backoff_cap_seconds, reset_after=config.restart_reset_after_seconds,
                   max_cpu_jobs=config.max_cpu_jobs)
+
+
+def pin_budget_of(config: Config) -> PinBudget:
+    return PinBudget(min_free_bytes=config.pins_min_free_bytes, min_free_percent=config.pins_min_free_percent,
+                     max_bytes_per_job=config.pins_max_bytes_per_job)
 
 
 def reread_config(current: Config) -> Config | None:

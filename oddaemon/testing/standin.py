@@ -38,6 +38,7 @@ DIRECTIVE_DEFAULTS: dict[str, float | int | None] = {
     "eval_seconds": 0.05, "eval_crash": None, "map_peak_step": None, "ignore_sigterm": 0,
     "eval_crash_times": None, "export_seconds": 0.05, "preflight_problem": None,
     "crash_text": None, "nan_loss_from_step": None, "oom_above_batch": None, "export_crash_text": None,
+    "checkpoint_bytes": None,
 }
 _DIRECTIVE_TYPES = {key: float if key.endswith("_seconds") else str if key.endswith(("_problem", "_text")) else int
                     for key in DIRECTIVE_DEFAULTS}
@@ -252,8 +253,9 @@ def load_setup(job_path: str) -> Setup:
 class _CheckpointManager:
     """Saves like tf.train.CheckpointManager: numbered by save count, state file, max_to_keep."""
 
-    def __init__(self, model_dir: str, max_to_keep: int | None):
+    def __init__(self, model_dir: str, max_to_keep: int | None, checkpoint_bytes: int | None = None):
         self.model_dir = model_dir
+        self.checkpoint_bytes = checkpoint_bytes
         self.max_to_keep = max_to_keep
         self.preserved = time.time()
         self.kept = [(name, stamp or self.preserved) for name, stamp in _parse_state(model_dir)]
@@ -269,7 +271,8 @@ class _CheckpointManager:
         temp_dir = self._path(name + "_temp")
         os.makedirs(temp_dir, exist_ok=True)
         with open(os.path.join(temp_dir, "part.data"), "wb") as data:
-            data.write(f"standin checkpoint data for step {step}\n".encode())
+            text = f"standin checkpoint data for step {step}\n".encode()
+            data.write(text + b" " * max(0, (self.checkpoint_bytes or 0) - len(text)))  # (a real one's size)
         os.replace(os.path.join(temp_dir, "part.data"), self._path(name + ".data-00000-of-00001"))
         with open(self._path(name + ".index"), "w", encoding="utf-8") as index:
             json.dump({"step": step, "standin": True}, index)
@@ -345,7 +348,7 @@ def _fail(setup: Setup, failure: str, step: int) -> int:
 def train(setup: Setup) -> int:
     num_steps = _setting(setup.pipeline, "num_steps", DEFAULT_NUM_STEPS)
     step_seconds = setup.directives["step_seconds"]
-    manager = _CheckpointManager(setup.model_dir, setup.max_to_keep)
+    manager = _CheckpointManager(setup.model_dir, setup.max_to_keep, setup.directives["checkpoint_bytes"])
     if manager.kept:
         try:
             step = checkpoint_step(os.path.join(setup.model_dir, manager.kept[-1][0]))

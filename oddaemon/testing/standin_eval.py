@@ -143,6 +143,11 @@ def export(setup: Setup, prefix: str, output: str, info_path: str | None = None)
             raise EvalFailure(f"tensorflow.python.framework.errors_impl.NotFoundError: Failed to find any matching "
                               f"files for {prefix}")
         restore_step(prefix)
+        if step == 0:  # TF's step-0 checkpoint is written before the model's variables all exist
+            _traceback("export_inference_graph", "status.assert_existing_objects_matched()",
+                       "AssertionError: Found 298 Python objects that were not bound to checkpointed values, "
+                       "likely due to changes in the Python program.")
+            return 1
         if setup.directives["export_crash_text"]:
             _traceback("export_inference_graph", "status.assert_existing_objects_matched()",
                        setup.directives["export_crash_text"])

@@ -301,3 +301,50 @@ def test_event_file_truncated_mid_record_progress_goes_on(daemon_env):
     assert_every_checkpoint_evaluated(job, [0, 50, 100, 150])
     assert_no_file_lost(env, 1, 0)
     assert_still_serving(env, "torn")
+
+
+# --------------------------------------------------------------------------------- the pins' disk budget
+
+
+def test_pins_stay_within_the_free_space_floor_and_training_never_fails(daemon_env):
+    """A 64 MiB tmpfs as the model_dirs' file system, 4 MiB checkpoints every 0.1 s, an evaluator
+    ten times slower and evaluate_all: unbounded, the pins alone would fill the disk and training
+    would fail with No space left on device. With a 24 MiB floor the oldest waiting checkpoints
+    are released instead, each recorded skipped with the reason."""
+    env = daemon_env
+    fast = os.path.join(env.root, "fast")
+    os.makedirs(fast)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", fast], check=True)
+    floor, size = 24 * 1024 * 1024, 4 * 1024 * 1024
+    lowest = [1 << 62]
+    try:
+        env.write_config(pins_min_free_bytes=floor)
+        env.start()
+        text = env.job_text("big", num_steps=60, every=2, keep=2, step_seconds=0.05, eval_seconds=1.0,
+                            checkpoint_bytes=size).replace(f'model_dir = "{env.models}/big"',
+                                                           f'model_dir = "{fast}/big"')
+        env.drop("big.toml", text)
+
+        def done():
+            st = os.statvfs(fast)
+            lowest[0] = min(lowest[0], st.f_bavail * st.f_frsize)
+            job = env.job("big")
+            return job if job and job["state"] in ("succeeded", "failed") else None
+
+        job = wait_for(done, 180, 0.02, what="the job to end")
+        assert job["state"] == "succeeded" and job["restarts"] == 0, (job["reason"], env.daemon_log()[-3000:])
+        checkpoints = job["evaluation"]["checkpoints"]
+        assert len(checkpoints) == 31 and checkpoints[-1]["state"] == "evaluated" and checkpoints[-1]["step"] == 60
+        released = [c for c in checkpoints if c["state"] == "skipped"]
+        assert released and all("released unevaluated to keep" in c["error"] and "[pins] min_free_bytes" in c["error"]
+                                for c in released), released
+        assert {c["state"] for c in checkpoints} == {"evaluated", "skipped"}
+        log = env.daemon_log()
+        assert sum(line.count("ckpt-") for line in log.splitlines() if "released ckpt-" in line) == len(released)
+        # below the floor only by what the trainer wrote before the daemon could react (one
+        # checkpoint, plus the one TF still keeps), never by what the pins hold
+        assert lowest[0] >= floor - 2 * size, (lowest[0], floor)
+        assert env.ask("status", name="big")["job"]["evaluation"]["pins"]["released"] == len(released)
+    finally:
+        env.close()
+        subprocess.run(["umount", "-l", fast], check=False)

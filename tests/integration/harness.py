@@ -94,6 +94,10 @@ class DaemonEnv:
             "worker": {"python": o.get("worker_python", sys.executable), "module": o.get("worker_module", STANDIN),
                        "user": o.get("worker_user"), "allow_root": o.get("allow_root", os.geteuid() == 0 or None)},
             "daemon": {"event_loop": o.get("event_loop", "auto"), "dbus": o.get("dbus", "none")},
+            # no free-space floor for the pins unless a test sets one: a nearly full CI disk must not
+            # turn "every checkpoint evaluated" into "released to keep 5 GiB free"
+            "pins": {"min_free_bytes": o.get("pins_min_free_bytes", 0), "min_free_percent": o.get("pins_min_free_percent", 0),
+                     "max_bytes_per_job": o.get("pins_max_bytes_per_job")},
         }
         text = []
         for section, values in sections.items():
