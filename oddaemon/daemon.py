@@ -64,9 +64,13 @@ class Daemon:
                                      config.stop_grace_seconds, self._on_worker_exit, clock,
                                      on_output=lambda name, role: role == "train" and self.guard.activity(name))
         self.guard = TrainGuard(loop, clock, self._stop_failed_train)  # hung workers, NaN losses
-        self.preflights = (Preflights(os.path.join(config.state_dir, "preflight"), self._start_preflight,
+        preflight_dir = os.path.join(config.state_dir, "preflight")
+        self.preflights = (Preflights(preflight_dir, loop, self._start_preflight_server,
+                                      lambda path: confine.hand_over(self.supervisor.identity, path,
+                                                                     inside=(self.config.state_dir,)),
                                       lambda spec, path: self.intake_.submit(spec, path),
-                                      lambda path, problems, because: self.intake_.reject(path, problems, because))
+                                      lambda path, problems, because: self.intake_.reject(path, problems, because),
+                                      lambda name, line: self.supervisor.note(name, "preflight", line))
                            if config.worker_preflight else None)
         self.parsers = ParserPool(loop)  # job files are parsed in child processes, within limits
         self.intake_ = SpoolIntake(config, self.spool, loop, self.dispatch, self._active_names, self.preflights,
@@ -233,16 +237,20 @@ class Daemon:
         self.store.save_runtime(name, self.runtime[name])
         return worker
 
-    def _start_preflight(self, name: str, role: str, args: list[str], job_json: str) -> Worker | None:
-        argv = [self.config.resolved_worker_python(), "-m", self.config.worker_module, args[0], "--job", job_json,
-                *args[1:]]
+    def _start_preflight_server(self, name: str, args: list[str], stdin: int,
+                                pass_fds: tuple[int, ...]) -> Worker | None:
+        """A warm preflight worker (``preflight.py``); its own log is ``<log_dir>/<name>/preflight.log``."""
+        if self.shutting_down:
+            return None
+        work = os.path.join(self.config.state_dir, "preflight")
+        argv = [self.config.resolved_worker_python(), "-m", self.config.worker_module, *args]
         try:
-            confine.hand_over(self.supervisor.identity, os.path.dirname(job_json), job_json,
-                              inside=(self.config.state_dir,))
-            return self.supervisor.start(name, role, 0, argv, worker_environment(dict(os.environ), ()),
-                                         os.path.dirname(job_json))
+            os.makedirs(work, exist_ok=True)
+            confine.hand_over(self.supervisor.identity, work, inside=(self.config.state_dir,))
+            return self.supervisor.start(name, "preflight", 0, argv, worker_environment(dict(os.environ), ()), work,
+                                         stdin=stdin, pass_fds=pass_fds)
         except (OddaemonError, OSError) as exc:
-            log.error("job %s: cannot start its preflight: %s", name, user_message(exc))
+            log.error("cannot start the preflight worker %s: %s", name, user_message(exc))
             return None
 
     def _active_names(self) -> set[str]:

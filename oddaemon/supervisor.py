@@ -74,6 +74,11 @@ class Supervisor:
         self.workers[(name, role)] = worker
         return worker
 
+    def note(self, name: str, role: str, text: str) -> None:
+        """A line of the daemon's own in a job's log (e.g. its preflight verdict)."""
+        self._log_for(name, role).write(text.encode())
+        self.close_logs_if_idle(name)
+
     def runtime_record(self, worker: Worker) -> dict:
         return {"pid": worker.pid, "start_time": process_start_time(worker.pid), "attempt": worker.attempt,
                 "role": worker.role, "started_at": worker.started_at}

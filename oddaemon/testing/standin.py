@@ -398,6 +398,36 @@ def train(setup: Setup) -> int:
     return 0
 
 
+def preflight(setup: Setup, result_path: str) -> None:
+    problem = setup.directives["preflight_problem"]
+    result = {"ok": problem is None, "problems": [problem] if problem else [], "warnings": [],
+              "effective": {"num_steps": _setting(setup.pipeline, "num_steps", DEFAULT_NUM_STEPS)}}
+    temp = f"{result_path}.tmp{os.getpid()}"
+    with open(temp, "w", encoding="utf-8") as out:
+        json.dump(result, out)
+    os.replace(temp, result_path)
+    _err(f"standin: preflight of {setup.name!r}: {'ok' if problem is None else problem}")
+
+
+def preflight_serve(reply_fd: int) -> int:
+    """The warm preflight protocol (``oddaemon.workers preflight-serve``): ready, then job after job."""
+    replies = os.fdopen(reply_fd, "w", buffering=1, encoding="utf-8")
+    replies.write(json.dumps({"event": "ready"}) + "\n")
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        request: dict = {}
+        try:
+            request = json.loads(line)
+            preflight(load_setup(str(request["job"])), str(request["result"]))
+        except (ValueError, KeyError, TypeError, AttributeError, SetupError) as exc:
+            _err(f"oddaemon.workers preflight-serve: {exc}")
+        replies.write(json.dumps({"event": "done", "result": request.get("result")}) + "\n")
+        if _TERMINATED:
+            return 143
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m oddaemon.testing.standin")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -411,12 +441,15 @@ def main(argv: list[str] | None = None) -> int:
     preflight_parser = commands.add_parser("preflight")
     for option in ("--job", "--result"):
         preflight_parser.add_argument(option, required=True)
+    commands.add_parser("preflight-serve").add_argument("--reply-fd", type=int, required=True)
     export_parser = commands.add_parser("export")
     for option in ("--job", "--checkpoint", "--output"):
         export_parser.add_argument(option, required=True)
     export_parser.add_argument("--info")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
+    if args.command == "preflight-serve":
+        return preflight_serve(args.reply_fd)
     try:
         setup = load_setup(args.job)
     except SetupError as exc:
@@ -427,11 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "train":
         return train(setup)
     if args.command == "preflight":
-        problem = setup.directives["preflight_problem"]
-        result = {"ok": problem is None, "problems": [problem] if problem else [], "warnings": [],
-                  "effective": {"num_steps": _setting(setup.pipeline, "num_steps", DEFAULT_NUM_STEPS)}}
-        with open(args.result, "w", encoding="utf-8") as out:
-            json.dump(result, out)
+        preflight(setup, args.result)
         return 0
     from oddaemon.testing import standin_eval  # noqa: PLC0415
 

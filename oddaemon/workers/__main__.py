@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     preflight = commands.add_parser("preflight", help="check a job's inputs before it is queued")
     for option in ("--job", "--result"):
         preflight.add_argument(option, required=True)
+    preflight_serve = commands.add_parser("preflight-serve", help="the warm preflight: jobs as JSON lines on stdin")
+    preflight_serve.add_argument("--reply-fd", type=int, required=True)
     doctor = commands.add_parser("doctor", help="check the TF stack of this Python environment")
     doctor.add_argument("--root", action="append", default=[], help="report free disk space under PATH")
     doctor.add_argument("--min-free-gb", type=float, default=2.0)
@@ -74,6 +76,10 @@ def main(argv: list[str] | None = None) -> int:
             from oddaemon.workers import preflight
 
             return preflight.run(args)
+        if args.command == "preflight-serve":
+            from oddaemon.workers import preflight
+
+            return preflight.serve(args)
         if args.command == "doctor":
             from oddaemon.workers import doctor
 

@@ -1,6 +1,13 @@
 """``python -m oddaemon.workers preflight --job JOB.json --result OUT.json``: the checks a person
 would make before the manual workflow's ``model_main_tf2.py`` run, with one precise message each.
 
+``python -m oddaemon.workers preflight-serve --reply-fd N``: the same checks for job after job in one
+warm process (tensorflow imported once): requests ``{"job": JOB.json, "result": OUT.json}`` as JSON
+lines on stdin, one ``{"event": "done", "result": OUT.json}`` per request on fd N (after OUT.json is
+written), ``{"event": "ready"}`` first. What is expensive and the same across jobs is remembered:
+whether a model config builds, a label map's ids, the first record of an input file (by path, size
+and mtime), a checkpoint's variable names. 500 jobs of one sweep cost one model build.
+
 OUT.json: ``{"ok": bool, "problems": [...], "warnings": [...],
 "effective": {"num_steps": N, "batch_size": B, "num_classes": C}}``. Every check runs (the problems
 are collected, not the first one only). Exit status 0 whenever OUT.json was written, problems or
@@ -9,8 +16,10 @@ not; non-zero only when the preflight itself crashed.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import sys
 import time
 
 from oddaemon.workers import EXIT_OK, gpu_count_for, load_job, setting, write_json_atomic
@@ -147,15 +156,36 @@ def check_input(kind: str, pattern: str, label_ids, report: Report) -> None:
         return
     for path in files[:MAX_FILES_CHECKED]:
         try:
-            records = list(tf.data.TFRecordDataset(path).take(1).as_numpy_iterator())
-        except (tf.errors.OpError, ValueError) as exc:
-            report.problem(f"{kind} input file {path}: its first record is corrupt or not a TFRecord "
-                           f"({_first_line(exc)})")
+            st = os.stat(path)
+        except OSError:
+            _check_first_record(kind, path, label_ids, report)  # (gone meanwhile: the check says so)
             continue
-        if not records:
-            report.warning(f"{kind} input file {path} has no records")
-            continue
-        _check_example(records[0], f"the first record of {kind} input file {path}", label_ids, report)
+        key = (kind, path, st.st_size, st.st_mtime_ns, tuple(sorted(label_ids or {})))
+        if key not in _RECORDS:
+            _RECORDS[key] = Report()
+            _check_first_record(kind, path, label_ids, _RECORDS[key])
+        for message in _RECORDS[key].problems:
+            report.problem(message)
+        for message in _RECORDS[key].warnings:
+            report.warning(message)
+
+
+_RECORDS: dict[tuple, Report] = {}  # (kind, file, size, mtime, label ids) -> what its first record gave
+
+
+def _check_first_record(kind: str, path: str, label_ids, report: Report) -> None:
+    import tensorflow as tf
+
+    try:
+        records = list(tf.data.TFRecordDataset(path).take(1).as_numpy_iterator())
+    except (tf.errors.OpError, ValueError) as exc:
+        report.problem(f"{kind} input file {path}: its first record is corrupt or not a TFRecord "
+                       f"({_first_line(exc)})")
+        return
+    if not records:
+        report.warning(f"{kind} input file {path} has no records")
+        return
+    _check_example(records[0], f"the first record of {kind} input file {path}", label_ids, report)
 
 
 # ---------------------------------------------------------------------------------- checkpoints
@@ -240,13 +270,23 @@ def preflight(job: dict) -> dict:
             "effective": effective}
 
 
-def _check_model_builds(proto, report: Report) -> None:
-    from object_detection.builders import model_builder
+_BUILDS: dict[bytes, str | None] = {}  # model config -> why it cannot be built (None: it builds)
 
-    try:
-        model_builder.build(model_config=proto.model, is_training=True)
-    except Exception as exc:  # noqa: BLE001 - any builder failure is a config problem for the user
-        report.problem(f"effective pipeline.config: the model cannot be built from it ({_first_line(exc)})")
+
+def _check_model_builds(proto, report: Report) -> None:
+    key = proto.model.SerializeToString()
+    if key not in _BUILDS:
+        import tensorflow as tf
+        from object_detection.builders import model_builder
+
+        try:
+            model_builder.build(model_config=proto.model, is_training=True)
+            _BUILDS[key] = None
+        except Exception as exc:  # noqa: BLE001 - any builder failure is a config problem for the user
+            _BUILDS[key] = f"effective pipeline.config: the model cannot be built from it ({_first_line(exc)})"
+        tf.keras.backend.clear_session()  # (a warm preflight builds many: keep its memory flat)
+    if _BUILDS[key]:
+        report.problem(_BUILDS[key])
 
 
 def _check_files(spec: dict, job: dict, proto, num_classes, report: Report) -> None:
@@ -300,23 +340,60 @@ def _check_gpus(job: dict, batch_size, report: Report) -> None:
                        f"gets an equal share of every batch (set [pipeline] batch_size to a multiple of {gpus})")
 
 
-def run(args) -> int:
-    job = load_job(args.job)
+def _setup() -> None:
     from oddaemon.workers import compat
 
     compat.configure_logging()
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")  # the checks never need one
+
+
+def check_one(job: dict, result_path: str, command: str = "preflight") -> None:
     started = time.monotonic()
     result = preflight(job)
     result["duration_seconds"] = time.monotonic() - started
-    write_json_atomic(args.result, result)
+    write_json_atomic(result_path, result)
+    name = job["spec"].get("name", "")
     for message in result["problems"]:
-        print(f"problem: {message}", flush=True)
+        print(f"{name}: problem: {message}", flush=True)
     for message in result["warnings"]:
-        print(f"warning: {message}", flush=True)
-    print(f"oddaemon.workers preflight: {'ok' if result['ok'] else str(len(result['problems'])) + ' problem(s)'}"
-          f" -> {args.result}", flush=True)
+        print(f"{name}: warning: {message}", flush=True)
+    print(f"oddaemon.workers {command}: {name}: {'ok' if result['ok'] else str(len(result['problems'])) + ' problem(s)'}"
+          f" in {result['duration_seconds']:.2f}s -> {result_path}", flush=True)
+
+
+def run(args) -> int:
+    job = load_job(args.job)
+    _setup()
+    check_one(job, args.result)
+    return EXIT_OK
+
+
+def serve(args) -> int:
+    """The warm preflight: tensorflow imported once, then job after job from stdin."""
+    from oddaemon.workers import WorkerError
+
+    replies = os.fdopen(args.reply_fd, "w", buffering=1, encoding="utf-8")
+    _setup()
+    replies.write(json.dumps({"event": "ready"}) + "\n")
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        try:
+            request = json.loads(line)
+            job_path, result_path = str(request["job"]), str(request["result"])
+        except (ValueError, KeyError, TypeError):
+            print(f"oddaemon.workers preflight-serve: unreadable request {line.strip()[:200]!r}", flush=True)
+            continue
+        try:
+            check_one(load_job(job_path), result_path, "preflight-serve")
+        except WorkerError as exc:  # an unreadable job file: no result, the daemon says why
+            print(f"oddaemon.workers preflight-serve: {exc}", file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 - one job's crash must not end the warm preflight
+            import traceback
+
+            traceback.print_exc()
+        replies.write(json.dumps({"event": "done", "result": result_path}) + "\n")
     return EXIT_OK
 
