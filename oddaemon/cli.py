@@ -16,7 +16,7 @@ import time
 
 from oddaemon import __version__
 from oddaemon.config import Config, load_config
-from oddaemon.control import DaemonUnreachable, request
+from oddaemon.control import DaemonForbidden, DaemonUnreachable, request
 from oddaemon.errors import OddaemonError, user_message
 from oddaemon.receipt import locate
 from oddaemon.spool import Spool
@@ -134,6 +134,8 @@ def cmd_submit(config: Config, path: str, wait: float) -> int:
     print(f"submitted {path} -> {delivery.path}")
     try:
         request(socket_path(config), {"cmd": "ping"}, timeout=5)
+    except DaemonForbidden:
+        pass  # the socket is the daemon group's: whether it runs is not known; the spool will say
     except DaemonUnreachable as exc:
         print(f"oddaemon: {exc}", file=sys.stderr)
         print(f"oddaemon: the file waits in the spool ({delivery.path}); the daemon takes it when it starts",

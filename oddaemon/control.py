@@ -104,6 +104,10 @@ class DaemonUnreachable(Exception):
     pass
 
 
+class DaemonForbidden(DaemonUnreachable):
+    """The socket is there but this user may not use it: whether the daemon runs is not known."""
+
+
 def request(path: str, payload: dict, timeout: float = 10.0) -> dict:
     """Client side: one request, one response."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -113,7 +117,7 @@ def request(path: str, payload: dict, timeout: float = 10.0) -> dict:
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         raise DaemonUnreachable(f"the daemon is not running (no answer on {path}: {exc.strerror})") from None
     except PermissionError:
-        raise DaemonUnreachable(f"permission denied on {path}: join the daemon's submit group") from None
+        raise DaemonForbidden(f"permission denied on {path}: join the daemon's submit group") from None
     try:
         sock.sendall((json.dumps(payload) + "\n").encode())
         data = b""

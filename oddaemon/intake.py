@@ -75,6 +75,10 @@ class SpoolIntake:
         # Watch first, then rescan: a file that arrives in between is seen by one or the other.
         hub.watch(self.spool.new, SPOOL_MASK, self._on_event, self.rescan)
         self.rescan()
+        # Before READY: every file waiting at start is taken out of new/ now (its parse goes on
+        # afterwards), so `active (running)` never coexists with a file the daemon has not seen.
+        while self._queue:
+            self._take_next()
 
     def _on_event(self, filename: str, mask: int) -> None:
         if not is_candidate(filename):
@@ -98,11 +102,14 @@ class SpoolIntake:
             self._draining = True
             self.loop.call_later(0, self._drain)
 
+    def _take_next(self) -> None:
+        path = next(iter(self._queue))
+        del self._queue[path]
+        self.intake(path)
+
     def _drain(self) -> None:
         for _ in range(min(PER_TURN, len(self._queue))):
-            path = next(iter(self._queue))
-            del self._queue[path]
-            self.intake(path)
+            self._take_next()
         if self._queue:
             self.loop.call_later(0, self._drain)
         else:

@@ -3,6 +3,7 @@ shipped Grafana dashboard must answer through Prometheus's HTTP API, with the st
 
 One scenario for the whole module (about 20 s): with ``[gpus] devices = [0]``
   alpha   GPU 0, 60 steps, evaluations slower than training: queued -> running -> evaluating -> succeeded
+  delta   CPU, after crashy: checkpoints faster than its evaluator, its pins capped at 1 byte (released)
   beta    GPU 0, queued behind alpha, then runs for the rest of the module (holds GPU 0)
   gamma   GPU 0, queued behind beta until the end
   crashy  CPU, crashes at step 3 every time: one restart (max_restarts = 1), then failed
@@ -69,8 +70,14 @@ def scenario(tmp_path_factory):
         env.drop("gamma.toml", env.job_text("gamma", num_steps=10, priority=0))
         env.drop("crashy.toml", env.job_text("crashy", num_steps=50, gpus=0, crash_at_step=3))
         env.drop("bad.toml", 'name = "bad"\npipeline_config = "relative/p.config"\n')
+        # on the CPU after crashy: a checkpoint every step, TF keeps one, the evaluator is slower and
+        # the pins may hold 1 byte alone: checkpoints are released unevaluated
+        env.drop("delta.toml", env.job_text("delta", num_steps=30, every=1, keep=1, gpus=0, step_seconds=0.05,
+                                            eval_seconds=0.5, eval_extra="max_pinned_bytes = 1\n"))
         s.jobs["alpha"] = env.wait_state("alpha", "succeeded", 90)
         s.jobs["crashy"] = env.wait_state("crashy", "failed", 60)
+        s.jobs["delta"] = env.wait_state("delta", "succeeded", 90)
+        assert s.jobs["delta"]["evaluation"]["pins"]["released"] > 0
         wait_for(lambda: len(evaluated_steps(env.job("beta"))) >= 2, 60, 0.2, what="two evaluations of beta")
         assert env.job("gamma")["state"] == "queued"
         # until Prometheus has scraped the final state of the finished jobs, then a few scrapes more
@@ -78,7 +85,8 @@ def scenario(tmp_path_factory):
         wait_for(lambda: prom.query('oddaemon_job_state{job_name="alpha", state="succeeded"}')
                  and prom.query('oddaemon_job_state{job_name="crashy", state="failed"}')
                  and prom.query('oddaemon_job_eval_lag_seconds{job_name="beta"}')
-                 and prom.query('oddaemon_spool_rejected_files_total == 1'),
+                 and prom.query('oddaemon_spool_rejected_files_total == 1')
+                 and prom.query('oddaemon_job_checkpoints_released{job_name="delta"} > 0'),
                  30, 0.2, what="Prometheus to see the final states")
         time.sleep(3)
         s.at = time.time()
@@ -118,21 +126,23 @@ def test_every_dashboard_query_returns_data(scenario, where, expr):
 
 def test_the_job_variable_lists_every_exported_job(scenario):
     names = scenario.prom.api("label/job_name/values", **{"match[]": "oddaemon_job_state"})
-    assert {"alpha", "beta", "gamma", "crashy"} <= set(names)
+    assert {"alpha", "beta", "gamma", "crashy", "delta"} <= set(names)
 
 
 def test_daemon_wide_values(scenario):
     s = scenario
     assert s.values("oddaemon_jobs", "state") == {"queued": 1, "running": 1, "backoff": 0, "stopping": 0,
-                                                  "evaluating": 0, "succeeded": 1, "failed": 1, "cancelled": 0}
+                                                  "evaluating": 0, "succeeded": 2, "failed": 1, "cancelled": 0}
     assert s.value("oddaemon_queue_length") == 1
     assert s.value("oddaemon_gpus") == 1 and s.value("oddaemon_gpus_allocated") == 1
     assert s.values("oddaemon_gpu_allocated", "job_name") == {"beta": 1}
     assert s.value('oddaemon_gpu_allocated{gpu="0", job_name="beta", role="train"}') == 1
     assert s.value("oddaemon_spool_rejected_files_total") == 1
     assert s.value("oddaemon_worker_restarts_total") == 1
-    assert s.values("oddaemon_job_restarts_total", "job_name") == {"alpha": 0, "beta": 0, "gamma": 0, "crashy": 1}
-    assert s.values("oddaemon_job_gpus", "job_name") == {"alpha": 0, "beta": 1, "gamma": 0, "crashy": 0}
+    assert s.values("oddaemon_job_restarts_total", "job_name") == {"alpha": 0, "beta": 0, "gamma": 0, "crashy": 1,
+                                                                 "delta": 0}
+    assert s.values("oddaemon_job_gpus", "job_name") == {"alpha": 0, "beta": 1, "gamma": 0, "crashy": 0,
+                                                           "delta": 0}
     evaluated = s.value("oddaemon_checkpoints_evaluated_total")
     assert evaluated >= len(evaluated_steps(s.jobs["alpha"])) + 2
     assert s.started - 60 < s.value("oddaemon_start_time_seconds") < s.started

@@ -141,10 +141,11 @@ class Installed:
         result = self.oddaemon("status", "--json", name, check=False)
         return json.loads(result.stdout) if result.returncode == 0 else None
 
-    def workers(self) -> list[int]:
-        """Stand-in worker processes anywhere in the container."""
+    def workers(self, role: str = "train") -> list[int]:
+        """Stand-in worker processes of ``role`` ("" for any: the warm preflight, evaluators, ...)
+        anywhere in the container."""
         # [.] keeps this shell's own command line from matching.
-        out = self.sh("pgrep -f ' -m oddaemon[.]testing[.]standin ' || true").stdout
+        out = self.sh(f"pgrep -f ' -m oddaemon[.]testing[.]standin {role}' || true").stdout
         return [int(p) for p in out.split()]
 
     def cgroup_of(self, pid: int) -> str:
