@@ -16,23 +16,32 @@ import pytest
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "integration"))
 from harness import DaemonEnv, wait_for  # noqa: E402
 
-pytestmark = [
+REAL_TF = [  # (test_demo.py shares these)
     pytest.mark.slow,
-    pytest.mark.timeout(1200),
     pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("object_detection") is None,
                        reason="the TF stack is not installed (scripts/setup installs it)"),
 ]
+pytestmark = [*REAL_TF, pytest.mark.timeout(1200)]
 
 MAP = "DetectionBoxes_Precision/mAP"
 
 DETECT = r"""
 import json, sys, numpy as np, tensorflow as tf
 model = tf.saved_model.load(sys.argv[1])
-image = tf.constant(np.random.RandomState(0).randint(0, 255, (1, 160, 160, 3)).astype(np.uint8))
+side = int(sys.argv[2])
+image = tf.constant(np.random.RandomState(0).randint(0, 255, (1, side, side, 3)).astype(np.uint8))
 out = model(image)
 print(json.dumps({"num": int(out["num_detections"][0]), "boxes": list(out["detection_boxes"].shape),
                   "scores": list(out["detection_scores"].shape)}))
 """
+
+
+def detect(exported: str, side: int = 160) -> dict:
+    """Load a SavedModel in a fresh Python and run one random image through it."""
+    out = subprocess.run([sys.executable, "-c", DETECT, exported, str(side)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture
@@ -92,9 +101,7 @@ def test_real_training_evaluation_best_and_export(real_env):
     # the export of the best checkpoint loads and detects
     exported = os.path.join(env.models, "tiny", "exported")
     wait_for(lambda: os.path.exists(os.path.join(exported, "saved_model.pb")), 120, 1.0, what="the export")
-    detect = subprocess.run([sys.executable, "-c", DETECT, exported], capture_output=True, text=True, timeout=300)
-    assert detect.returncode == 0, detect.stderr[-3000:]
-    result = json.loads(detect.stdout.strip().splitlines()[-1])
+    result = detect(exported)
     assert result["num"] > 0 and result["boxes"][0] == 1 and result["boxes"][2] == 4 and result["scores"][0] == 1
     # and the daemon never imported tensorflow
     assert env.ask("ping")["heavy_modules"] == []
@@ -122,9 +129,7 @@ def test_new_bests_while_a_real_export_runs_never_fail_an_export(real_env):
     info = json.load(open(os.path.join(env.models, "race", "exported", "export.json")))
     assert (info["checkpoint"], info["step"], info["value"]) == (best["checkpoint"], best["step"], best["value"])
     exported = os.path.join(env.models, "race", "exported")
-    detect = subprocess.run([sys.executable, "-c", DETECT, exported], capture_output=True, text=True, timeout=300)
-    assert detect.returncode == 0, detect.stderr[-3000:]
-    assert json.loads(detect.stdout.strip().splitlines()[-1])["num"] > 0
+    assert detect(exported)["num"] > 0
     with open(os.path.join(env.logs, "race", "export.log")) as f:
         assert f.read().count("oddaemon.workers export: step ") == len(re.findall(r"job race: exported ckpt-", log))
 

@@ -7,7 +7,6 @@ pipeline.config without ``fine_tune_checkpoint_version``. A threshold on quality
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -15,25 +14,14 @@ import subprocess
 import sys
 
 import pytest
+from test_daemon_real import REAL_TF, detect
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "integration"))
 from harness import DaemonEnv  # noqa: E402
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.timeout(1500),
-    pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None or importlib.util.find_spec("object_detection") is None,
-                       reason="the TF stack is not installed (scripts/setup installs it)"),
-]
+pytestmark = [*REAL_TF, pytest.mark.timeout(1500)]
 
 MAP = "DetectionBoxes_Precision/mAP"
-DETECT = r"""
-import json, sys, numpy as np, tensorflow as tf
-model = tf.saved_model.load(sys.argv[1])
-image = tf.constant(np.random.RandomState(0).randint(0, 255, (1, 128, 128, 3)).astype(np.uint8))
-out = model(image)
-print(json.dumps({"num": int(out["num_detections"][0]), "boxes": list(out["detection_boxes"].shape)}))
-"""
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +52,7 @@ def test_the_demo_learns_evaluates_every_checkpoint_and_exports_the_best(demo):
     assert (info["checkpoint"], info["step"], info["metric"], info["value"]) == (
         best["checkpoint"], best["step"], MAP, best["value"])
     exported = os.path.join(root, "models", "demo", "exported")
-    detect = subprocess.run([sys.executable, "-c", DETECT, exported], capture_output=True, text=True, timeout=300)
-    assert detect.returncode == 0, detect.stderr[-3000:]
-    assert json.loads(detect.stdout.strip().splitlines()[-1])["num"] > 0
+    assert detect(exported, 128)["num"] > 0
 
 
 def test_the_demo_prints_a_line_only_when_something_changed_and_no_warning(demo):
