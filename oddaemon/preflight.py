@@ -78,8 +78,12 @@ class PreflightServer:
         elif reply.get("event") == "done" and self.busy is not None:
             pending, self.busy = self.busy, None
             self.pool.checked(pending, None)
-            self.idle_timer = self.pool.loop.call_later(IDLE_SECONDS, self.channel.finish)  # EOF: it exits
+            self.idle_timer = self.pool.loop.call_later(IDLE_SECONDS, self._let_go)
             self.pool.pump()
+
+    def _let_go(self) -> None:
+        self.idle_timer = None
+        self.channel.finish()  # EOF on its stdin: it exits by itself
 
     def _broken(self, why: str) -> None:
         log.warning("preflight worker %s: %s; letting it go", self.name, why)
