@@ -192,6 +192,28 @@ def test_pipeline_edits_change_the_effective_config(data, tmp_path):
     assert (inside / "pipeline.config.orig").read_text() == open(data["pipeline_config"]).read()
 
 
+def test_a_fine_tune_checkpoint_gets_version_v2_unless_the_config_says_v1(data):
+    from oddaemon.workers import compat
+
+    compat.apply()
+    from object_detection.protos import train_pb2
+
+    from oddaemon.workers import pipeline
+
+    source = pipeline.load_pipeline(data["pipeline_config"])
+    assert not source.train_config.HasField("fine_tune_checkpoint_version")  # the proto default is V1
+    edited = pipeline.apply_edits(source, PipelineEdits(fine_tune_checkpoint="/ft/ckpt-0",
+                                                        fine_tune_checkpoint_type="detection"))
+    assert edited.train_config.fine_tune_checkpoint_version == train_pb2.V2
+    assert not any("fine_tune_checkpoint_version" in p for p in pipeline.check_effective(edited)[0])
+    source.train_config.fine_tune_checkpoint_version = train_pb2.V1  # written in pipeline.config
+    kept = pipeline.apply_edits(source, PipelineEdits(fine_tune_checkpoint="/ft/ckpt-0"))
+    problems, _ = pipeline.check_effective(kept)
+    assert any("change the line to `fine_tune_checkpoint_version: V2`" in p for p in problems), problems
+    untouched = pipeline.apply_edits(pipeline.load_pipeline(data["pipeline_config"]), PipelineEdits())
+    assert not untouched.train_config.HasField("fine_tune_checkpoint_version")  # no fine-tuning, no change
+
+
 def test_cosine_edits_on_another_schedule_are_refused(data, tmp_path):
     from oddaemon.workers import compat
 

@@ -313,3 +313,29 @@ def test_a_marker_from_another_role_keeps_its_kind_and_gets_the_role_s_subject()
     tail = [marker_line("storage", "Read-only file system on /m/exported.tmp"), "Traceback ..."]
     assert classify_failure(1, tail, "export") == Failure("storage", "the export failed: Read-only file system on "
                                                                      "/m/exported.tmp")
+
+
+# ---- a fine-tune checkpoint: a config problem or a checkpoint that does not fit -------------------
+def _raised_in_load_fine_tune_checkpoint(exc: Exception) -> Exception:
+    def load_fine_tune_checkpoint():  # the name model_lib_v2 gives the function that restores it
+        raise exc
+
+    try:
+        load_fine_tune_checkpoint()
+    except Exception as caught:  # noqa: BLE001
+        return caught
+    raise AssertionError("unreachable")
+
+
+def test_a_fine_tune_failure_is_told_apart_config_or_checkpoint():
+    from oddaemon.workers.diagnose import fine_tune_failure
+
+    job = {"spec": {"pipeline": {"fine_tune_checkpoint": "/zoo/ckpt-0"}}}
+    version = fine_tune_failure(job, _raised_in_load_fine_tune_checkpoint(ValueError("Checkpoint version should be V2")))
+    assert parse_marker(version).kind == "checkpoint" and "pipeline.config problem" in version
+    assert "`fine_tune_checkpoint_version: V2`" in version
+    misfit = fine_tune_failure(job, _raised_in_load_fine_tune_checkpoint(
+        AssertionError("Some objects had attributes which were not restored: model/_box_predictor/...")))
+    assert parse_marker(misfit).kind == "checkpoint" and "/zoo/ckpt-0 does not fit the model" in misfit
+    assert "the config itself is fine" in misfit and "pipeline.config problem" not in misfit
+    assert fine_tune_failure(job, ValueError("Checkpoint version should be V2")) is None  # raised elsewhere
