@@ -341,7 +341,8 @@ def test_shipped_example_parses(tree):
         train_input_path=(f"{root}/data/widgets/train-*.tfrecord",),
         eval_input_path=(f"{root}/data/widgets/eval.tfrecord",))
     assert spec.train == TrainOptions(gpus=1, checkpoint_every_n=1000, checkpoint_max_to_keep=7)
-    assert spec.eval == EvalOptions(enabled=True, device="cpu", sample_1_of_n_eval_examples=1)
+    assert spec.eval == EvalOptions(enabled=True, device="cpu", sample_1_of_n_eval_examples=1, export_best=True,
+                                    export_when="end")
 
 
 def test_to_dict_is_json_safe_and_round_trips():
