@@ -27,6 +27,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from oddaemon.pins import remove_checkpoint
 from oddaemon.store import atomic_write_json
 
 log = logging.getLogger("oddaemon.exports")
@@ -52,7 +53,6 @@ class JobExports:
         self._start = start
         self.running: ExportRequest | None = None
         self.waiting: ExportRequest | None = None
-        self.last_error: str = ""
         self.tried: set[int] = set()  # checkpoints whose export ended, well or not (never tried twice at the end)
         shutil.rmtree(self.pins, ignore_errors=True)  # an export killed with an earlier daemon
 
@@ -109,11 +109,9 @@ class JobExports:
         self._release(request.n)
         self.tried.add(request.n)
         if returncode == 0:
-            self.last_error = ""
             log.info("job %s: exported ckpt-%d to %s", self.name, request.n, self.output)
         else:
-            self.last_error = f"export of ckpt-{request.n} failed: {detail or f'exit status {returncode}'}"
-            log.error("job %s: %s", self.name, self.last_error)
+            log.error("job %s: export of ckpt-%d failed: %s", self.name, request.n, detail or f"exit status {returncode}")
         self._start_waiting()
 
     def stop(self) -> None:
@@ -126,8 +124,7 @@ class JobExports:
     def _gave_up(self, request: ExportRequest, why: str) -> None:
         self._release(request.n)
         self.tried.add(request.n)
-        self.last_error = f"export of ckpt-{request.n} failed: {why}"
-        log.error("job %s: %s", self.name, self.last_error)
+        log.error("job %s: export of ckpt-%d failed: %s", self.name, request.n, why)
 
     # ---- the export's own pin
     def _pin(self, n: int, source_prefix: str) -> str | None:
@@ -143,18 +140,10 @@ class JobExports:
                     os.link(os.path.join(directory, name), target)
         except OSError as exc:
             self._release(n)
-            self.last_error = f"cannot pin ckpt-{n} for its export in {self.pins}: {exc.strerror or exc}"
-            log.error("job %s: %s", self.name, self.last_error)
+            log.error("job %s: cannot pin ckpt-%d for its export in %s: %s", self.name, n, self.pins,
+                      exc.strerror or exc)
             return None
         return os.path.join(self.pins, f"ckpt-{n}")
 
     def _release(self, n: int) -> None:
-        try:
-            names = [x for x in os.listdir(self.pins) if x.startswith(f"ckpt-{n}.")]
-        except OSError:
-            return
-        for name in names:
-            try:
-                os.unlink(os.path.join(self.pins, name))
-            except OSError:
-                pass
+        remove_checkpoint(self.pins, n)

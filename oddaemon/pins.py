@@ -25,6 +25,23 @@ from oddaemon.store import atomic_write_json
 log = logging.getLogger("oddaemon.pins")
 
 
+def checkpoint_names(directory: str, n: int) -> list[str]:
+    """The files of checkpoint ``n`` (``ckpt-N.*``) in ``directory`` ([] when it cannot be listed)."""
+    try:
+        return [x for x in os.listdir(directory) if x.startswith(f"ckpt-{n}.")]
+    except OSError:
+        return []
+
+
+def remove_checkpoint(directory: str, n: int) -> None:
+    """Unlink checkpoint ``n``'s files in ``directory`` (links of the daemon's own: pins)."""
+    for name in checkpoint_names(directory, n):
+        try:
+            os.unlink(os.path.join(directory, name))
+        except OSError:
+            pass
+
+
 class Pins:
     def __init__(self, name: str, model_dir: str):
         self.name = name
@@ -32,16 +49,12 @@ class Pins:
         self.private = os.path.join(model_dir, ".oddaemon")
         self.dir = os.path.join(self.private, "pins")
         self.sizes: dict[int, int] = {}  # ckpt-N -> bytes of its pinned files
-        self.released_total = 0  # checkpoints released to keep the pins within their disk budget
 
     def prefix(self, n: int) -> str:
         return os.path.join(self.dir, f"ckpt-{n}")
 
     def names(self, n: int) -> list[str]:
-        try:
-            return [x for x in os.listdir(self.dir) if x.startswith(f"ckpt-{n}.")]
-        except OSError:
-            return []
+        return checkpoint_names(self.dir, n)
 
     def pin(self, n: int, listing: list[str]) -> str | None:
         """Hard-link checkpoint ``n`` into pins/: its prefix there; None if it vanished; in place if links fail."""
@@ -63,11 +76,7 @@ class Pins:
 
     def unpin(self, n: int) -> None:
         self.sizes.pop(n, None)
-        for name in self.names(n):
-            try:
-                os.unlink(os.path.join(self.dir, name))
-            except OSError:
-                pass
+        remove_checkpoint(self.dir, n)
 
     def size(self, n: int) -> int:
         if n not in self.sizes:
@@ -106,7 +115,6 @@ class Pins:
             for n in released:
                 self.unpin(n)
                 book.release(n, now, why)
-            self.released_total += len(released)
             log.warning("job %s: %s; released ckpt-%s", self.name, why, ", ckpt-".join(map(str, released)))
         return released
 
