@@ -83,7 +83,7 @@ class Announcer:
     # ---- systemd
     def status_line(self) -> str:
         """The short STATUS= line systemctl status shows."""
-        return format_status({"jobs": self.daemon.views(), "gpus": self.daemon.commands.gpus()})
+        return format_status({"jobs": self.daemon.views(shown=0), "gpus": self.daemon.commands.gpus()})
 
     # ---- events
     def _state_changed(self, change: sch.StateChanged) -> None:
@@ -108,7 +108,7 @@ class Announcer:
         d = self.daemon
         self._snapshot_timer = None
         self.counters["rejected_files"] = d.rejected_total
-        self.snapshot = build_snapshot(d.views(), d.commands.gpus(), dict(self.counters), d.started_at, d.clock(),
+        self.snapshot = build_snapshot(d.views(shown=0), d.commands.gpus(), dict(self.counters), d.started_at, d.clock(),
                                        d.config.metrics_max_finished_jobs, d.config.metrics_finished_max_age_seconds)
         # Finished jobs leave the export when they age out, even if nothing else happens by then.
         ends = [v["finished_at"] for v in self.snapshot["jobs"]

@@ -317,8 +317,9 @@ def format_evaluation(ev: dict) -> list[str]:
         mark = "  <- best" if c["best"] else (f"  ({c['error']})" if c["error"] else "")
         lines.append(f"    {c['checkpoint']:<10} {shown(c['step']):>8} {c['state']:<10} "
                      f"{value:>10} {format_duration(c['lag_seconds']):>6} {format_duration(c['duration_seconds']):>6}{mark}")
-    if len(checkpoints) > 12:
-        lines.append(f"    ... {len(checkpoints) - 12} earlier checkpoint(s): oddaemon status --json")
+    total = ev.get("total", len(checkpoints))
+    if total > 12:
+        lines.append(f"    ... {total - 12} earlier checkpoint(s): oddaemon status --json lists the newest {len(checkpoints)}")
     return lines
 
 

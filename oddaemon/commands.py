@@ -51,9 +51,8 @@ class Commands:
         return self.daemon.views()
 
     def get_job(self, name: str) -> dict:
-        for view in self.daemon.views():
-            if view["name"] == name:
-                return view
+        if name in self.daemon.state.jobs:
+            return self.daemon.view(name)
         raise CommandError(f"no job named '{name}'")
 
     # ---- mutating

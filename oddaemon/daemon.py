@@ -43,7 +43,7 @@ from oddaemon.states import TERMINAL
 from oddaemon.store import Store
 from oddaemon.supervisor import Supervisor
 from oddaemon.trainguard import TrainGuard
-from oddaemon.views import job_view
+from oddaemon.views import SHOWN_BY_LIST, SHOWN_BY_STATUS, job_view
 from oddaemon.watch import ModelDirWatcher
 
 log = logging.getLogger("oddaemon")
@@ -330,15 +330,17 @@ class Daemon:
             self.supervisor.close_logs_if_idle(worker.name)
 
     # ---- views ---------------------------------------------------------------------------------
-    def views(self) -> list[dict]:
-        result = []
-        for job in sorted(self.state.jobs.values(), key=lambda j: j.seq):
-            progress = self.progress.get(job.name)
-            if progress is not None and job.state not in TERMINAL:
-                progress.refresh()
-            result.append(job_view(job, progress, self.state.queue_position(job.name),
-                                   self.supervisor.log_path(job.name, "train"), self.evaluations.book(job.name)))
-        return result
+    def views(self, shown: int = SHOWN_BY_LIST) -> list[dict]:
+        """Every job's view, each listing its ``shown`` newest checkpoints."""
+        return [self.view(job.name, shown) for job in sorted(self.state.jobs.values(), key=lambda j: j.seq)]
+
+    def view(self, name: str, shown: int = SHOWN_BY_STATUS) -> dict:
+        job = self.state.jobs[name]
+        progress = self.progress.get(name)
+        if progress is not None and job.state not in TERMINAL:
+            progress.refresh()
+        return job_view(job, progress, self.state.queue_position(name), self.supervisor.log_path(name, "train"),
+                        self.evaluations.book(name), shown)
 
     def gpu_holders(self) -> dict[int, tuple[str, str]]:
         holders = {}
@@ -400,5 +402,6 @@ def run(config: Config, loop: Loop) -> int:
         print(f"oddaemon: {user_message(exc)}", file=sys.stderr)
         return 1
     loop.run()
+    daemon.evaluations.close()
     log.info("stopped")
     return 0

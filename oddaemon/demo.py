@@ -204,14 +204,14 @@ def progress_line(view: dict) -> tuple[tuple, str]:
     evaluated = ev["counts"].get("evaluated", 0)
     best = ev["best"]
     losses = view["losses"]
-    key = (view["state"], view["step"], evaluated, len(ev["checkpoints"]), best and best["n"])
+    key = (view["state"], view["step"], evaluated, ev["total"], best and best["n"])
     step = "-" if view["step"] is None else view["step"]
     target = "-" if view["target_steps"] is None else view["target_steps"]
     loss = f" loss {losses['total_loss']:.3f}" if "total_loss" in losses else ""
     best_text = f"; best mAP {best['value']:.3f} (step {best['step']})" if best else ""
     eta = f" ETA {format_duration(view['eta_seconds'])}" if view["state"] == "running" and view["eta_seconds"] else ""
     line = (f"demo: {view['state']:<10} step {step}/{target} {progress_bar(view['progress'])}{eta}{loss}; "
-            f"{evaluated}/{len(ev['checkpoints'])} checkpoints evaluated{best_text}")
+            f"{evaluated}/{ev['total']} checkpoints evaluated{best_text}")
     return key, line
 
 
@@ -236,12 +236,11 @@ def run_demo(directory: str, keep_serving: bool, standin: bool = False) -> int:
                 loop.call_later(0, daemon.shutdown)  # the job ends after its last export
 
     def report() -> None:
-        for view in daemon.views():
-            if view["name"] == DEMO_JOB:
-                key, line = progress_line(view)
-                if not shown or shown[-1] != key:
-                    shown[:] = [key]
-                    status.show(line)
+        if DEMO_JOB in daemon.state.jobs:
+            key, line = progress_line(daemon.view(DEMO_JOB, shown=0))
+            if not shown or shown[-1] != key:
+                shown[:] = [key]
+                status.show(line)
 
     def tick() -> None:
         if "state" not in outcome:

@@ -1,12 +1,19 @@
 """Per-job evaluation bookkeeping, pure (no I/O, no clock): which checkpoints exist, which are
 pending, running, evaluated, failed or skipped; retries with backoff; the best checkpoint; early
-stopping. The daemon persists it (``to_dict``) so that every checkpoint is evaluated exactly once,
-across daemon restarts too.
+stopping. The daemon persists it so that every checkpoint is evaluated exactly once, across daemon
+restarts too: ``take_changes`` hands over the records changed since the last call (appended to a
+journal, ``bookfile``), ``to_dict`` the whole book (its snapshot).
+
+A checkpoint changes state in one place (``_move``), which keeps the indexes the daemon asks about
+at every event (the waiting checkpoints in order, the running one, the counts, the newest) right,
+so that no question costs O(all checkpoints): a job can have tens of thousands.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
 import math
 import re
 from dataclasses import dataclass, field
@@ -18,6 +25,8 @@ DAMAGED = re.compile(r"DataLossError|not an sstable|Checksum does not match|Unab
 
 PENDING, RUNNING, DONE, FAILED, SKIPPED, MISSED = "pending", "running", "evaluated", "failed", "skipped", "missed"
 OPEN = (PENDING, RUNNING)
+STATES = (PENDING, RUNNING, DONE, FAILED, SKIPPED, MISSED)
+RELEASED = "released unevaluated"  # how the reason of a checkpoint released by the pin budget starts
 
 
 @dataclass
@@ -59,68 +68,134 @@ class Finished:
 class EvalBook:
     def __init__(self, policy: EvalPolicy):
         self.policy = policy
-        self.checkpoints: dict[int, CheckpointEval] = {}
+        self.checkpoints: dict[int, CheckpointEval] = {}  # read freely; change only through the methods
         self.best_n: int | None = None
         self.best_value: float | None = None
         self.evaluations_since_improvement = 0
         self.final_n: int | None = None  # set when training has ended: the last checkpoint
+        # indexes, kept by _move
+        self._pending: list[int] = []  # sorted
+        self._running: int | None = None
+        self._counts = {s: 0 for s in STATES}
+        self._latest_done: int | None = None
+        self.newest: int | None = None  # the highest checkpoint number known
+        self.newest_completed_at: float | None = None
+        self.newest_step: int | None = None  # the highest step evaluated
+        self.released = 0  # released by the pin budget
+        self.last_released_why = ""
+        self._changed: set[int] = set()
+
+    # ---- the one state change
+    def _move(self, c: CheckpointEval, state: str) -> None:
+        if c.n in self.checkpoints:
+            self._unindex(self.checkpoints[c.n])
+        c.state = state
+        self.checkpoints[c.n] = c  # a known checkpoint keeps its place (recent() relies on the order)
+        self._index(c)
+        self._changed.add(c.n)
+
+    def _index(self, c: CheckpointEval) -> None:
+        self._counts[c.state] += 1
+        if c.state == PENDING:
+            bisect.insort(self._pending, c.n)
+        elif c.state == RUNNING:
+            self._running = c.n
+        elif c.state == DONE:
+            if self._latest_done is None or c.n > self._latest_done:
+                self._latest_done = c.n
+            if c.step is not None and (self.newest_step is None or c.step > self.newest_step):
+                self.newest_step = c.step
+        elif c.state == SKIPPED and c.error.startswith(RELEASED):
+            self.released += 1
+            self.last_released_why = c.error
+        if self.newest is None or c.n > self.newest:
+            self.newest = c.n
+        if self.newest_completed_at is None or c.completed_at > self.newest_completed_at:
+            self.newest_completed_at = c.completed_at
+
+    def _unindex(self, c: CheckpointEval) -> None:
+        self._counts[c.state] -= 1
+        if c.state == PENDING:
+            i = bisect.bisect_left(self._pending, c.n)
+            if i < len(self._pending) and self._pending[i] == c.n:
+                del self._pending[i]
+        elif c.state == RUNNING and self._running == c.n:
+            self._running = None
+        elif c.state == SKIPPED and c.error.startswith(RELEASED):
+            self.released -= 1
+
+    def touched(self, n: int) -> None:
+        """Checkpoint ``n``'s record changed outside a state change (its prefix): persist it again."""
+        if n in self.checkpoints:
+            self._changed.add(n)
+
+    def take_changes(self) -> list[dict]:
+        """The records changed since the last call (for the journal), oldest checkpoint first."""
+        changed = sorted(n for n in self._changed if n in self.checkpoints)
+        self._changed.clear()
+        return [dataclasses.asdict(self.checkpoints[n]) for n in changed]
 
     # ---- arrivals
     def add(self, n: int, prefix: str, now: float) -> bool:
         if n in self.checkpoints:
             return False
-        self.checkpoints[n] = CheckpointEval(n=n, prefix=prefix, completed_at=now)
+        self._move(CheckpointEval(n=n, prefix=prefix, completed_at=now), PENDING)
         return True
 
     def add_missed(self, n: int, now: float, why: str) -> None:
         if n not in self.checkpoints:
-            self.checkpoints[n] = CheckpointEval(n=n, prefix="", completed_at=now, state=MISSED, error=why)
+            self._move(CheckpointEval(n=n, prefix="", completed_at=now, error=why), MISSED)
 
     # ---- choosing work
     def pending(self) -> list[CheckpointEval]:
-        return sorted((c for c in self.checkpoints.values() if c.state == PENDING), key=lambda c: c.n)
+        return [self.checkpoints[n] for n in self._pending]
+
+    def pending_count(self) -> int:
+        return len(self._pending)
 
     def running(self) -> CheckpointEval | None:
-        return next((c for c in self.checkpoints.values() if c.state == RUNNING), None)
+        return self.checkpoints[self._running] if self._running is not None else None
 
     def apply_skip_policy(self) -> list[int]:
         """With ``skip_to_newest``, when more than ``max_behind`` checkpoints wait, skip all but the
         newest (the final checkpoint of a finished training is never skipped)."""
-        waiting = self.pending()
-        if self.policy.when_behind != "skip_to_newest" or len(waiting) <= self.policy.max_behind:
+        waiting = len(self._pending)
+        if self.policy.when_behind != "skip_to_newest" or waiting <= self.policy.max_behind:
             return []
         skipped = []
-        for c in waiting[:-1]:
-            if c.n != self.final_n:
-                c.state, c.error = SKIPPED, f"skipped: evaluation was {len(waiting)} checkpoints behind"
-                skipped.append(c.n)
+        for n in self._pending[:-1]:
+            if n != self.final_n:
+                c = self.checkpoints[n]
+                c.error = f"skipped: evaluation was {waiting} checkpoints behind"
+                self._move(c, SKIPPED)
+                skipped.append(n)
         return skipped
 
     def next_due(self, now: float) -> CheckpointEval | None:
-        if self.running() is not None:
+        if self._running is not None or not self._pending:
             return None
-        for c in self.pending():
-            if c.retry_at is None or c.retry_at <= now:
-                return c
-            return None  # strictly in order: wait for the retry of the oldest
-        return None
+        c = self.checkpoints[self._pending[0]]  # strictly in order: wait for the retry of the oldest
+        return c if c.retry_at is None or c.retry_at <= now else None
 
     def next_retry_at(self) -> float | None:
-        times = [c.retry_at for c in self.pending() if c.retry_at is not None]
-        return min(times) if times else None
+        if not self._pending:
+            return None
+        return self.checkpoints[self._pending[0]].retry_at  # only the oldest can be due (next_due)
 
     # ---- progress of one evaluation
     def start(self, n: int, now: float) -> None:
         c = self.checkpoints[n]
-        c.state, c.started_at, c.retry_at = RUNNING, now, None
+        c.started_at, c.retry_at = now, None
         c.attempts += 1
         if c.lag_seconds is None:
             c.lag_seconds = max(0.0, now - c.completed_at)
+        self._move(c, RUNNING)
 
     def finish(self, n: int, step: int | None, metrics: dict[str, float], now: float) -> Finished:
         c = self.checkpoints[n]
-        c.state, c.step, c.metrics, c.finished_at, c.error = DONE, step, dict(metrics), now, ""
+        c.step, c.metrics, c.finished_at, c.error = step, dict(metrics), now, ""
         c.duration_seconds = now - c.started_at if c.started_at is not None else None
+        self._move(c, DONE)
         value = metrics.get(self.policy.metric)
         if value is None or not math.isfinite(value):
             c.error = f"metric {self.policy.metric!r} missing from the results"
@@ -147,24 +222,28 @@ class EvalBook:
         c.error = error
         if DAMAGED.search(error):
             c.error = f"the checkpoint is damaged, not retried: {error}"
-            c.state, c.finished_at, c.retry_at = FAILED, now, None
+            c.finished_at, c.retry_at = now, None
+            self._move(c, FAILED)
             return False
         if c.attempts >= self.policy.max_attempts:
-            c.state, c.finished_at = FAILED, now
+            c.finished_at = now
+            self._move(c, FAILED)
             return False
-        delay = min(self.policy.backoff_cap, self.policy.backoff_base * 2 ** (c.attempts - 1))
-        c.state, c.retry_at = PENDING, now + delay
+        c.retry_at = now + min(self.policy.backoff_cap, self.policy.backoff_base * 2 ** (c.attempts - 1))
+        self._move(c, PENDING)
         return True
 
     def release(self, n: int, now: float, why: str) -> None:
         """A waiting checkpoint is given up to keep the pins within their disk budget: skipped, with why."""
         c = self.checkpoints[n]
-        c.state, c.error, c.finished_at, c.retry_at = SKIPPED, why, now, None
+        c.error, c.finished_at, c.retry_at = why, now, None
+        self._move(c, SKIPPED)
 
     def miss(self, n: int, now: float, why: str) -> None:
         """A waiting checkpoint can no longer be evaluated (its files are gone): recorded, never retried."""
         c = self.checkpoints[n]
-        c.state, c.error, c.finished_at, c.retry_at = MISSED, why, now, None
+        c.error, c.finished_at, c.retry_at = why, now, None
+        self._move(c, MISSED)
 
     def interrupted(self, now: float, error: str) -> int | None:
         """The evaluator died (or the daemon restarted) during an evaluation: count it as a failed attempt."""
@@ -174,37 +253,56 @@ class EvalBook:
         self.fail(c.n, error, now)
         return c.n
 
+    def training_ended(self) -> None:
+        """Training is over: the newest checkpoint is the final one (never skipped, always evaluated)."""
+        if self.newest is not None:
+            self.final_n = self.newest
+
     # ---- questions
     def drained(self) -> bool:
-        return not any(c.state in OPEN for c in self.checkpoints.values())
+        return not self._pending and self._running is None
 
     def best(self) -> CheckpointEval | None:
         return self.checkpoints.get(self.best_n) if self.best_n is not None else None
 
     def latest_done(self) -> CheckpointEval | None:
-        done = [c for c in self.checkpoints.values() if c.state == DONE]
-        return max(done, key=lambda c: c.n) if done else None
+        return self.checkpoints[self._latest_done] if self._latest_done is not None else None
 
     def counts(self) -> dict[str, int]:
-        out = {s: 0 for s in (PENDING, RUNNING, DONE, FAILED, SKIPPED, MISSED)}
-        for c in self.checkpoints.values():
-            out[c.state] += 1
-        return out
+        return dict(self._counts)
+
+    def recent(self, limit: int) -> list[CheckpointEval]:
+        """The ``limit`` checkpoints recorded last (the newest: they arrive in save order), oldest first."""
+        last = list(itertools.islice(reversed(self.checkpoints), limit)) if limit > 0 else []
+        return [self.checkpoints[n] for n in sorted(last)]
 
     def _better(self, value: float, reference: float, delta: float) -> bool:
         return value > reference + delta if self.policy.higher_is_better else value < reference - delta
 
     # ---- persistence
-    def to_dict(self) -> dict:
+    def header(self) -> dict:
         return {"best_n": self.best_n, "best_value": self.best_value, "final_n": self.final_n,
-                "evaluations_since_improvement": self.evaluations_since_improvement,
-                "checkpoints": [dataclasses.asdict(c) for c in sorted(self.checkpoints.values(), key=lambda c: c.n)]}
+                "evaluations_since_improvement": self.evaluations_since_improvement}
+
+    def set_header(self, d: dict) -> None:
+        self.best_n, self.best_value, self.final_n = d.get("best_n"), d.get("best_value"), d.get("final_n")
+        self.evaluations_since_improvement = d.get("evaluations_since_improvement", 0)
+
+    def restore(self, record: dict) -> None:
+        """Put a saved record back (loading: the snapshot, then the journal; a later record of the
+        same checkpoint replaces the earlier one)."""
+        c = CheckpointEval(**record)
+        self._move(c, c.state)
+
+    def to_dict(self) -> dict:
+        return {**self.header(),
+                "checkpoints": [dataclasses.asdict(self.checkpoints[n]) for n in sorted(self.checkpoints)]}
 
     @classmethod
     def from_dict(cls, policy: EvalPolicy, d: dict) -> "EvalBook":
         book = cls(policy)
-        book.best_n, book.best_value, book.final_n = d.get("best_n"), d.get("best_value"), d.get("final_n")
-        book.evaluations_since_improvement = d.get("evaluations_since_improvement", 0)
+        book.set_header(d)
         for c in d.get("checkpoints", []):
-            book.checkpoints[c["n"]] = CheckpointEval(**c)
+            book.restore(c)
+        book._changed.clear()
         return book

@@ -25,6 +25,7 @@ import os
 import time
 from collections.abc import Callable
 
+from oddaemon import bookfile
 from oddaemon import messages as msg
 from oddaemon.checkpoints import complete_checkpoints
 from oddaemon.evalbook import EvalBook, EvalPolicy
@@ -34,7 +35,7 @@ from oddaemon.loop import Loop
 from oddaemon.pinbudget import PinBudget
 from oddaemon.pins import Pins
 from oddaemon.procs import Worker
-from oddaemon.store import atomic_write_json, remove_stale_temps
+from oddaemon.store import remove_stale_temps
 from oddaemon.warm import WarmEvaluator
 
 log = logging.getLogger("oddaemon.evaluation")
@@ -61,6 +62,7 @@ class JobEvaluation:
         self.results = os.path.join(owner.state_dir, "evals", self.name)
         self.book_path = os.path.join(owner.state_dir, "evals", f"{self.name}.json")
         remove_stale_temps(os.path.dirname(self.book_path))  # left by a daemon killed mid-write
+        self.bookfile = bookfile.BookFile(self.book_path, label=self.name)
         self.book = self._load_book()
         for d in (self.results, self.pins.dir):
             try:
@@ -76,18 +78,20 @@ class JobEvaluation:
 
     def _load_book(self) -> EvalBook:
         try:
-            with open(self.book_path, "rb") as f:
-                book = EvalBook.from_dict(policy_for(self.job), json.loads(f.read()))
+            book, journal_lines = bookfile.load(self.book_path, policy_for(self.job))
         except FileNotFoundError:
             return EvalBook(policy_for(self.job))
         except (OSError, ValueError, TypeError, KeyError) as exc:
             log.error("job %s: evaluation record %s unreadable (%s); starting a new one", self.name, self.book_path, exc)
             return EvalBook(policy_for(self.job))
         book.interrupted(time.time(), "the daemon restarted during this evaluation")
+        if journal_lines or book.checkpoints:
+            self.bookfile.compact(book)  # one snapshot again: nothing is appended after a torn line
         return book
 
     def save(self) -> None:
-        atomic_write_json(self.book_path, self.book.to_dict())
+        """Persist what changed (a journal line per changed checkpoint: ``bookfile``)."""
+        self.bookfile.save(self.book)
 
     # ---- pinning (the daemon's ModelDirWatcher calls rescan on every checkpoint event)
     def rescan(self) -> None:
@@ -99,7 +103,7 @@ class JobEvaluation:
         now = self.owner.clock()
         added = False
         complete = complete_checkpoints(listing)
-        known = max(self.book.checkpoints, default=0)
+        known = self.book.newest or 0
         # Checkpoints are numbered by save count: a gap below a new one was written and deleted by
         # max_to_keep before the daemon could pin it (a daemon far behind a checkpoint flood). It is
         # recorded missed, never silently lost.
@@ -145,7 +149,9 @@ class JobEvaluation:
         except OSError:
             return False
         prefix = self.pins.pin(c.n, listing) if c.n in complete_checkpoints(listing) else None
-        c.prefix = prefix or c.prefix
+        if prefix is not None and prefix != c.prefix:
+            c.prefix = prefix
+            self.book.touched(c.n)
         return prefix is not None
 
     # ---- driving the evaluator
@@ -246,9 +252,8 @@ class JobEvaluation:
     def training_ended(self) -> None:
         self.training_over = True
         self.rescan()
-        if self.book.checkpoints:
-            self.book.final_n = max(self.book.checkpoints)
-            self.save()
+        self.book.training_ended()
+        self.save()
         self.pump()
 
     def _finish(self) -> None:
@@ -270,6 +275,12 @@ class JobEvaluation:
             self.evaluator.stop(reason)
         if self.exports is not None:
             self.exports.stop()
+        self.close()
+
+    def close(self) -> None:
+        """Write the whole book (a finished job's snapshot is complete, its journal empty) and let go of the journal."""
+        self.bookfile.compact(self.book)
+        self.bookfile.close()
 
     # ---- best checkpoint and export
     def _update_best(self, n: int) -> None:
@@ -317,6 +328,7 @@ class Evaluations:
         self.stop_worker = stop_worker  # (name, role, reason)
         self.clock = clock
         self.jobs: dict[str, JobEvaluation] = {}
+        self.saved_books: dict[str, tuple[list, EvalBook | None]] = {}  # finished jobs' books, as last read
         self.listeners: list[Callable[[str, object], None]] = []
 
     def ensure(self, job: Job) -> JobEvaluation | None:
@@ -325,6 +337,11 @@ class Evaluations:
         if job.name not in self.jobs:
             self.jobs[job.name] = JobEvaluation(self, job)
         return self.jobs[job.name]
+
+    def close(self) -> None:
+        """The daemon stops: every live book written whole."""
+        for ev in self.jobs.values():
+            ev.close()
 
     def rescan(self, name: str) -> None:
         if name in self.jobs:
@@ -360,12 +377,24 @@ class Evaluations:
             listener(name, record)
 
     def book(self, name: str) -> EvalBook | None:
+        """A job's book: the live one, or (a finished job) the saved one, read again only when its files change."""
         ev = self.jobs.get(name)
         if ev is not None:
             return ev.book
         path = os.path.join(self.state_dir, "evals", f"{name}.json")
+        signature = []
+        for p in (path, bookfile.journal_path(path)):
+            try:
+                st = os.stat(p)
+                signature.append((st.st_ino, st.st_size, st.st_mtime_ns))
+            except OSError:
+                signature.append(None)
+        cached = self.saved_books.get(name)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
         try:
-            with open(path, "rb") as f:
-                return EvalBook.from_dict(EvalPolicy(), json.loads(f.read()))
+            book = bookfile.load(path, EvalPolicy())[0]
         except (OSError, ValueError, TypeError, KeyError):
-            return None
+            book = None
+        self.saved_books[name] = (signature, book)
+        return book

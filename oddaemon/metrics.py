@@ -152,14 +152,13 @@ def _evaluation(g: dict, name: str, ev: dict) -> None:
         g["pending"].add_metric([name], ev["counts"].get("pending", 0) + ev["counts"].get("running", 0))
     if ev.get("pins", {}).get("released"):
         g["released"].add_metric([name], ev["pins"]["released"])
-    checkpoints = ev["checkpoints"]
-    if checkpoints:
-        g["ckpt_time"].add_metric([name], max(c["completed_at"] for c in checkpoints))
+    if ev.get("newest_completed_at") is not None:
+        g["ckpt_time"].add_metric([name], ev["newest_completed_at"])
     latest = ev["latest"]
     if latest:
         if latest["step"] is not None:
             g["eval_step"].add_metric([name], latest["step"])
-            g["ckpt_step"].add_metric([name], max(c["step"] for c in checkpoints if c["step"] is not None))
+            g["ckpt_step"].add_metric([name], ev["newest_step"] if ev.get("newest_step") is not None else latest["step"])
         for metric, value in sorted(latest["metrics"].items()):
             g["eval_metric"].add_metric([name, metric], value)
         if latest["lag_seconds"] is not None:

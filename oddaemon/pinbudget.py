@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-RELEASED = "released unevaluated"  # how a released checkpoint's reason starts
+from oddaemon.evalbook import RELEASED  # how a released checkpoint's reason starts
 
 
 @dataclass(frozen=True)

@@ -49,21 +49,24 @@ class Pins:
         self.private = os.path.join(model_dir, ".oddaemon")
         self.dir = os.path.join(self.private, "pins")
         self.sizes: dict[int, int] = {}  # ckpt-N -> bytes of its pinned files
+        self.files: dict[int, list[str]] = {}  # ckpt-N -> the names pinned (listing pins/ per checkpoint is O(pins))
 
     def prefix(self, n: int) -> str:
         return os.path.join(self.dir, f"ckpt-{n}")
 
     def names(self, n: int) -> list[str]:
-        return checkpoint_names(self.dir, n)
+        return list(self.files[n]) if n in self.files else checkpoint_names(self.dir, n)
 
     def pin(self, n: int, listing: list[str]) -> str | None:
         """Hard-link checkpoint ``n`` into pins/: its prefix there; None if it vanished; in place if links fail."""
         try:
             os.makedirs(self.dir, exist_ok=True)  # (again: model_dir may have been deleted and re-created)
-            for name in checkpoint_files(listing, n):
+            names = checkpoint_files(listing, n)
+            for name in names:
                 target = os.path.join(self.dir, name)
                 if not os.path.exists(target):
                     os.link(os.path.join(self.model_dir, name), target)
+            self.files[n] = list(names)
         except FileNotFoundError:
             self.unpin(n)
             return None
@@ -76,7 +79,15 @@ class Pins:
 
     def unpin(self, n: int) -> None:
         self.sizes.pop(n, None)
-        remove_checkpoint(self.dir, n)
+        names = self.files.pop(n, None)
+        if names is None:
+            remove_checkpoint(self.dir, n)
+            return
+        for name in names:
+            try:
+                os.unlink(os.path.join(self.dir, name))
+            except OSError:
+                pass
 
     def size(self, n: int) -> int:
         if n not in self.sizes:
@@ -94,8 +105,8 @@ class Pins:
         """Release the oldest waiting checkpoints that only their pins hold while the file system is
         below its free-space floor or this job's pins hold more than ``cap`` (0: none); each is
         recorded skipped in ``book`` with the reason. Returns what was released."""
-        alone = [c for c in book.checkpoints.values()
-                 if (c.state in evalbook.OPEN or c.n == book.best_n) and c.prefix.startswith(self.dir)
+        held_open = book.pending() + [c for c in (book.running(), book.best()) if c is not None]
+        alone = [c for c in held_open if c.prefix.startswith(self.dir)
                  and f"ckpt-{c.n}.index" not in listing]  # TF deleted its copy: the pin alone holds it
         if not alone:
             return []
@@ -107,7 +118,7 @@ class Pins:
         held = sum(self.size(c.n) for c in alone)
         if free >= floor and (not cap or held <= cap):
             return []
-        never = (max(book.checkpoints), book.best_n, book.final_n)  # the newest, the best, the final one
+        never = (book.newest, book.best_n, book.final_n)  # the newest, the best, the final one
         waiting = sorted((c.n, self.size(c.n)) for c in alone if c.state == evalbook.PENDING and c.n not in never)
         released = to_release(waiting, held, free, floor, cap)
         if released:

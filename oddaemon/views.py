@@ -4,17 +4,24 @@ D-Bus and metrics. Pure."""
 from __future__ import annotations
 
 from oddaemon.evalbook import EvalBook
-from oddaemon.pinbudget import RELEASED
 from oddaemon.printable import printable
 from oddaemon.progress import TrainProgress
 from oddaemon.scheduler import Job
 
 
-def evaluation_view(job: Job, book: EvalBook | None) -> dict:
+# How many of a job's checkpoints a view lists (the newest; "total" says how many there are, and
+# state/evals/<name>.json holds them all): a job can have tens of thousands, and views are built on
+# the main loop for every request and every metrics snapshot.
+SHOWN_BY_STATUS = 1000  # oddaemon status NAME, GetJob
+SHOWN_BY_LIST = 20  # oddaemon list, ListJobs, systemctl status
+
+
+def evaluation_view(job: Job, book: EvalBook | None, shown: int = SHOWN_BY_STATUS) -> dict:
     metric = job.spec.eval.metric
     if book is None:
         return {"enabled": job.spec.eval.enabled, "metric": metric, "counts": {}, "best": None, "latest": None,
-                "pins": {"released": 0, "why": ""}, "checkpoints": []}
+                "pins": {"released": 0, "why": ""}, "total": 0, "newest_completed_at": None, "newest_step": None,
+                "checkpoints": []}
 
     def brief(c) -> dict:
         return {"checkpoint": f"ckpt-{c.n}", "n": c.n, "step": c.step, "state": c.state,
@@ -23,15 +30,15 @@ def evaluation_view(job: Job, book: EvalBook | None) -> dict:
                 "duration_seconds": c.duration_seconds, "error": c.error, "best": c.n == book.best_n}
 
     best, latest = book.best(), book.latest_done()
-    released = [c for c in book.checkpoints.values() if c.state == "skipped" and c.error.startswith(RELEASED)]
     return {"enabled": job.spec.eval.enabled, "metric": metric, "counts": book.counts(),
-            "pins": {"released": len(released), "why": released[-1].error if released else ""},
+            "pins": {"released": book.released, "why": book.last_released_why},
             "best": brief(best) if best else None, "latest": brief(latest) if latest else None,
-            "checkpoints": [brief(c) for c in sorted(book.checkpoints.values(), key=lambda c: c.n)]}
+            "total": len(book.checkpoints), "newest_completed_at": book.newest_completed_at,
+            "newest_step": book.newest_step, "checkpoints": [brief(c) for c in book.recent(shown)]}
 
 
 def job_view(job: Job, progress: TrainProgress | None, queue_position: int | None, log_path: str,
-             book: EvalBook | None = None) -> dict:
+             book: EvalBook | None = None, shown: int = SHOWN_BY_STATUS) -> dict:
     view = {
         "name": job.name,
         "state": job.state.value,
@@ -53,7 +60,7 @@ def job_view(job: Job, progress: TrainProgress | None, queue_position: int | Non
         "pipeline_config": job.spec.pipeline_config,
         "train_log": log_path,
         "eval_gpus": list(job.eval_gpus),
-        "evaluation": evaluation_view(job, book),
+        "evaluation": evaluation_view(job, book, shown),
         "history": [{"time": t, "state": s, "reason": r} for t, s, r in job.history],
     }
     empty = {"step": None, "target_steps": job.spec.pipeline.num_steps, "progress": None,
@@ -62,9 +69,9 @@ def job_view(job: Job, progress: TrainProgress | None, queue_position: int | Non
     view.update(progress.view() if progress is not None else empty)
     # The event files can lag the checkpoints (model_dir deleted under the trainer, which then writes
     # into a deleted file): a checkpoint's step, once evaluated, is certain.
-    steps = [c["step"] for c in view["evaluation"]["checkpoints"] if c.get("step") is not None]
-    if steps and (view["step"] is None or max(steps) > view["step"]):
-        view["step"] = max(steps)
+    newest = view["evaluation"]["newest_step"]
+    if newest is not None and (view["step"] is None or newest > view["step"]):
+        view["step"] = newest
         if view["target_steps"]:
             view["progress"] = min(1.0, view["step"] / view["target_steps"])
     return escaped(view)

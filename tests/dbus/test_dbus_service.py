@@ -450,7 +450,9 @@ def test_end_to_end_with_the_real_daemon(bus_env, tmp_path):
         client = dc.Client.connect(bus_env)
         assert client.version() and client.queue_length() == 0 and client.gpus()["total"] == []
         result = client.submit_text(env.job_text("e2e", num_steps=10, every=5), "e2e.toml")
-        assert result["name"] == "e2e" and result["state"] == "validating"  # its preflight runs first
+        # its preflight runs first; the name is known once the parser has answered (within 50 ms, or
+        # later on a busy machine: the verdict then lands in the spool, and the signals below tell it)
+        assert result["state"] == "validating" and result["name"] in ("e2e", "")
         with pytest.raises(dc.ClientError) as info:
             client.submit_text("[pipeline]\nnum_clases = 3\n", "bad.toml")
         assert info.value.kind == "Invalid" and "did you mean 'num_classes'?" in str(info.value)

@@ -18,7 +18,8 @@ def view(name, state, finished_at=None, **kw):
     v = {"name": name, "state": state, "finished_at": finished_at, "restarts": 0, "gpus": [], "step": None,
          "target_steps": None, "progress": None, "steps_per_second": None, "eta_seconds": None, "learning_rate": None,
          "losses": {}, "evaluation": {"enabled": True, "metric": MAP, "counts": {}, "best": None, "latest": None,
-                                      "checkpoints": []}}
+                                      "checkpoints": [], "total": 0, "newest_completed_at": None,
+                                      "newest_step": None}}
     v.update(kw)
     return v
 
@@ -34,7 +35,8 @@ def running_view():
          "completed_at": 300.0, "lag_seconds": None, "duration_seconds": None, "best": False},
     ]
     evaluation = {"enabled": True, "metric": MAP, "counts": {"pending": 1, "running": 0, "evaluated": 2},
-                  "best": ckpts[1], "latest": ckpts[1], "checkpoints": ckpts}
+                  "best": ckpts[1], "latest": ckpts[1], "checkpoints": ckpts, "total": 3,
+                  "newest_completed_at": 300.0, "newest_step": 500}
     return view("effdet_d0", "running", gpus=[0, 1], step=700, target_steps=1000, progress=0.7, steps_per_second=2.0,
                 eta_seconds=150.0, learning_rate=0.04, restarts=2,
                 losses={"total_loss": 1.25, "classification_loss": 0.75, "localization_loss": 0.5}, evaluation=evaluation)
