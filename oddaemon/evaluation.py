@@ -41,6 +41,9 @@ from oddaemon.warm import WarmEvaluator
 log = logging.getLogger("oddaemon.evaluation")
 
 PLACEMENT_RETRY_SECONDS = 10.0
+# model_dir/best is swapped at most this often (a flood of ever better checkpoints would otherwise
+# rebuild it at every evaluation); a best that a better one replaces before its turn is never placed.
+BEST_MIN_INTERVAL = 0.5
 EVALUATOR_RETRY_SECONDS = 10.0
 
 
@@ -75,6 +78,9 @@ class JobEvaluation:
         self.exports = JobExports(self.name, self.model_dir, lambda prefix, output, info: owner.start_export(
             self.name, prefix, output, info)) if job.spec.eval.export_best else None
         self.timer: object | None = None
+        self.best_due: int | None = None  # a new best waiting for its turn in model_dir/best
+        self.best_placed_at = -BEST_MIN_INTERVAL
+        self.best_timer: object | None = None
 
     def _load_book(self) -> EvalBook:
         try:
@@ -217,11 +223,7 @@ class JobEvaluation:
         log.info("job %s: evaluated ckpt-%d (step %s): %s = %s", self.name, n, step, self.book.policy.metric,
                  metrics.get(self.book.policy.metric))
         if finished.improved:
-            try:
-                self._update_best(n)
-            except OSError as exc:
-                log.error("job %s: cannot keep the best checkpoint ckpt-%d in %s/best: %s", self.name, n,
-                          self.model_dir, exc)
+            self._new_best(n)
         elif n != self.book.best_n:
             self.pins.unpin(n)
         self.owner.checkpoint_evaluated(self.name, self.book.checkpoints[n])
@@ -257,6 +259,7 @@ class JobEvaluation:
         self.pump()
 
     def _finish(self) -> None:
+        self._place_best()
         if self.evaluator is not None:
             self.evaluator.finish()  # closes its stdin: it exits 0, then EvaluatorStopped
         if self.exports is not None:
@@ -271,6 +274,7 @@ class JobEvaluation:
         if self.timer is not None:
             self.owner.loop.remove(self.timer)
             self.timer = None
+        self._place_best()
         if self.evaluator is not None:
             self.evaluator.stop(reason)
         if self.exports is not None:
@@ -283,6 +287,35 @@ class JobEvaluation:
         self.bookfile.close()
 
     # ---- best checkpoint and export
+    def _new_best(self, n: int) -> None:
+        waiting = self.best_due
+        if waiting is not None and waiting != n:
+            self.pins.unpin(waiting)  # replaced before its turn: never placed
+        self.best_due = n
+        wait = self.best_placed_at + BEST_MIN_INTERVAL - time.monotonic()
+        if wait <= 0:
+            self._place_best()
+        elif self.best_timer is None:
+            self.best_timer = self.owner.loop.call_later(wait, self._best_turn)
+
+    def _best_turn(self) -> None:
+        self.best_timer = None  # fired: removing it again would make GLib warn
+        self._place_best()
+
+    def _place_best(self) -> None:
+        if self.best_timer is not None:
+            self.owner.loop.remove(self.best_timer)
+            self.best_timer = None
+        n, self.best_due = self.best_due, None
+        if n is None:
+            return
+        self.best_placed_at = time.monotonic()
+        try:
+            self._update_best(n)
+        except OSError as exc:
+            log.error("job %s: cannot keep the best checkpoint ckpt-%d in %s/best: %s", self.name, n,
+                      self.model_dir, exc)
+
     def _update_best(self, n: int) -> None:
         c = self.book.checkpoints[n]
         previous = self.pins.keep_best(n, {

@@ -35,13 +35,23 @@ Callback = Callable[[], None]
 log = logging.getLogger("oddaemon.loop")
 
 
+# A callback that spends more CPU than this on the loop is named in the log: nothing should (CPU,
+# not wall time, so that a loaded machine's preemption is not blamed on the daemon).
+SLOW_CALLBACK_CPU_SECONDS = 0.25
+
+
 def guarded(callback: Callback) -> None:
     """Run a callback; an unexpected exception is logged and never takes the loop (or the
-    source it came from) down with it."""
+    source it came from) down with it, and one that holds the loop for long is named in the log."""
+    started, cpu = time.perf_counter(), time.thread_time()
     try:
         callback()
     except Exception:  # noqa: BLE001 - the daemon must keep serving
         log.exception("internal error in %s (the daemon keeps running)", getattr(callback, "__qualname__", callback))
+    spent = time.thread_time() - cpu
+    if spent > SLOW_CALLBACK_CPU_SECONDS:
+        log.warning("loop: %s held the loop for %.2f s (%.2f s of CPU)", getattr(callback, "__qualname__", callback),
+                    time.perf_counter() - started, spent)
 
 
 class Loop(Protocol):

@@ -50,6 +50,8 @@ class Pins:
         self.dir = os.path.join(self.private, "pins")
         self.sizes: dict[int, int] = {}  # ckpt-N -> bytes of its pinned files
         self.files: dict[int, list[str]] = {}  # ckpt-N -> the names pinned (listing pins/ per checkpoint is O(pins))
+        self.total = 0  # sum(self.sizes.values()): a bound on what only the pins hold
+        self._restored_counted = False  # pins a previous daemon made are counted at the first budget check
 
     def prefix(self, n: int) -> str:
         return os.path.join(self.dir, f"ckpt-{n}")
@@ -67,6 +69,7 @@ class Pins:
                 if not os.path.exists(target):
                     os.link(os.path.join(self.model_dir, name), target)
             self.files[n] = list(names)
+            self.size(n)
         except FileNotFoundError:
             self.unpin(n)
             return None
@@ -78,7 +81,7 @@ class Pins:
         return self.prefix(n)
 
     def unpin(self, n: int) -> None:
-        self.sizes.pop(n, None)
+        self.total -= self.sizes.pop(n, 0)
         names = self.files.pop(n, None)
         if names is None:
             remove_checkpoint(self.dir, n)
@@ -98,6 +101,7 @@ class Pins:
                 except OSError:
                     pass
             self.sizes[n] = total
+            self.total += total
         return self.sizes[n]
 
     # ---- the disk budget
@@ -105,16 +109,21 @@ class Pins:
         """Release the oldest waiting checkpoints that only their pins hold while the file system is
         below its free-space floor or this job's pins hold more than ``cap`` (0: none); each is
         recorded skipped in ``book`` with the reason. Returns what was released."""
-        held_open = book.pending() + [c for c in (book.running(), book.best()) if c is not None]
-        alone = [c for c in held_open if c.prefix.startswith(self.dir)
-                 and f"ckpt-{c.n}.index" not in listing]  # TF deleted its copy: the pin alone holds it
-        if not alone:
-            return []
+        if not self._restored_counted:
+            self._restored_counted = True
+            for c in book.pending() + [c for c in (book.running(), book.best()) if c is not None]:
+                if c.prefix.startswith(self.dir):
+                    self.size(c.n)
         try:
             fs = os.statvfs(self.dir)
         except OSError:
             return []
         free, floor = fs.f_bavail * fs.f_frsize, budget.floor(fs.f_blocks * fs.f_frsize)
+        if free >= floor and (not cap or self.total <= cap):
+            return []  # within budget even counting every pin (most checks end here, in O(1))
+        held_open = book.pending() + [c for c in (book.running(), book.best()) if c is not None]
+        alone = [c for c in held_open if c.prefix.startswith(self.dir)
+                 and f"ckpt-{c.n}.index" not in listing]  # TF deleted its copy: the pin alone holds it
         held = sum(self.size(c.n) for c in alone)
         if free >= floor and (not cap or held <= cap):
             return []

@@ -309,6 +309,8 @@ class EventFileReader:
         an OSError (file gone) ends the call with what was read so far."""
         events: list[ScalarEvent] = []
         try:
+            if os.stat(self.path).st_size <= self.offset and not self._lost_sync:
+                return events  # nothing new: one stat, not an open (a directory can hold many finished files)
             fd = os.open(self.path, os.O_RDONLY)
         except OSError:
             return events

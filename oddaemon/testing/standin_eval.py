@@ -60,6 +60,16 @@ def restore_step(prefix: str) -> int:
     return step
 
 
+_writers: dict[str, EventFileWriter] = {}
+
+
+def _eval_writer(model_dir: str) -> EventFileWriter:
+    """One event file per evaluator process, as the real (warm) evaluator's summary writer keeps."""
+    if model_dir not in _writers:
+        _writers[model_dir] = EventFileWriter(os.path.join(model_dir, "eval"))
+    return _writers[model_dir]
+
+
 def evaluate_one(setup: Setup, prefix: str, result_path: str) -> dict:
     """Evaluate one checkpoint: events under model_dir/eval, result JSON written atomically.
     Raises EvalFailure for an unreadable or damaged checkpoint; exits the process on a planned crash."""
@@ -73,10 +83,9 @@ def evaluate_one(setup: Setup, prefix: str, result_path: str) -> dict:
         sys.stderr.flush()
         os._exit(1)
     metrics = eval_metrics(step, setup.directives["map_peak_step"])
-    writer = EventFileWriter(os.path.join(setup.model_dir, "eval"))
+    writer = _eval_writer(setup.model_dir)
     for tag, value in metrics.items():
         writer.add_scalars(step, {tag: value})
-    writer.close()
     _log(f"Eval metrics at step {step}", "model_lib_v2.py:1015")
     for tag, value in metrics.items():
         _log(f"\t+ {tag}: {value:f}", "model_lib_v2.py:1018")
