@@ -10,7 +10,10 @@ its event file at every logged step). A queue overflow calls both.
 
 If ``model_dir`` itself goes away under a running job (deleted, or moved), the kernel drops the
 watch (``IN_IGNORED``); the watcher then creates the directory again, as at start, watches it anew
-and rescans, so checkpoints written after that are still seen. When it cannot, it retries.
+and rescans, so checkpoints written after that are still seen. When it cannot, it retries. The
+kernel says so only once the directory's last reference is gone, and a file still open below it
+(the evaluator's event file, held open as TensorFlow does) keeps it: so each checkpoint event also
+checks that ``model_dir`` is still the directory that is watched (same device and inode).
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class ModelDirWatcher:
         self._progress_timer: object | None = None
         self._checkpoints_timer: object | None = None
         self._rewatch_timer: object | None = None
+        self._watched_inode: tuple[int, int] | None = None
         self._stopped = False
 
     def start(self) -> None:
@@ -61,7 +65,15 @@ class ModelDirWatcher:
     def _watch_model_dir(self) -> None:
         os.makedirs(self.model_dir, exist_ok=True)
         self._wds.append(self.hub.watch(self.model_dir, MODEL_DIR_MASK, self._on_model_dir, self._overflow))
+        self._watched_inode = self._inode()
         self._watch_event_dirs()
+
+    def _inode(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.model_dir)
+        except OSError:
+            return None
+        return (st.st_dev, st.st_ino)
 
     def _watch_event_dirs(self) -> None:
         for sub in EVENT_DIRS:
@@ -138,8 +150,12 @@ class ModelDirWatcher:
 
     def _checkpoints_now(self) -> None:
         self._checkpoints_timer = None
-        if not self._stopped:
-            self.on_checkpoints()
+        if self._stopped:
+            return
+        if self._rewatch_timer is None and self._inode() != self._watched_inode:
+            self._gone(flags.DELETE_SELF)  # deleted (or replaced) while a file below it is still open
+            return
+        self.on_checkpoints()
 
     def _progress_soon(self) -> None:
         if self._progress_timer is None:
