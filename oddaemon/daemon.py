@@ -70,7 +70,8 @@ class Daemon:
                                                                      inside=(self.config.state_dir,)),
                                       lambda spec, path: self.intake_.submit(spec, path),
                                       lambda path, problems, because: self.intake_.reject(path, problems, because),
-                                      lambda name, line: self.supervisor.note(name, "preflight", line))
+                                      lambda name, line: self.supervisor.note(name, "preflight", line),
+                                      escaped=lambda spec: confine.escaped_paths(spec, self.config.allowed_roots))
                            if config.worker_preflight else None)
         self.parsers = ParserPool(loop)  # job files are parsed in child processes, within limits
         self.intake_ = SpoolIntake(config, self.spool, loop, self.dispatch, self._active_names, self.preflights,
@@ -91,6 +92,7 @@ class Daemon:
         self._queued_events: list[sch.Event] = []
         self.on_state_change: list[Callable[[sch.StateChanged], None]] = []
         self.announcer = Announcer(self)  # metrics snapshot, D-Bus signals, sd_notify
+        self.intake_.on_rejected = self.announcer.snapshot_soon  # (a rejection changes no job: no dispatch)
 
     # ---- start-up ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -184,6 +186,8 @@ class Daemon:
             self.evaluations.on_action(action, self.state.jobs.get(action.name))
         elif isinstance(action, sch.StopEvaluator):
             self.evaluations.on_action(action, self.state.jobs.get(action.name))
+            if action.name in self.progress:  # the last evaluation's events, before the watch ends
+                self.progress[action.name].refresh()
             watcher = self.watchers.pop(action.name, None)
             if watcher is not None:
                 watcher.stop()
@@ -213,7 +217,11 @@ class Daemon:
         escaped = confine.escaped_paths(job.spec, self.config.allowed_roots)
         if escaped:
             log.error("job %s: not starting its %s worker: %s", name, role, "; ".join(escaped))
-            self.start_refusals[name] = Failure("refused", "; ".join(escaped))
+            refused = Failure("refused", f"the {role} worker was not started: " + "; ".join(escaped))
+            if role == "train":
+                self.start_refusals[name] = refused  # reported as the train worker's exit (_start_train)
+            else:
+                self._refuse(name, refused)
             return None
         payload = {"spec": job.spec.to_dict(), "attempt": job.attempt, "gpus": list(gpus),
                    "log_path": self.supervisor.log_path(name, role)}
@@ -297,6 +305,18 @@ class Daemon:
                 log.error("job %s: cannot watch %s: %s", name, job.spec.model_dir, user_message(exc))
                 return
             self.watchers[name] = watcher
+
+    def _refuse(self, name: str, failure: Failure) -> None:
+        """An evaluator or export was refused: the job fails (``refused``), as when its train worker
+        is. A running train process is stopped, and its exit reports the refusal; otherwise the
+        scheduler fails the job at once."""
+        job = self.state.jobs.get(name)
+        if job is None or job.state in TERMINAL:
+            return
+        if (name, "train") in self.supervisor.workers:
+            self._stop_failed_train(name, failure)
+        else:
+            self.dispatch(sch.WorkerRefused(name, failure))
 
     def _stop_failed_train(self, name: str, failure: Failure) -> None:
         log.warning("job %s: %s", name, failure.message)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 # What TF (and the stand-in) say when a checkpoint's files are damaged, as opposed to an evaluator
 # that crashed or ran out of memory.
 DAMAGED = re.compile(r"DataLossError|not an sstable|Checksum does not match|Unable to open table file|"
-                     r"corrupted record|truncated record")
+                     r"corrupted record|truncated record|Perhaps the file is corrupt|block checksum mismatch")
 
 PENDING, RUNNING, DONE, FAILED, SKIPPED, MISSED = "pending", "running", "evaluated", "failed", "skipped", "missed"
 OPEN = (PENDING, RUNNING)
@@ -197,22 +197,30 @@ class EvalBook:
         c.duration_seconds = now - c.started_at if c.started_at is not None else None
         self._move(c, DONE)
         value = metrics.get(self.policy.metric)
-        if value is None or not math.isfinite(value):
+        if value is None:
             c.error = f"metric {self.policy.metric!r} missing from the results"
             return Finished(False, None)
+        if not math.isfinite(value):  # never the best; an evaluation without an improvement all the same
+            c.error = f"metric {self.policy.metric!r} is {value!r}, not a finite number: it cannot be the best"
+            self.evaluations_since_improvement += 1
+            return Finished(False, self._patience_ran_out())
         # Ties go to the later checkpoint (more trained); patience needs a real improvement.
         improved = self.best_value is None or not self._better(self.best_value, value, 0.0)
         significant = self.best_value is None or self._better(value, self.best_value, self.policy.min_delta)
         self.evaluations_since_improvement = 0 if significant else self.evaluations_since_improvement + 1
         if improved:
             self.best_n, self.best_value = n, value
-        early_stop = None
-        if self.policy.patience is not None and self.evaluations_since_improvement >= self.policy.patience:
-            best = self.checkpoints[self.best_n] if self.best_n is not None else None
-            at = f" at step {best.step}" if best and best.step is not None else ""
-            early_stop = (f"stopped early: {self.policy.metric} did not improve by at least {self.policy.min_delta:g} "
-                          f"in {self.evaluations_since_improvement} evaluations (best {self.best_value:.4g}{at})")
-        return Finished(improved, early_stop)
+        return Finished(improved, self._patience_ran_out())
+
+    def _patience_ran_out(self) -> str | None:
+        """The early-stop reason once ``patience`` evaluations in a row brought no improvement."""
+        if self.policy.patience is None or self.evaluations_since_improvement < self.policy.patience:
+            return None
+        best = self.checkpoints[self.best_n] if self.best_n is not None else None
+        at = f" at step {best.step}" if best and best.step is not None else ""
+        of = f"best {self.best_value:.4g}{at}" if self.best_value is not None else "no finite value yet"
+        return (f"stopped early: {self.policy.metric} did not improve by at least {self.policy.min_delta:g} "
+                f"in {self.evaluations_since_improvement} evaluations ({of})")
 
     def fail(self, n: int, error: str, now: float) -> bool:
         """Record a failed attempt. True if it will be retried, False if it is given up: after

@@ -57,6 +57,7 @@ class SpoolIntake:
         self.parsers = parsers  # job files are parsed in child processes (None: in-process)
         self.decided: dict[str, Verdict] = {}  # delivered path -> verdict, for verdict_within
         self.rejected_total = 0
+        self.on_rejected: Callable[[], object] = lambda: None  # the count changed (the daemon: a metrics snapshot)
         self._rescan_pending = False
         self._queue: dict[str, None] = {}  # paths waiting for intake, in arrival order
         self._draining = False
@@ -228,6 +229,7 @@ class SpoolIntake:
 
     def reject(self, path: str, problems: list[Problem], because: str = "it is not a valid oddaemon job spec") -> Verdict:
         self.rejected_total += 1
+        self.on_rejected()
         text = render_error_file(os.path.basename(path), problems, because)
         try:
             _, error_path = self.spool.reject(path, text)

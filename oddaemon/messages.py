@@ -81,8 +81,17 @@ class EvaluatorStopped:
     name: str
 
 
+@dataclass(frozen=True)
+class WorkerRefused:
+    """The daemon would not start one of the job's workers (a path now leads outside the allowed
+    roots) while no train process runs (one that runs is stopped, and its exit reports it)."""
+
+    name: str
+    failure: Failure  # kind "refused"
+
+
 Event = Union[Submit, ProcessExited, Cancel, Retry, Tick, Restore, EarlyStop, EvaluationsDone, PlaceEvaluator,
-              EvaluatorStopped]
+              EvaluatorStopped, WorkerRefused]
 
 
 # ---- actions ------------------------------------------------------------------------------

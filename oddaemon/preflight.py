@@ -98,7 +98,8 @@ class PreflightServer:
 class Preflights:
     def __init__(self, work_dir: str, loop: Loop, start_server: Callable[..., Worker | None],
                  hand_over: Callable[[str], None], submit: Callable[[JobSpec, str], None],
-                 reject: Callable[[str, list[Problem], str], None], note: Callable[[str, str], None]):
+                 reject: Callable[[str, list[Problem], str], None], note: Callable[[str, str], None],
+                 escaped: Callable[[JobSpec], list[str]] = lambda spec: []):
         self.work_dir = work_dir
         self.loop = loop
         self.start_server = start_server  # (name, argv tail, stdin fd, pass_fds) -> Worker | None
@@ -106,6 +107,7 @@ class Preflights:
         self.submit = submit
         self.reject = reject
         self.note = note  # (job name, line) into the job's preflight.log
+        self.escaped = escaped  # the job's paths that now lead outside the allowed roots (checked again here)
         self.waiting: collections.deque[Pending] = collections.deque()
         self.servers: list[PreflightServer] = []
         self._next = 0
@@ -123,6 +125,8 @@ class Preflights:
                 return
             if server.ready and server.busy is None and server.channel.request_fd is not None:
                 pending = self.waiting.popleft()
+                if self._refused(pending):
+                    continue
                 if not self._prepare(pending) or not server.check(pending):
                     self.checked(pending, "the preflight worker could not be given the job (see the daemon log)")
         starting = any(not s.ready for s in self.servers)
@@ -134,6 +138,17 @@ class Preflights:
             else:
                 self.checked(self.waiting.popleft(), "the preflight worker could not be started (see the daemon log)")
                 self.loop.call_later(0, self.pump)
+
+    def _refused(self, pending: Pending) -> bool:
+        """Its paths are checked again as its check starts (a symlink swapped while it waited): a path
+        that now leads outside the allowed roots rejects the file, and the worker never reads it."""
+        escaped = self.escaped(pending.spec)
+        if not escaped:
+            return False
+        log.error("job %s: not starting its preflight check: %s", pending.spec.name, "; ".join(escaped))
+        self.note(pending.spec.name, f"==== oddaemon: preflight not started: {'; '.join(escaped)}\n")
+        self.reject(pending.path, [Problem(p) for p in escaped], "a path it names now leads outside the allowed roots")
+        return True
 
     def _prepare(self, pending: Pending) -> bool:
         try:

@@ -30,14 +30,15 @@ from oddaemon.jobs import HISTORY_LIMIT, Job, Policy, State
 from oddaemon.jobspec import JobSpec
 from oddaemon.messages import (Accepted, Action, Cancel, EarlyStop, EvalPlacement, EvaluationsDone, EvaluatorStopped,
                                Event, PlaceEvaluator, ProcessExited, Refused, Rejected, Restore, Retry, SaveJob,
-                               StartTrain, StateChanged, StopEvaluator, StopTrain, Submit, Tick, TrainingEnded, WakeAt)
+                               StartTrain, StateChanged, StopEvaluator, StopTrain, Submit, Tick, TrainingEnded, WakeAt,
+                               WorkerRefused)
 from oddaemon.remedies import Remedy
 from oddaemon.states import HOLDS_RESOURCES, TERMINAL, JobState, check_transition
 
 __all__ = ["Accepted", "Action", "Cancel", "EarlyStop", "EvalPlacement", "EvaluationsDone", "EvaluatorStopped", "Event",
            "Job", "PlaceEvaluator", "Policy", "ProcessExited", "Refused", "Rejected", "Restore", "Retry", "SaveJob",
            "StartTrain", "State", "StateChanged", "StopEvaluator", "StopTrain", "Submit", "Tick", "TrainingEnded",
-           "WakeAt", "step", "transition"]
+           "WakeAt", "WorkerRefused", "step", "transition"]
 
 # ---- the one guarded state change ---------------------------------------------------------
 
@@ -83,6 +84,8 @@ def step(state: State, event: Event, now: float) -> tuple[State, list[Action]]:
         if event.name in jobs and jobs[event.name].eval_gpus:
             jobs[event.name] = replace(jobs[event.name], eval_gpus=())
             actions.append(SaveJob(jobs[event.name]))
+    elif isinstance(event, WorkerRefused):
+        _worker_refused(jobs, event, now, actions)
     new_state = replace(state, jobs=jobs, next_seq=next_seq)
     new_state, more = _schedule(new_state, now)
     return new_state, actions + more
@@ -194,7 +197,7 @@ def _failed(policy: Policy, jobs: dict[str, Job], job: Job, ev: ProcessExited, n
     """A train process failed: fail the job, restart it with a remedy, or restart it after a backoff."""
     failure = ev.failure
     if failure is not None and failure.kind == "refused":
-        why = f"the train worker was not started: {failure.message}"
+        why = failure.message  # which worker was not started, and why
     elif failure is not None and failure.kind in ("signal", "exit"):
         why = f"train process {failure.message}"
     elif failure is not None:
@@ -228,6 +231,18 @@ def _failed(policy: Policy, jobs: dict[str, Job], job: Job, ev: ProcessExited, n
         jobs[job.name], acts = transition(job, JobState.BACKOFF, now, reason, consecutive_failures=consecutive,
                                           retry_at=now + delay, restarts=job.restarts + 1, **common)
     return acts
+
+
+def _worker_refused(jobs: dict[str, Job], ev: WorkerRefused, now: float, actions: list[Action]) -> None:
+    """An evaluator or export the daemon would not start, with no train process running (backoff, or
+    training over): the job fails at once, like a refused train worker (a running one is stopped by
+    the daemon instead; its exit reports the refusal)."""
+    job = jobs.get(ev.name)
+    if job is None or job.state not in (JobState.BACKOFF, JobState.EVALUATING):
+        return
+    jobs[job.name], acts = transition(job, JobState.FAILED, now, f"{ev.failure.message}; not restarted: it would "
+                                      "fail the same way", failure=ev.failure, retry_at=None)
+    actions += acts
 
 
 def _training_over(job: Job, now: float, reason: str, **changes) -> tuple[Job, list[Action]]:
