@@ -1,9 +1,11 @@
-"""The unit and its companions: the shipped settings (fast), then `systemd-analyze verify` and the
-`systemd-analyze security` exposure inside the booted container (slow: the host's PID 1 is not
-systemd, and verify needs the installed ExecStart binary)."""
+"""The unit and its companions: the shipped settings and docs/systemd.md, which must explain each of
+them (fast), then `systemd-analyze verify` and the `systemd-analyze security` exposure inside the
+booted container (slow: the host's PID 1 is not systemd, and verify needs the installed ExecStart
+binary)."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import shutil
@@ -12,8 +14,16 @@ import tomllib
 
 import pytest
 
+from oddaemon import sdnotify
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 UNIT = os.path.join(REPO, "systemd", "oddaemon.service")
+DOC = os.path.join(REPO, "docs", "systemd.md")
+# Where scripts/install puts the repository (its default --prefix), as the unit's file: links name it.
+INSTALLED_AT = "/opt/oddaemon/"
+# What docs/systemd.md and the unit's comments promise, written down here (not read from the unit):
+# a hung loop is aborted 30 s after its last WATCHDOG=1 (sent every 10 s); "5 starts in 10 minutes".
+PROMISED = {"WatchdogSec": 30.0, "heartbeat": 10.0, "StartLimitBurst": 5, "StartLimitIntervalSec": 600.0}
 # The exposure reached (docs/systemd.md explains each setting left open). Lower it when you
 # close one; never raise it without a reason written there.
 EXPOSURE_MAX = 1.6
@@ -54,13 +64,103 @@ def test_the_unit_says_what_the_issue_asks_for():
     allowed = " ".join(service["DeviceAllow"])
     assert "/dev/nvidiactl" in allowed and "/dev/nvidia-uvm" in allowed and "char-nvidia-frontend" in allowed
     assert set(one["ReadWritePaths"].split()) >= {"/var/spool/oddaemon", "/srv/oddaemon"}
-    assert seconds(one["WatchdogSec"]) >= 10
+    assert seconds(one["WatchdogSec"]) == PROMISED["WatchdogSec"], one["WatchdogSec"]
+    # ... and the daemon pings at the promised interval for that watchdog (half of it, at most 10 s).
+    usec = str(int(seconds(one["WatchdogSec"]) * 1_000_000))
+    assert min(sdnotify.HEARTBEAT_SECONDS, sdnotify.watchdog_seconds({"WATCHDOG_USEC": usec}, 1)) == PROMISED["heartbeat"]
     unit = unit_settings()["Unit"]
-    assert int(unit["StartLimitBurst"][-1]) >= 1 and seconds(unit["StartLimitIntervalSec"][-1]) > 0
+    assert int(unit["StartLimitBurst"][-1]) == PROMISED["StartLimitBurst"], unit["StartLimitBurst"]
+    assert seconds(unit["StartLimitIntervalSec"][-1]) == PROMISED["StartLimitIntervalSec"], unit["StartLimitIntervalSec"]
     # systemd must not SIGKILL the workers before the daemon's own grace period has run out.
     with open(os.path.join(REPO, "etc", "oddaemon.toml"), "rb") as f:
         grace = tomllib.load(f)["jobs"]["stop_grace_seconds"]
     assert seconds(one["TimeoutStopSec"]) >= grace + 15
+
+
+def unit_lines() -> list[tuple[str, str]]:
+    """Every setting line of the unit as (section, "Key=value"), in file order, repeats included."""
+    lines, section = [], None
+    with open(UNIT) as f:
+        for raw in f:
+            line = raw.strip()
+            if not line or line.startswith(("#", ";")):
+                continue
+            if line.startswith("["):
+                section = line.strip("[]")
+                continue
+            assert "=" in line and section, f"not a Key=value line in a section: {raw!r}"
+            lines.append((section, line))
+    return lines
+
+
+def doc_text() -> str:
+    with open(DOC) as f:
+        return f.read()
+
+
+def test_every_setting_of_the_unit_is_explained_in_docs_systemd_md():
+    """docs/systemd.md names every key the unit sets (all sections) and quotes every setting line
+    verbatim (`Key=value`), so a new key or a changed value fails here until the page says it."""
+    doc = doc_text()
+    lines = unit_lines()
+    keys = {line.split("=", 1)[0] for _, line in lines}
+    assert {"Type", "WatchdogSec", "KillMode", "ProtectSystem", "DeviceAllow", "WantedBy"} <= keys  # the parse found them
+    unnamed = sorted(key for key in keys if f"`{key}=" not in doc)
+    assert not unnamed, f"keys of systemd/oddaemon.service that docs/systemd.md does not name: {unnamed}"
+    unquoted = [f"[{section}] {line}" for section, line in lines if f"`{line}`" not in doc]
+    assert not unquoted, f"settings of systemd/oddaemon.service that docs/systemd.md does not quote as they are: {unquoted}"
+
+
+def test_the_documents_the_unit_points_to_exist():
+    """Documentation= and the header comment name files of this repository (installed under
+    /opt/oddaemon by scripts/install): each must exist. The README's and the unit's references to
+    docs/*.md must exist too."""
+    documentation = [uri for section, line in unit_lines() if section == "Unit" and line.startswith("Documentation=")
+                     for uri in line.split("=", 1)[1].split()]
+    assert documentation, "the unit has no Documentation="
+    named = []
+    for uri in documentation:
+        scheme, _, rest = uri.partition(":")
+        if scheme in ("man", "http", "https", "info"):
+            continue  # not a file of this repository
+        assert scheme == "file" and rest.startswith(INSTALLED_AT), f"{uri}: a file: link below {INSTALLED_AT} expected"
+        named.append(rest[len(INSTALLED_AT):])
+    assert "docs/systemd.md" in named, documentation
+    with open(UNIT) as f:
+        header = "".join(itertools.takewhile(lambda line: not line.startswith("["), f))
+    # repository paths in the header comment: relative, with a directory ("scripts/install", "docs/systemd.md")
+    in_header = re.findall(r"(?<![\w/:.~-])([A-Za-z][\w.-]*(?:/[\w.-]+)+)", header)
+    assert "docs/systemd.md" in in_header, f"the header comment does not point to docs/systemd.md: {in_header}"
+    with open(os.path.join(REPO, "README.md")) as f:
+        in_readme = re.findall(r"(?<![\w/.-])(docs/[\w.-]+\.md)", f.read())
+    assert "docs/systemd.md" in in_readme, "the README does not point to docs/systemd.md"
+    missing = sorted({p for p in named + in_header + in_readme if not os.path.exists(os.path.join(REPO, p))})
+    assert not missing, f"referenced but not in the repository: {missing}"
+
+
+def test_docs_list_exactly_the_checks_systemd_analyze_security_counts_against_the_unit():
+    """The "counts against us" section of docs/systemd.md lists each check that
+    `systemd-analyze security` marks open (✗) and nothing else, and states the exposure it prints."""
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    version = subprocess.run(["systemd-analyze", "--version"], capture_output=True, text=True).stdout.split()
+    if version[:2] != ["systemd", "252"]:
+        pytest.skip(f"docs/systemd.md lists the checks of systemd 252 (Debian 12); this is {' '.join(version[:2])}")
+    result = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager", UNIT], capture_output=True,
+                            text=True, timeout=60)
+    assert "Overall exposure level" in result.stdout, result.stdout + result.stderr
+    # an open check is marked ✗ (or "-" where the locale is not UTF-8), a closed one ✓ (or "+")
+    open_checks = {line.split()[1] for line in result.stdout.splitlines() if line.startswith(("✗ ", "- "))}
+    assert open_checks, result.stdout
+    doc = doc_text()
+    match = re.search(r"^## What `systemd-analyze security` counts against us\n(.*?)(?=^## )", doc, re.M | re.S)
+    assert match, "docs/systemd.md has no section \"What `systemd-analyze security` counts against us\""
+    section = match.group(1)
+    listed = set(re.findall(r"^- `([^`]+)`", section, re.M))
+    assert listed == open_checks, (f"open but not explained: {sorted(open_checks - listed)}; "
+                                   f"explained but no longer open: {sorted(listed - open_checks)}")
+    level = re.search(r"Overall exposure level for oddaemon\.service: (\d+\.\d+ \w+)", result.stdout).group(1)
+    assert f"**{level}**" in section, f"the section does not state the exposure {level}"
 
 
 def test_the_allowed_roots_of_the_shipped_config_are_writable_and_created():
