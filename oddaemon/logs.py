@@ -18,8 +18,10 @@ import logging
 import os
 
 from oddaemon.errors import OperationError
+from oddaemon.failures import MARKER
 
 MAX_PARTIAL_LINE = 64 * 1024
+FAILURE_MARKER = MARKER.encode()
 log = logging.getLogger("oddaemon.logs")
 
 
@@ -156,12 +158,14 @@ class RotatingLog:
 
 class LogPump:
     """Moves bytes from a worker's output pipe into a RotatingLog, line by line, and keeps the
-    last lines in memory so the daemon can explain a failure."""
+    last lines in memory so the daemon can explain a failure, and the worker's last
+    ``oddaemon-failure:`` line however many lines (a long TF traceback) came after it."""
 
     def __init__(self, fd: int, log: RotatingLog, tail_lines: int = 200):
         self.fd = fd
         self.log = log
         self.tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
+        self.marker: str | None = None
         self._partial = b""
         self.closed = False
         os.set_blocking(fd, False)
@@ -192,8 +196,18 @@ class LogPump:
             cut = len(data)
         whole, self._partial = data[:cut], data[cut:]
         self.log.write(whole)
-        for line in whole.decode("utf-8", "replace").splitlines()[-self.tail.maxlen:]:
+        lines = whole.decode("utf-8", "replace").splitlines()
+        if FAILURE_MARKER in whole:
+            self.marker = next(line for line in reversed(lines) if FAILURE_MARKER.decode() in line)
+        for line in lines[-self.tail.maxlen:]:
             self.tail.append(line)
+
+    def explaining_tail(self) -> list[str]:
+        """The last lines, and the failure marker line at the end when it scrolled out of them."""
+        tail = list(self.tail)
+        if self.marker is not None and self.marker not in tail:
+            tail.append(self.marker)
+        return tail
 
     def _flush_partial(self) -> None:
         if self._partial:

@@ -50,11 +50,12 @@ def pipeline_num_steps(pipeline_config: str) -> int | None:
 
 class TrainProgress:
     """Training progress from ``model_dir/train`` and evaluation metrics by step from
-    ``model_dir/eval`` (what TensorBoard shows), both read incrementally."""
+    ``model_dir/eval`` and ``model_dir/eval/<name>`` (what TensorBoard shows; the evaluator writes
+    below ``eval/`` when ``eval_input_reader.name`` is set), both read incrementally."""
 
     def __init__(self, model_dir: str, target_steps: int | None):
         self.reader = EventDirReader(os.path.join(model_dir, "train"))
-        self.eval_reader = EventDirReader(os.path.join(model_dir, "eval"))
+        self.eval_reader = EventDirReader(os.path.join(model_dir, "eval"), subdirs=True)
         self.eval_by_step: dict[int, dict[str, float]] = {}
         self.target_steps = target_steps
         self.step: int | None = None

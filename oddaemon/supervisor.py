@@ -111,7 +111,7 @@ class Supervisor:
             del self.workers[(worker.name, worker.role)]
         failure = self._imposed.pop(worker.pid, None)
         if failure is None and returncode != 0:
-            failure = classify_failure(returncode, list(pump.tail), worker.role)
+            failure = classify_failure(returncode, pump.explaining_tail(), worker.role)
         self._log_for(worker.name, worker.role).write(
             f"==== oddaemon: {worker.role} attempt {worker.attempt} ended: "
             f"{'exit status ' + str(returncode) if returncode >= 0 else 'signal ' + str(-returncode)}"

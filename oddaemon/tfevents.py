@@ -374,25 +374,39 @@ class EventFileReader:
 
 
 def _file_order(name: str) -> tuple[int, str]:
-    timestamp = name[len(FILE_PREFIX):].split(".", 1)[0]
+    base = os.path.basename(name)
+    timestamp = base[len(FILE_PREFIX):].split(".", 1)[0]
     return (int(timestamp) if timestamp.isdigit() else 0, name)
 
 
 class EventDirReader:
-    """Follows every event file in a directory, including files created later."""
+    """Follows every event file in a directory, including files created later; with ``subdirs``,
+    those one level below too (the evaluator writes to ``eval/<eval_input_reader.name>``)."""
 
-    def __init__(self, logdir: str):
+    def __init__(self, logdir: str, subdirs: bool = False):
         self.logdir = logdir
+        self.subdirs = subdirs
         self._readers: dict[str, EventFileReader] = {}
+
+    def _names(self) -> list[str]:
+        try:
+            entries = list(os.scandir(self.logdir))
+        except OSError:
+            return []
+        names = [entry.name for entry in entries if entry.name.startswith(FILE_PREFIX)]
+        for entry in entries if self.subdirs else ():
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    names += [os.path.join(entry.name, name) for name in os.listdir(entry.path)
+                              if name.startswith(FILE_PREFIX)]
+            except OSError:
+                continue
+        return names
 
     def read_new(self) -> list[ScalarEvent]:
         """New scalar events of all files: files ordered by the time in their name, then by name."""
-        try:
-            names = os.listdir(self.logdir)
-        except OSError:
-            names = []
-        for name in names:
-            if name.startswith(FILE_PREFIX) and name not in self._readers:
+        for name in self._names():
+            if name not in self._readers:
                 self._readers[name] = EventFileReader(os.path.join(self.logdir, name))
         events: list[ScalarEvent] = []
         for name in sorted(self._readers, key=_file_order):

@@ -12,14 +12,17 @@ If ``model_dir`` itself goes away under a running job (deleted, or moved), the k
 watch (``IN_IGNORED``); the watcher then creates the directory again, as at start, watches it anew
 and rescans, so checkpoints written after that are still seen. When it cannot, it retries. The
 kernel says so only once the directory's last reference is gone, and a file still open below it
-(the evaluator's event file, held open as TensorFlow does) keeps it: so each checkpoint event also
-checks that ``model_dir`` is still the directory that is watched (same device and inode).
+(the evaluator's event file, held open as TensorFlow does) keeps it: so after anything is deleted
+from ``model_dir`` (an ``rm -rf`` deletes its files first), the watcher checks, ``VERIFY_DELAY``
+after the last such event, that ``model_dir`` is still the directory that is watched (same device
+and inode): one stat, at most twice a second.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 
 from inotify_simple import flags
@@ -35,6 +38,7 @@ EVENT_DIR_MASK = flags.MODIFY | flags.CLOSE_WRITE | flags.CREATE | flags.MOVED_T
 EVENT_DIRS = ("train", "eval")
 PROGRESS_DELAY = 0.25
 REWATCH_RETRY_SECONDS = 5.0
+VERIFY_DELAY = 0.5
 _GONE = flags.IGNORED | flags.DELETE_SELF | flags.MOVE_SELF
 log = logging.getLogger("oddaemon.watch")
 
@@ -53,6 +57,8 @@ class ModelDirWatcher:
         self._checkpoints_timer: object | None = None
         self._rewatch_timer: object | None = None
         self._watched_inode: tuple[int, int] | None = None
+        self._verify_timer: object | None = None
+        self._last_delete = 0.0
         self._stopped = False
 
     def start(self) -> None:
@@ -76,13 +82,18 @@ class ModelDirWatcher:
         return (st.st_dev, st.st_ino)
 
     def _watch_event_dirs(self) -> None:
-        for sub in EVENT_DIRS:
+        eval_dir = os.path.join(self.model_dir, "eval")
+        try:  # eval/<eval_input_reader.name>: where the evaluator writes when the name is set
+            named = [os.path.join("eval", e.name) for e in os.scandir(eval_dir) if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            named = []
+        for sub in (*EVENT_DIRS, *named):
             path = os.path.join(self.model_dir, sub)
             if sub not in self._event_wds and os.path.isdir(path):
                 try:
-                    self._event_wds[sub] = self.hub.watch(path, EVENT_DIR_MASK,
-                                                          lambda name, mask, sub=sub: self._on_event_dir(sub, mask),
-                                                          self._overflow)
+                    self._event_wds[sub] = self.hub.watch(
+                        path, EVENT_DIR_MASK, lambda name, mask, sub=sub: self._on_event_dir(sub, mask),
+                        self._overflow)
                 except OperationError:
                     continue  # removed again meanwhile; its re-creation brings us back here
                 self._wds.append(self._event_wds[sub])
@@ -92,9 +103,13 @@ class ModelDirWatcher:
             wd = self._event_wds.pop(sub, None)
             if wd in self._wds:
                 self._wds.remove(wd)
+        elif sub == "eval" and mask & flags.ISDIR and mask & (flags.CREATE | flags.MOVED_TO):
+            self._watch_event_dirs()
         self._progress_soon()
 
     def _on_model_dir(self, name: str, mask: int) -> None:
+        if name and mask & (flags.DELETE | flags.MOVED_FROM):
+            self._verify_soon()
         if not name and mask & _GONE:
             self._gone(mask)
         elif name in EVENT_DIRS:
@@ -150,12 +165,24 @@ class ModelDirWatcher:
 
     def _checkpoints_now(self) -> None:
         self._checkpoints_timer = None
-        if self._stopped:
+        if not self._stopped:
+            self.on_checkpoints()
+
+    def _verify_soon(self) -> None:
+        self._last_delete = time.monotonic()
+        if self._verify_timer is None:
+            self._verify_timer = self.loop.call_later(VERIFY_DELAY, self._verify)
+
+    def _verify(self) -> None:
+        """``VERIFY_DELAY`` after the last deletion in model_dir: is it still the watched directory?"""
+        self._verify_timer = None
+        if self._stopped or self._rewatch_timer is not None:
             return
-        if self._rewatch_timer is None and self._inode() != self._watched_inode:
+        quiet_for = time.monotonic() - self._last_delete
+        if quiet_for < VERIFY_DELAY:  # deletions go on: look again once they have stopped
+            self._verify_timer = self.loop.call_later(VERIFY_DELAY - quiet_for, self._verify)
+        elif self._inode() != self._watched_inode:
             self._gone(flags.DELETE_SELF)  # deleted (or replaced) while a file below it is still open
-            return
-        self.on_checkpoints()
 
     def _progress_soon(self) -> None:
         if self._progress_timer is None:
@@ -171,7 +198,7 @@ class ModelDirWatcher:
         if self._rewatch_timer is not None:
             self.loop.remove(self._rewatch_timer)
             self._rewatch_timer = None
-        for timer in (self._progress_timer, self._checkpoints_timer):
+        for timer in (self._progress_timer, self._checkpoints_timer, self._verify_timer):
             if timer is not None:
                 self.loop.remove(timer)
-        self._progress_timer = self._checkpoints_timer = None
+        self._progress_timer = self._checkpoints_timer = self._verify_timer = None

@@ -18,8 +18,9 @@ import sys
 import time
 import zlib
 
-from oddaemon.testing.standin import (Setup, _err, _log, _sleep, _Terminated, _traceback, checkpoint_step,
-                                      eval_metrics, take_failure_budget)
+from oddaemon.testing.standin_core import (Setup, Terminated, checkpoint_step, err, eval_metrics, log_tf,
+                                           print_traceback, sleep, take_failure_budget)
+from oddaemon.testing.standin_files import shard_names
 from oddaemon.tfevents import EventFileWriter
 
 EVAL_CRASH_MARKER = ".standin-eval-crashes"
@@ -36,38 +37,49 @@ def _crash_due(setup: Setup, step: int) -> bool:
 
 
 def restore_step(prefix: str) -> int:
-    """Read a checkpoint the way TF's restore does, as far as the stand-in's files allow: the step
-    from the index, and a look at the data shard. Damaged files fail with TF's DataLossError text:
-    an index that is not one the stand-in trainer wrote ("not an sstable"), a data shard that is not
-    the short text it writes ("checksum does not match"). Raises EvalFailure."""
+    """Read a checkpoint the way the real evaluator does, as far as the stand-in's files allow: the
+    step from the index (check_checkpoint), then every data shard. Damaged files fail with the real
+    worker's words (tests/fixtures/tf/eval_corrupt_checkpoint.log): an index that is not one the
+    stand-in trainer wrote is "unreadable or corrupt ... block checksum mismatch"; a data shard that
+    is not the short text it writes fails TF's checksum. Raises EvalFailure."""
     try:
         step = checkpoint_step(prefix)
     except OSError as exc:
         raise EvalFailure(f"cannot read checkpoint {prefix}: {exc}") from None
     except ValueError:
-        raise EvalFailure(f"tensorflow.python.framework.errors_impl.DataLossError: Unable to open table file "
-                          f"{prefix}.index: Data loss: not an sstable (bad magic number): perhaps your file is in a "
-                          "different file format and you need to use a different restore operator?") from None
+        raise EvalFailure(f"checkpoint {prefix} is unreadable or corrupt: OpError: Unable to read file "
+                          f"({prefix}.index). Perhaps the file is corrupt or was produced by a newer version of "
+                          "TensorFlow with format changes (failed to seek to header entry): block checksum "
+                          "mismatch") from None
+    shards = 1
     try:
-        with open(prefix + DATA_SHARD, "rb") as shard:
-            data = shard.read(4096)
-    except OSError as exc:
-        raise EvalFailure(f"cannot read checkpoint {prefix}: {exc}") from None
-    if not data or not all(32 <= byte < 127 or byte in b"\t\n" for byte in data):
-        raise EvalFailure(f"tensorflow.python.framework.errors_impl.DataLossError: Checksum does not match: stored "
-                          f"{zlib.crc32(str(step).encode())} vs. calculated on the restored bytes {zlib.crc32(data)} "
-                          f"(while reading {prefix}{DATA_SHARD})")
+        with open(prefix + ".index", "rb") as index:
+            shards = int(json.loads(index.read()).get("shards", 1))
+    except (OSError, ValueError, TypeError, AttributeError):
+        pass
+    for shard in shard_names(prefix, shards):
+        try:
+            with open(shard, "rb") as data_file:
+                data = data_file.read(4096)
+        except OSError as exc:
+            raise EvalFailure(f"cannot read checkpoint {prefix}: {exc}") from None
+        if not data or not all(32 <= byte < 127 or byte in b"\t\n" for byte in data):
+            raise EvalFailure(f"checkpoint {prefix} cannot be restored into this model: DataLossError: "
+                              f"Checksum does not match: stored {zlib.crc32(str(step).encode())} vs. calculated "
+                              f"on the restored bytes {zlib.crc32(data)} (while reading {shard})")
     return step
 
 
 _writers: dict[str, EventFileWriter] = {}
 
 
-def _eval_writer(model_dir: str) -> EventFileWriter:
-    """One event file per evaluator process, as the real (warm) evaluator's summary writer keeps."""
-    if model_dir not in _writers:
-        _writers[model_dir] = EventFileWriter(os.path.join(model_dir, "eval"))
-    return _writers[model_dir]
+def _eval_writer(setup: Setup) -> EventFileWriter:
+    """One event file per evaluator process, as the real (warm) evaluator's summary writer keeps, in
+    ``eval/<eval_input_reader.name>`` as the real one writes it."""
+    if setup.model_dir not in _writers:
+        logdir = os.path.join(setup.model_dir, "eval", setup.directives["eval_input_name"] or "")
+        _writers[setup.model_dir] = EventFileWriter(logdir)
+    return _writers[setup.model_dir]
 
 
 def evaluate_one(setup: Setup, prefix: str, result_path: str) -> dict:
@@ -75,20 +87,20 @@ def evaluate_one(setup: Setup, prefix: str, result_path: str) -> dict:
     Raises EvalFailure for an unreadable or damaged checkpoint; exits the process on a planned crash."""
     started = time.time()
     step = restore_step(prefix)
-    _log(f"Evaluating checkpoint {prefix} (step {step})", "model_lib_v2.py:1006")
-    _sleep(setup.directives["eval_seconds"])
+    log_tf(f"Evaluating checkpoint {prefix} (step {step})", "model_lib_v2.py:1006")
+    sleep(setup.directives["eval_seconds"])
     if _crash_due(setup, step):
-        _traceback("eager_eval_loop", "eval_dict, losses_dict = compute_eval_dict(features, labels)",
+        print_traceback("eager_eval_loop", "eval_dict, losses_dict = compute_eval_dict(features, labels)",
                    f"RuntimeError: standin: eval_crash at step {step}")
         sys.stderr.flush()
         os._exit(1)
     metrics = eval_metrics(step, setup.directives["map_peak_step"])
-    writer = _eval_writer(setup.model_dir)
+    writer = _eval_writer(setup)
     for tag, value in metrics.items():
         writer.add_scalars(step, {tag: value})
-    _log(f"Eval metrics at step {step}", "model_lib_v2.py:1015")
+    log_tf(f"Eval metrics at step {step}", "model_lib_v2.py:1015")
     for tag, value in metrics.items():
-        _log(f"\t+ {tag}: {value:f}", "model_lib_v2.py:1018")
+        log_tf(f"\t+ {tag}: {value:f}", "model_lib_v2.py:1018")
     result = {"checkpoint": prefix, "step": step, "metrics": metrics, "wall_time": time.time(),
               "duration_seconds": time.time() - started}
     temp = f"{result_path}.tmp{os.getpid()}"
@@ -102,10 +114,10 @@ def evaluate(setup: Setup, prefix: str, result_path: str) -> int:
     try:
         evaluate_one(setup, prefix, result_path)
     except EvalFailure as exc:
-        _err(f"standin: {exc}")
+        err(f"standin: {exc}")
         return 2
-    except _Terminated:
-        _err("standin: SIGTERM received while evaluating, exiting")
+    except Terminated:
+        err("standin: SIGTERM received while evaluating, exiting")
         return 143
     return 0
 
@@ -114,7 +126,7 @@ def serve(setup: Setup, reply_fd: int) -> int:
     replies = os.fdopen(reply_fd, "w", buffering=1)
 
     def terminate(*_) -> None:
-        raise _Terminated  # also while idle, blocked reading stdin
+        raise Terminated  # also while idle, blocked reading stdin
 
     if not setup.directives["ignore_sigterm"]:
         signal.signal(signal.SIGTERM, terminate)
@@ -122,21 +134,27 @@ def serve(setup: Setup, reply_fd: int) -> int:
     def reply(**message) -> None:
         replies.write(json.dumps(message) + "\n")
 
-    _err(f"standin: warm evaluator for {setup.name!r} ready")
-    reply(event="ready")
     try:
+        sleep(setup.directives["eval_ready_seconds"])  # the real one builds its model first
+        err(f"standin: warm evaluator for {setup.name!r} ready")
+        reply(event="ready")
         for line in sys.stdin:
             if not line.strip():
                 continue
-            request = json.loads(line)
+            try:
+                request = json.loads(line)
+                str(request["checkpoint"]), str(request["result"])
+            except (ValueError, KeyError, TypeError):
+                reply(event="failed", checkpoint=None, error=f"unreadable request {line.strip()[:200]!r}")
+                continue
             try:
                 evaluate_one(setup, request["checkpoint"], request["result"])
                 reply(event="done", checkpoint=request["checkpoint"], result=request["result"])
             except EvalFailure as exc:
-                _err(f"standin: {exc}")
+                err(f"standin: {exc}")
                 reply(event="failed", checkpoint=request["checkpoint"], error=str(exc))
-    except _Terminated:
-        _err("standin: SIGTERM received, evaluator exiting")
+    except Terminated:
+        err("standin: SIGTERM received, evaluator exiting")
         return 143
     return 0
 
@@ -147,18 +165,18 @@ def export(setup: Setup, prefix: str, output: str, info_path: str | None = None)
     so files that vanish during the build fail the export as TF's restore would."""
     try:
         step = checkpoint_step(prefix)
-        _sleep(setup.directives["export_seconds"])
+        sleep(setup.directives["export_seconds"])
         if not os.path.exists(prefix + ".index"):
             raise EvalFailure(f"tensorflow.python.framework.errors_impl.NotFoundError: Failed to find any matching "
                               f"files for {prefix}")
         restore_step(prefix)
         if step == 0:  # TF's step-0 checkpoint is written before the model's variables all exist
-            _traceback("export_inference_graph", "status.assert_existing_objects_matched()",
+            print_traceback("export_inference_graph", "status.assert_existing_objects_matched()",
                        "AssertionError: Found 298 Python objects that were not bound to checkpointed values, "
                        "likely due to changes in the Python program.")
             return 1
         if setup.directives["export_crash_text"]:
-            _traceback("export_inference_graph", "status.assert_existing_objects_matched()",
+            print_traceback("export_inference_graph", "status.assert_existing_objects_matched()",
                        setup.directives["export_crash_text"])
             return 1
         info = {}
@@ -166,9 +184,9 @@ def export(setup: Setup, prefix: str, output: str, info_path: str | None = None)
             with open(info_path, "rb") as f:
                 info = json.loads(f.read())
     except (OSError, ValueError, EvalFailure) as exc:
-        _err(f"oddaemon.workers export: cannot export checkpoint {prefix}: {exc}")  # (as the real worker says it)
+        err(f"oddaemon.workers export: cannot export checkpoint {prefix}: {exc}")  # (as the real worker says it)
         return 2
-    except _Terminated:
+    except Terminated:
         return 143
     temp = f"{output}.tmp{os.getpid()}"
     shutil.rmtree(temp, ignore_errors=True)
@@ -186,5 +204,5 @@ def export(setup: Setup, prefix: str, output: str, info_path: str | None = None)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(temp, output)
-    _err(f"standin: exported step {step} to {output}")
+    err(f"standin: exported step {step} to {output}")
     return 0

@@ -8,6 +8,7 @@ Called from ``__main__`` with the exception that ends the worker; it never raise
 from __future__ import annotations
 
 import glob
+import re
 import time
 
 from oddaemon.failures import marker_line
@@ -16,8 +17,22 @@ SCAN_SECONDS = 300.0  # at most this long looking for the corrupt file
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
+    """The line of TF's message that says what happened. In graph mode TF 2.15 says "Graph
+    execution error:", then "Detected at node X defined at (most recent call last):" and the
+    frames, then the cause ("corrupted record at 33415"), then the node: skip to the cause."""
+    return essence(getattr(exc, "message", None) or str(exc)) or type(exc).__name__
+
+
+def essence(message: str) -> str:
+    """The first line of a TF error message that is neither its graph-mode preamble nor a frame."""
+    for line in message.strip().splitlines():
+        line = line.strip()
+        if (not line or line == "Graph execution error:" or line.startswith(("Detected at node", "File \"", "[["))
+                or line.endswith("(most recent call last):")):
+            continue
+        line = re.sub(r"^\{\{function_node [^}]*\}\}\s*", "", line)  # eager mode's prefix
+        return re.sub(r"\s+name:\s*$", "", line)[:300]
+    return ""
 
 
 def input_patterns(job: dict) -> list[str]:
@@ -65,6 +80,17 @@ def count_records(patterns: list[str], limit: int = 1) -> int:
     return total
 
 
+def oom_marker(detail: str) -> str:
+    return marker_line("oom", f"out of GPU memory ({detail}): lower [pipeline] batch_size, or set [train] "
+                              "oom_retry_halve_batch = true")
+
+
+def corrupt_input_marker(found: tuple[str, int] | None, detail: str) -> str:
+    where = f" in {found[0]} at record {found[1]}" if found else ""
+    return marker_line("input", f"corrupt input record{where} ({detail}): replace the file or drop it from "
+                                "[pipeline] train_input_path, then oddaemon retry")
+
+
 def _raised_in(exc: BaseException, function: str) -> bool:
     tb = exc.__traceback__
     while tb is not None:
@@ -102,13 +128,10 @@ def explain(job: dict | None, exc: BaseException) -> str | None:
         if fine_tune:
             return fine_tune
         if isinstance(exc, tf.errors.ResourceExhaustedError):
-            return marker_line("oom", f"out of GPU memory ({_first_line(exc)}): lower [pipeline] batch_size, or "
-                                      "set [train] oom_retry_halve_batch = true")
+            return oom_marker(_first_line(exc))
         if isinstance(exc, tf.errors.DataLossError) and job is not None:
             found = find_corrupt_record(input_patterns(job))
-            where = f" in {found[0]} at record {found[1]}" if found else ""
-            return marker_line("input", f"corrupt input record{where} ({_first_line(exc)}): replace the file or drop "
-                                        "it from [pipeline] train_input_path, then oddaemon retry")
+            return corrupt_input_marker(found, _first_line(exc))
         if isinstance(exc, (tf.errors.OutOfRangeError, StopIteration)) and job is not None:
             patterns = input_patterns(job)
             if patterns and count_records(patterns) == 0:

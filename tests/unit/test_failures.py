@@ -3,6 +3,8 @@ how the pure scheduler acts on each. No processes, no clocks."""
 
 from __future__ import annotations
 
+import os
+
 import math
 from dataclasses import replace
 
@@ -24,8 +26,10 @@ TF_LINES = {
            "device:GPU:0 by allocator GPU_0_bfc [Op:Conv2D]",
     "nan": "tensorflow.python.framework.errors_impl.InvalidArgumentError: Loss is NaN at step 1200 : Tensor had NaN "
            "values [Op:CheckNumerics]",
-    "input": "tensorflow.python.framework.errors_impl.DataLossError: corrupted record at 12345 "
-             "[[{{node IteratorGetNext}}]] while reading /srv/oddaemon/data/train-00003-of-00010.tfrecord",
+    # TF 2.15's own words, kept by tests/fixtures/tf/make.py: no file name (the real worker's
+    # oddaemon-failure line names it; this is what is left without one)
+    "input": open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "tf", "corrupt_record.txt"),
+                  encoding="utf-8").read().strip(),
     "checkpoint": "tensorflow.python.framework.errors_impl.NotFoundError: Unsuccessful TensorSliceReader constructor: "
                   "Failed to find any matching files for /srv/oddaemon/zoo/ckpt-0",
     "gpu": "2026-11-26 07:00:00.000 E external/local_xla/xla/stream_executor/cuda/cuda_driver.cc:274] failed call "
@@ -39,7 +43,7 @@ def test_tensorflow_errors_are_classified_with_advice(kind):
                                    TF_LINES[kind]])
     assert failure is not None and failure.kind == kind
     assert failure.retry is (kind in ("oom", "gpu"))
-    advice = {"oom": "batch_size", "nan": "learning_rate_base", "input": "train-00003-of-00010.tfrecord",
+    advice = {"oom": "batch_size", "nan": "learning_rate_base", "input": "train_input_path",
               "checkpoint": "fine_tune_checkpoint", "gpu": "nvidia-smi"}[kind]
     assert advice in failure.message
     if kind == "nan":

@@ -86,7 +86,9 @@ def test_parse_directives():
     text = "num_steps: 5\n# standin: crash_at_step = 7\n  #standin:step_seconds=0.5\n# plain comment\n"
     directives = standin.parse_directives(text)
     assert directives["crash_at_step"] == 7 and directives["step_seconds"] == 0.5
-    assert directives["log_lines_per_step"] == 1 and directives["hang_at_step"] is None
+    assert directives["log_lines_per_step"] == 0 and directives["hang_at_step"] is None
+    assert directives["summary_max_queue"] == 10 and directives["summary_flush_seconds"] == 120  # TF's writer
+    assert directives["log_every_n"] == 100 and directives["summary_every_n"] is None
     assert set(directives) == set(standin.DIRECTIVE_DEFAULTS)
     with pytest.raises(ValueError, match="crash_at_sep"):
         standin.parse_directives("# standin: crash_at_sep = 7")
@@ -135,22 +137,55 @@ def test_train_checkpoints_state_and_events(tmp_path):
                          'all_model_checkpoint_paths: "ckpt-3"', 'all_model_checkpoint_paths: "ckpt-4"']
     assert [line.split(":")[0] for line in state[4:]] == ["all_model_checkpoint_timestamps"] * 3 + [
         "last_preserved_timestamp"]
-    assert json.loads((model_dir / "ckpt-4.index").read_text()) == {"step": 12, "standin": True}
+    assert json.loads((model_dir / "ckpt-4.index").read_text()) == {"step": 12, "standin": True, "shards": 1}
 
     pipeline = standin.effective_pipeline((tmp_path / "pipeline.config").read_text(), {"num_steps": None})
     events = train_events(model_dir)
-    assert sorted(events) == list(range(1, 13))
+    # as the real worker's train_loop records them: once per iteration of num_steps_per_iteration
+    # steps (5, the cadence, up to step 10; then 2 for the remainder 10 -> 12)
+    assert sorted(events) == [5, 10, 12]
     for step, values in events.items():
         assert set(values) == set(standin.TRAIN_TAGS)
         assert values == standin.train_scalars(step, pipeline, STEP_SECONDS)
 
     assert re.findall(r"standin line (\d+)", result.stdout) == [str(n) for n in range(1, 25)]
-    assert re.search(r"^I\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ model_lib_v2\.py:705\] Step 12 per-step time \d+\.\d{3}s$",
-                     result.stderr, re.MULTILINE)
-    assert "INFO:tensorflow:{'Loss/classification_loss': " in result.stderr
+    assert "per-step time" not in result.stderr  # TF logs every 100 steps
 
     again = run("train", "--job", job)  # already done: nothing to do
     assert again.returncode == 0 and steps_of(model_dir) == {"ckpt-2": 5, "ckpt-3": 10, "ckpt-4": 12}
+
+
+def test_log_cadence_shards_and_dense_summaries_on_request(tmp_path):
+    job = make_job(tmp_path, "# standin: log_every_n = 5\n# standin: summary_every_n = 1\n"
+                             "# standin: checkpoint_shards = 3\n")
+    model_dir = tmp_path / "model"
+    result = run("train", "--job", job)
+    assert result.returncode == 0, result.stderr
+    logged = re.findall(r"^I\d{4} \d\d:\d\d:\d\d\.\d{6} +\d+ model_lib_v2\.py:705\] Step (\d+) per-step time "
+                        r"\d+\.\d{3}s$", result.stderr, re.MULTILINE)
+    assert logged == ["5", "10"] and "INFO:tensorflow:{'Loss/classification_loss': " in result.stderr
+    assert sorted(train_events(model_dir)) == list(range(1, 13))
+    assert sorted(n for n in os.listdir(model_dir) if n.startswith("ckpt-4.")) == [
+        "ckpt-4.data-00000-of-00003", "ckpt-4.data-00001-of-00003", "ckpt-4.data-00002-of-00003", "ckpt-4.index"]
+    assert steps_of(model_dir) == {"ckpt-2": 5, "ckpt-3": 10, "ckpt-4": 12}
+
+
+def test_summary_writer_flushes_like_tfs(tmp_path):
+    from oddaemon.testing.standin_files import SummaryWriter
+
+    writer = SummaryWriter(str(tmp_path), max_queue=10, flush_seconds=120)
+    version_only = os.path.getsize(writer.path)
+    assert version_only > 0  # the file and its file-version record exist from the start
+    for i in range(9):
+        writer.scalar(1, f"t{i}", 1.0)
+    assert os.path.getsize(writer.path) == version_only  # queued, not written
+    writer.scalar(1, "t9", 1.0)
+    assert os.path.getsize(writer.path) > version_only
+    written = os.path.getsize(writer.path)
+    writer.scalar(2, "late", 2.0)
+    assert os.path.getsize(writer.path) == written
+    writer.close()
+    assert os.path.getsize(writer.path) > written
 
 
 def test_pipeline_override_of_num_steps(tmp_path):
@@ -160,7 +195,8 @@ def test_pipeline_override_of_num_steps(tmp_path):
 
 
 def test_crash_then_resume_from_latest_checkpoint(tmp_path):
-    job = make_job(tmp_path, "# standin: crash_at_step = 8\n# standin: crash_times = 1\n# standin: exit_code = 3\n")
+    job = make_job(tmp_path, "# standin: crash_at_step = 8\n# standin: crash_times = 1\n# standin: exit_code = 3\n"
+                             "# standin: summary_every_n = 1\n# standin: log_every_n = 1\n")
     model_dir = tmp_path / "model"
     crashed = run("train", "--job", job)
     assert crashed.returncode == 3
@@ -188,9 +224,14 @@ def test_oom_message(tmp_path):
     job = make_job(tmp_path, "# standin: oom_at_step = 2\n", pipeline={"batch_size": 16})
     result = run("train", "--job", job)
     assert result.returncode == 1
-    assert ("tensorflow.python.framework.errors_impl.ResourceExhaustedError: OOM when allocating tensor with "
-            "shape[16,64,80,80] and type float on /job:localhost/replica:0/task:0/device:GPU:0 by allocator "
-            "GPU_0_bfc [Op:Conv2D]\n") in result.stderr
+    cause = ("OOM when allocating tensor with shape[16,64,80,80] and type float on "
+             "/job:localhost/replica:0/task:0/device:GPU:0 by allocator GPU_0_bfc")
+    lines = result.stderr.splitlines()
+    # as the real worker: its marker first, then TF's graph-mode traceback ending in the cause
+    marker = next(i for i, line in enumerate(lines) if line.startswith("oddaemon-failure: oom: out of GPU memory"))
+    assert cause in lines[marker] and lines[marker + 1] == "Traceback (most recent call last):"
+    assert "tensorflow.python.framework.errors_impl.ResourceExhaustedError: Graph execution error:" in lines
+    assert cause in lines and len(lines) - marker > 20
 
 
 def test_nan_message(tmp_path):
@@ -266,3 +307,44 @@ def test_eval_crash_directive(tmp_path):
     crashed = run("eval", "--job", job, "--checkpoint", tmp_path / "model" / "ckpt-4", "--result", out)
     assert crashed.returncode == 1 and not out.exists()
     assert run("eval", "--job", job, "--checkpoint", tmp_path / "model" / "ckpt-3", "--result", out).returncode == 0
+
+
+# ------------------------------------------------------------------------------- inputs, as TF reads
+
+
+def test_train_reads_its_inputs_and_fails_on_a_damaged_record_as_the_real_worker(tmp_path):
+    from oddaemon.tfrecord import encode_record
+
+    records = tmp_path / "train-00000-of-00001.tfrecord"
+    records.write_bytes(b"".join(encode_record(b"example %d" % i * 30) for i in range(4)))
+    job = make_job(tmp_path, pipeline={"train_input_path": [str(tmp_path / "train-*.tfrecord")]})
+    assert run("train", "--job", job).returncode == 0
+    data = bytearray(records.read_bytes())
+    size = len(data) // 4
+    data[2 * size + 15] ^= 0xFF
+    records.write_bytes(bytes(data))
+    (tmp_path / "again").mkdir()
+    job = make_job(tmp_path / "again", pipeline={"train_input_path": [str(tmp_path / "train-*.tfrecord")]})
+    result = run("train", "--job", job)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    marker = next(i for i, line in enumerate(lines) if line.startswith("oddaemon-failure: input: "))
+    assert lines[marker] == (f"oddaemon-failure: input: corrupt input record in {records} at record 2 (corrupted "
+                             f"record at {2 * size}): replace the file or drop it from [pipeline] train_input_path, "
+                             "then oddaemon retry")
+    # then TF's graph-mode traceback, as in tests/fixtures/tf/train_corrupt_input.log
+    assert lines[marker + 1] == "Traceback (most recent call last):"
+    assert "tensorflow.python.framework.errors_impl.DataLossError: Graph execution error:" in lines
+    assert lines[-2:] == [f"corrupted record at {2 * size}",
+                          "\t [[{{node IteratorGetNext}}]] [Op:__inference__dist_train_step_15712]"]
+
+
+def test_train_without_input_files_or_fine_tune_checkpoint_fails_in_tfs_words(tmp_path):
+    job = make_job(tmp_path, pipeline={"train_input_path": [str(tmp_path / "none-*.tfrecord")]})
+    result = run("train", "--job", job)
+    assert result.returncode == 1 and "Did not find any input files matching the glob pattern" in result.stderr
+    job = make_job(tmp_path, pipeline={"fine_tune_checkpoint": str(tmp_path / "zoo" / "ckpt-0")})
+    result = run("train", "--job", job)
+    assert result.returncode == 1
+    assert ("NotFoundError: Unsuccessful TensorSliceReader constructor: Failed to find any matching files for "
+            f"{tmp_path / 'zoo' / 'ckpt-0'}") in result.stderr
