@@ -108,6 +108,19 @@ class DaemonForbidden(DaemonUnreachable):
     """The socket is there but this user may not use it: whether the daemon runs is not known."""
 
 
+def _who_may(path: str) -> str:
+    """Who may use the socket: its group (the daemon's own group, not the submit group)."""
+    import grp  # noqa: PLC0415
+
+    try:
+        st = os.stat(path)
+        group = grp.getgrgid(st.st_gid).gr_name
+    except (OSError, KeyError):
+        return "the socket is for the daemon's group"
+    return (f"the socket is mode {st.st_mode & 0o777:04o} for group {group!r} (usermod -aG {group} $USER); "
+            "members of the submit group use the D-Bus API instead")
+
+
 def request(path: str, payload: dict, timeout: float = 10.0) -> dict:
     """Client side: one request, one response."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -117,7 +130,7 @@ def request(path: str, payload: dict, timeout: float = 10.0) -> dict:
     except (FileNotFoundError, ConnectionRefusedError) as exc:
         raise DaemonUnreachable(f"the daemon is not running (no answer on {path}: {exc.strerror})") from None
     except PermissionError:
-        raise DaemonForbidden(f"permission denied on {path}: join the daemon's submit group") from None
+        raise DaemonForbidden(f"permission denied on {path}: {_who_may(path)}") from None
     try:
         sock.sendall((json.dumps(payload) + "\n").encode())
         data = b""
