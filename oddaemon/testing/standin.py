@@ -222,7 +222,19 @@ def preflight(setup: Setup, result_path: str) -> None:
 def preflight_serve(reply_fd: int) -> int:
     """The warm preflight protocol (``oddaemon.workers preflight-serve``): ready, then job after job."""
     replies = os.fdopen(reply_fd, "w", buffering=1, encoding="utf-8")
+
+    def terminate(*_) -> None:
+        raise Terminated  # also while idle, blocked reading stdin: the real one exits at once too
+
+    signal.signal(signal.SIGTERM, terminate)
     replies.write(json.dumps({"event": "ready"}) + "\n")
+    try:
+        return _preflight_requests(replies)
+    except Terminated:
+        return 143
+
+
+def _preflight_requests(replies) -> int:
     for line in sys.stdin:
         if not line.strip():
             continue
@@ -233,8 +245,6 @@ def preflight_serve(reply_fd: int) -> int:
         except (ValueError, KeyError, TypeError, AttributeError, SetupError) as exc:
             err(f"oddaemon.workers preflight-serve: {exc}")
         replies.write(json.dumps({"event": "done", "result": request.get("result")}) + "\n")
-        if TERMINATED:
-            return 143
     return 0
 
 
@@ -259,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, on_sigterm)
     if args.command == "preflight-serve":
-        return preflight_serve(args.reply_fd)
+        return preflight_serve(args.reply_fd)  # (its own SIGTERM handler)
     try:
         setup = load_setup(args.job)
     except SetupError as exc:

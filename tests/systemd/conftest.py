@@ -3,8 +3,12 @@ systemd tests of a session (``installed``). It is always powered off at the end.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import importlib.util
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +21,9 @@ from nspawn import REPO
 
 GUEST_SRC = "/root/oddaemon-src"
 WHEELHOUSE_GUEST = "/run/oddaemon-wheelhouse"
+# The host's TF stack (site-packages with tensorflow and object_detection), lent read-only to the
+# container for the real-TF test: TF from PyPI would take many minutes per boot.
+TF_SITE_GUEST = "/opt/oddaemon-host-tf-site-packages"
 
 TEST_CONFIG = """\
 [paths]
@@ -89,6 +96,22 @@ def wheelhouse() -> str | None:
     return path
 
 
+def host_tf_site() -> str | None:
+    """The host directory holding both tensorflow and object_detection (the venv running pytest,
+    tensorflow-cpu 2.15.1, Python 3.11 like the container's Debian 12), or None. Its compiled
+    modules are manylinux cp311 wheels: they load in Debian's python3.11 as well. Lent as a
+    directory on sys.path (a .pth line), never as a whole venv: a venv names its interpreter's
+    path, and the host's (pyenv under /root) is not in the container and would be hidden by
+    ProtectHome=yes anyway."""
+    found = set()
+    for module in ("tensorflow", "object_detection"):
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        found.add(os.path.dirname(os.path.abspath(list(spec.submodule_search_locations)[0])))
+    return found.pop() if len(found) == 1 else None
+
+
 TIMINGS: dict[str, float] = {}  # what the systemd tests measured, shown in pytest's summary
 
 
@@ -101,9 +124,12 @@ def pytest_terminal_summary(terminalreporter):
 class Installed:
     """The container plus what the tests measured and a few helpers."""
 
-    def __init__(self, container: nspawn.Container):
+    config = TEST_CONFIG  # what the fixture writes to /etc/oddaemon/oddaemon.toml
+
+    def __init__(self, container: nspawn.Container, tf_site: str | None = None):
         self.c = container
         self.timings = TIMINGS
+        self.tf_site = tf_site  # TF_SITE_GUEST when the host lent its TF stack, else None
 
     def sh(self, script: str, **kwargs) -> subprocess.CompletedProcess:
         return self.c.sh(script, **kwargs)
@@ -131,6 +157,63 @@ class Installed:
     def journal(self, lines: int = 60) -> str:
         return self.sh(f"journalctl -u oddaemon.service --no-pager -o short-monotonic | grep -v 'new/pending-' "
                        f"| tail -n {lines}", check=False).stdout
+
+    # ---- the journal from a point on, and what systemd received on the notification socket
+    def cursor(self) -> str:
+        """The journal's current end: pass it to entries() / notifications() for what comes after."""
+        out = self.sh("journalctl --no-pager -q -n 0 --show-cursor").stdout
+        match = re.search(r"^-- cursor: (\S+)", out, re.M)
+        assert match, out
+        return match.group(1)
+
+    def entries(self, cursor: str) -> list[tuple[int, str]]:
+        """(PID, message) of each journal entry of oddaemon.service after ``cursor``, in order:
+        PID 1's own lines about the unit (UNIT=; without their "oddaemon.service: " prefix) and
+        the daemon's output (_SYSTEMD_UNIT=)."""
+        out = self.sh(f"journalctl --no-pager -q -u oddaemon.service --after-cursor='{cursor}' -o json "
+                      "--output-fields=_PID,MESSAGE", check=False, timeout=60).stdout
+        result = []
+        for line in out.splitlines():
+            record = json.loads(line)
+            message = record.get("MESSAGE", "")
+            if isinstance(message, list):  # journald stores non-UTF-8 or control characters as bytes
+                message = bytes(message).decode("utf-8", "replace")
+            pid = int(record.get("_PID", 0))
+            if pid == 1 and message.startswith("oddaemon.service: "):
+                message = message[len("oddaemon.service: "):]
+            result.append((pid, message))
+        return result
+
+    def notifications(self, cursor: str) -> list[tuple[int, str]]:
+        """(sender PID, fields) of each sd_notify message PID 1 received for the unit after
+        ``cursor``, e.g. (412, "READY=1, STATUS=idle; no GPUs"). Logged only at debug level
+        (manager_debug())."""
+        found = []
+        for pid, message in self.entries(cursor):
+            match = re.match(r"Got notification message from PID (\d+) \((.*)\)$", message, re.S)
+            if pid == 1 and match:
+                found.append((int(match.group(1)), match.group(2)))
+        return found
+
+    @contextlib.contextmanager
+    def manager_debug(self):
+        """systemd's own log level at debug for a while (it logs each notification it receives)."""
+        before = self.sh("systemd-analyze log-level").stdout.strip() or "info"
+        self.sh("systemd-analyze log-level debug")
+        try:
+            yield
+        finally:
+            self.sh(f"systemd-analyze log-level {before}")
+
+    def unit_usec(self, interface: str, prop: str) -> int:
+        """A timestamp property of oddaemon.service in microseconds (systemctl show rounds to seconds)."""
+        out = self.sh("busctl get-property org.freedesktop.systemd1 /org/freedesktop/systemd1/unit/oddaemon_2eservice "
+                      f"org.freedesktop.systemd1.{interface} {prop}").stdout.split()
+        assert out[0] == "t", out
+        return int(out[1])
+
+    def write_config(self, text: str) -> None:
+        self.sh("cat > /etc/oddaemon/oddaemon.toml", input=text)
 
     def oddaemon(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return self.c.run(["/opt/oddaemon/.venv/bin/oddaemon", *args], check=check)
@@ -176,8 +259,11 @@ def installed():
             binds[ca] = "/run/host-ca-certificates.crt"
             pip_env = "PIP_CERT=/run/host-ca-certificates.crt "
         pip_env += "".join(f"{k}={os.environ[k]} " for k in ("PIP_INDEX_URL", "PIP_DEFAULT_TIMEOUT") if k in os.environ)
+    tf_site = host_tf_site()
+    if tf_site:
+        binds[tf_site] = TF_SITE_GUEST
     container = nspawn.Container(binds_ro=binds)
-    inst = Installed(container)
+    inst = Installed(container, TF_SITE_GUEST if tf_site else None)
     inst.timings["debootstrap"] = built
     try:
         container.boot()

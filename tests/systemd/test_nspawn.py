@@ -1,6 +1,7 @@
 """oddaemon under a real systemd (252, Debian 12) in a booted nspawn container, installed by
 scripts/install with its unit, sysusers, tmpfiles and D-Bus policy. The tests run in file order
-and share one container and one long stand-in job (see conftest.py)."""
+and share one container and one long stand-in job (see conftest.py); the last one runs a tiny
+real-TF job in the same container, with the host's TF stack lent to it."""
 
 from __future__ import annotations
 
@@ -51,6 +52,23 @@ def state_of(inst, name: str) -> str | None:
 def running(inst) -> bool:
     props = inst.show("ActiveState", "SubState")
     return props == {"ActiveState": "active", "SubState": "running"}
+
+
+def restart_clean(inst) -> None:
+    """systemctl restart, after resetting the unit's start counter: the tests start the daemon
+    more often than the shipped StartLimitBurst=5 per 10 minutes allows (reset-failed also sets
+    NRestarts back to 0: read it after this)."""
+    inst.sh("systemctl reset-failed oddaemon.service; systemctl restart oddaemon.service", timeout=180)
+    inst.wait(lambda: running(inst), 60, "the daemon to run again")
+
+
+def reloading_then_ready(notifications: list[tuple[int, str]], pid: int) -> list[str] | None:
+    """The RELOADING=1 and READY=1 messages among ``notifications`` (each from ``pid``), once a
+    READY=1 has come after a RELOADING=1; None before that."""
+    seen = [fields for sender, fields in notifications if "RELOADING=1" in fields or "READY=1" in fields]
+    assert all(sender == pid for sender, fields in notifications), notifications  # NotifyAccess=main
+    kinds = ["RELOADING" if "RELOADING=1" in f else "READY" for f in seen]
+    return seen if "RELOADING" in kinds and "READY" in kinds[kinds.index("RELOADING"):] else None
 
 
 def test_start_reaches_running_only_after_ready(installed):
@@ -124,15 +142,43 @@ def test_status_shows_the_status_line_and_the_workers_in_the_cgroup(installed):
     inst.wait(lambda: inst.show("StatusText")["StatusText"] != first, 30, "a newer status line")
 
 
-def test_reload(installed):
+def test_reload_sends_reloading_then_ready_and_rereads_the_configuration(installed):
+    """ExecReload (SIGHUP): systemd receives RELOADING=1 then READY=1 from the main process, and
+    the re-read configuration takes effect: with [jobs] max_cpu_jobs lowered to 1 a new job waits
+    behind the long one; raised back to 2 by a second reload, it starts and finishes while the long
+    job still trains."""
     inst = installed
     pid = inst.main_pid()
-    result = inst.sh("systemctl reload oddaemon.service", check=False)
-    assert result.returncode == 0, result.stderr
-    inst.wait(lambda: running(inst), 20, "running after the reload")
-    assert inst.main_pid() == pid
-    inst.wait(lambda: "reload: configuration re-read" in inst.journal(50), 10, "the daemon to log the reload")
     assert state_of(inst, LONG) == "running"
+    one_slot = inst.config.replace("max_cpu_jobs = 2", "max_cpu_jobs = 1")
+    assert one_slot != inst.config
+    try:
+        with inst.manager_debug():
+            for config, slots in ((one_slot, 1), (inst.config, 2)):
+                inst.write_config(config)
+                cursor = inst.cursor()
+                result = inst.sh("systemctl reload oddaemon.service", check=False)
+                assert result.returncode == 0, result.stderr
+                got = inst.wait(lambda: reloading_then_ready(inst.notifications(cursor), pid), 30,
+                                "RELOADING=1 then READY=1 in systemd's debug log")
+                assert len(got) == 2 and got[0].startswith("RELOADING=1, MONOTONIC_USEC="), got
+                assert got[1].startswith("READY=1, STATUS="), got
+                inst.wait(lambda: running(inst), 20, "running after the reload")
+                assert inst.main_pid() == pid
+                daemon = [m for p, m in inst.entries(cursor) if p == pid]
+                assert "INFO reload: configuration re-read from /etc/oddaemon/oddaemon.toml" in daemon, daemon
+                if slots == 1:
+                    # LONG holds the only CPU slot now: the new job is accepted and waits (the
+                    # scheduler decides in the step that accepts it, so "queued" here is final).
+                    submit_as(inst, "alice", "alice_waits", steps=20, step_seconds=0.01)
+                    job = inst.wait(lambda: inst.job("alice_waits"), 60, "alice_waits to be accepted")
+                    assert (job["state"], job["queue_position"]) == ("queued", 1), job
+        inst.wait(lambda: state_of(inst, "alice_waits") == "succeeded", 60, "alice_waits to run after the reload")
+        assert state_of(inst, LONG) == "running"  # the slot came from the reload, not from LONG ending
+    finally:
+        inst.write_config(inst.config)
+        if running(inst):
+            inst.sh("systemctl reload oddaemon.service", check=False)
 
 
 def test_dbus_api_and_policy(installed):
@@ -191,19 +237,262 @@ def test_a_hung_main_loop_is_restarted_by_the_watchdog(installed):
     inst.wait(lambda: state_of(inst, LONG) == "running" and len(inst.workers()) == 1, 30, "the job to resume")
 
 
-def test_stop_leaves_no_worker_behind(installed):
+STALL_DROPIN = """\
+[Service]
+ExecStart=
+ExecStart={execstart}
+# The abort path under test must end the process, not the SIGKILL after TimeoutAbortSec.
+TimeoutAbortSec=60
+"""
+
+
+def test_a_main_loop_stalled_in_python_is_aborted_with_its_stack_in_the_journal(installed):
+    """The loop spins in Python (oddaemon.testing.stall, SIGUSR2), the process stays alive and
+    responsive to signals: systemd's watchdog times out and sends SIGABRT; the daemon's
+    faulthandler prints the stalled main thread's Python stack to the journal; the process dies
+    of that SIGABRT (not of a SIGKILL); systemd restarts the service and the job resumes."""
     inst = installed
-    inst.wait(lambda: inst.workers(), 30, "a running worker")
-    t = time.monotonic()
-    result = inst.sh("systemctl stop oddaemon.service", check=False, timeout=120)
-    inst.timings["stop"] = time.monotonic() - t
-    assert result.returncode == 0, result.stderr
-    assert inst.show("ActiveState")["ActiveState"] in ("inactive", "failed")
+    execstart = inst.sh("sed -n 's/^ExecStart=//p' /etc/systemd/system/oddaemon.service").stdout.strip()
+    shipped = "/opt/oddaemon/.venv/bin/oddaemon "
+    assert execstart.startswith(shipped), execstart
+    stalled = "/opt/oddaemon/.venv/bin/python -m oddaemon.testing.stall " + execstart[len(shipped):]
+    inst.sh("cat > /etc/systemd/system/oddaemon.service.d/zz-stall.conf && systemctl daemon-reload",
+            input=STALL_DROPIN.format(execstart=stalled))
+    try:
+        restart_clean(inst)
+        inst.wait(lambda: state_of(inst, LONG) == "running" and len(inst.workers()) == 1, 30, "the job to run")
+        before = inst.show("MainPID", "NRestarts", "WatchdogUSec", "TimeoutAbortUSec")
+        assert before["WatchdogUSec"] in ("6s", "6000000") and before["TimeoutAbortUSec"] in ("1min", "60000000")
+        old = int(before["MainPID"])
+        assert "-m oddaemon.testing.stall" in inst.sh(f"tr '\\0' ' ' < /proc/{old}/cmdline").stdout
+        cursor = inst.cursor()
+        inst.sh(f"kill -USR2 {old}")
+        inst.wait(lambda: running(inst) and inst.show("MainPID")["MainPID"] not in ("0", str(old)), 120,
+                  "the watchdog to abort and systemd to restart the daemon")
+        entries = inst.entries(cursor)
+        manager = [m for p, m in entries if p == 1]
+        daemon = [m for p, m in entries if p == old]
+        text = "\n".join(f"[{p}] {m}" for p, m in entries)
+        # systemd: the watchdog fired, SIGABRT ended the main process, the result was 'watchdog'
+        assert "Watchdog timeout (limit 6s)!" in manager, text
+        assert f"Killing process {old} (python) with signal SIGABRT." in manager, text
+        assert any(re.fullmatch(r"Main process exited, code=(dumped|killed), status=6/ABRT", m) for m in manager), text
+        assert "Failed with result 'watchdog'." in manager, text
+        # ... and not the SIGKILL that follows when it does not end it (TimeoutAbortSec). (What is
+        # left in the cgroup, the workers, gets SIGKILL once the main process is gone: KillMode=mixed.)
+        assert not [m for m in manager if "timed out" in m or m.startswith(f"Killing process {old} (python) with signal SIGKILL")], text
+        # the daemon: the stall began, then faulthandler printed the main thread's stack, most
+        # recent call first: the spinning handler on top of the daemon's loop.run()
+        assert any("oddaemon.testing.stall: SIGUSR2" in m for m in daemon), text
+        lines = [line.strip() for m in daemon for line in m.splitlines()]
+        assert "Fatal Python error: Aborted" in lines, text
+        current = next(i for i, line in enumerate(lines) if line.startswith("Current thread 0x"))
+        frames = lines[current + 1:]
+
+        def frame(path: str, function: str) -> int:
+            return next((i for i, line in enumerate(frames) if re.fullmatch(
+                rf'File "\S*{re.escape(path)}", line \d+ in {function}', line)), -1)
+
+        spin = frame("oddaemon/testing/stall.py", "spin_forever")
+        handler = frame("oddaemon/testing/stall.py", "stall_the_main_loop")
+        loop = frame("oddaemon/daemon.py", "run")
+        assert 0 <= spin < handler < loop, text
+        # restarted once by systemd (Restart=on-failure), and the job runs again
+        assert int(inst.show("NRestarts")["NRestarts"]) == int(before["NRestarts"]) + 1
+        inst.wait(lambda: state_of(inst, LONG) == "running" and len(inst.workers()) == 1, 30, "the job to resume")
+    finally:
+        inst.sh("rm -f /etc/systemd/system/oddaemon.service.d/zz-stall.conf && systemctl daemon-reload")
+        restart_clean(inst)  # the shipped ExecStart again
+    assert "-m oddaemon.testing.stall" not in inst.sh(f"tr '\\0' ' ' < /proc/{inst.main_pid()}/cmdline").stdout
+
+
+def stop_cleanly(inst, timing: str = "stop") -> list[str]:
+    """systemctl stop, asserting it was clean: systemd saw the main process exit with status 0 while
+    in stop-sigterm and never went on to a SIGKILL state (nothing timed out), the unit deactivated
+    successfully, the daemon sent no SIGKILL to a worker either (every one ended on SIGTERM within
+    the grace), and nothing is left in the cgroup. Returns the daemon's lines. (systemd's debug log
+    is read, not `systemctl show -p Result`: an inactive unit that nothing references is unloaded
+    at once, and a reloaded one says Result=success whatever happened.)"""
+    pid = inst.main_pid()
+    with inst.manager_debug():
+        cursor = inst.cursor()
+        t = time.monotonic()
+        result = inst.sh("systemctl stop oddaemon.service", check=False, timeout=120)
+        inst.timings[timing] = time.monotonic() - t  # recorded, never asserted
+        assert result.returncode == 0, result.stderr
+        entries = inst.entries(cursor)
+    assert inst.show("ActiveState")["ActiveState"] == "inactive"
+    assert inst.unit_pids() == [] and inst.sh("pgrep -f ' -m oddaemon[.]' || true").stdout.split() == []
+    text = "\n".join(f"[{p}] {m}" for p, m in entries)
+    manager = [m for p, m in entries if p == 1]
+    daemon = [m for p, m in entries if p == pid]
+    changes = [m for m in manager if m.startswith("Changed ")]
+    assert changes[:2] == ["Changed running -> stop-sigterm", "Changed stop-sigterm -> dead"], text
+    assert "Main process exited, code=exited, status=0/SUCCESS (success)" in manager, text
+    assert "Deactivated successfully." in manager, text
+    assert not [m for m in manager if "timed out" in m or "SIGKILL" in m or "Failed with result" in m], text
+    assert any(re.fullmatch(r"INFO shutting down: stopping \d+ worker\(s\); their jobs resume at next start", m)
+               for m in daemon), text
+    assert not [m for m in daemon if "SIGKILL" in m or "ignored SIGTERM" in m], text
+    assert "INFO stopped" in daemon, text
+    return daemon
+
+
+def test_stop_is_clean_and_leaves_no_worker_behind(installed):
+    """systemctl stop with the long job training: its worker is stopped with SIGTERM, the daemon
+    exits 0 on its own, nothing is killed (stop_cleanly), and the job stays saved as running."""
+    inst = installed
+    inst.wait(lambda: state_of(inst, LONG) == "running" and inst.workers(), 30, "a running worker")
+    # The stand-in's warm preflight server (left from a submission less than a minute ago) does not
+    # end on SIGTERM while it waits for a request (oddaemon/testing/standin.py preflight_serve; the
+    # real one does, see the real-TF test): let it go idle first.
+    inst.wait(lambda: inst.workers("preflight-serve") == [], 120, "the stand-in preflight server to be let go")
+    worker = inst.workers()[0]
+    daemon = stop_cleanly(inst)
+    assert "INFO shutting down: stopping 1 worker(s); their jobs resume at next start" in daemon, daemon
+    assert f"INFO stopping train worker of {LONG} (pid {worker}): daemon shutting down" in daemon, daemon
+    # The job keeps its state on disk (resumed at the next start: the next test).
+    saved = json.loads(inst.sh(f"cat /var/lib/oddaemon/jobs/{LONG}.json").stdout)
+    assert saved["state"] == "running"
+
+
+def test_ready_comes_only_after_the_saved_jobs_are_restored(installed):
+    """Started with a saved running job: the daemon restores it (running -> queued, resuming after
+    daemon restart) and starts it before it sends READY=1. Proof: the restore's own time (the job's
+    history, the daemon's clock) lies between the main process's start and the moment systemd
+    entered `active` (both CLOCK_REALTIME, microseconds); the READY=1 systemd received carries a
+    status line that counts the job; the daemon logged the restore before `ready:`."""
+    inst = installed
+    if inst.show("ActiveState")["ActiveState"] == "active":
+        inst.sh("systemctl stop oddaemon.service", timeout=120)
+    saved = json.loads(inst.sh(f"cat /var/lib/oddaemon/jobs/{LONG}.json").stdout)
+    assert saved["state"] == "running", saved["state"]
+    with inst.manager_debug():
+        cursor = inst.cursor()
+        inst.sh("systemctl reset-failed oddaemon.service; systemctl start oddaemon.service", timeout=180)
+        assert running(inst)
+        pid = inst.main_pid()
+        got = inst.wait(lambda: [f for p, f in inst.notifications(cursor) if "READY=1" in f], 30,
+                        "the READY=1 notification in systemd's debug log")
+    started = inst.unit_usec("Service", "ExecMainStartTimestamp") / 1e6
+    active = inst.unit_usec("Unit", "ActiveEnterTimestamp") / 1e6
+    job = inst.wait(lambda: inst.job(LONG), 30, f"{LONG} in `oddaemon status`")
+    restored = [h["time"] for h in job["history"] if h["reason"] == "resuming after daemon restart"]
+    assert restored and started <= restored[-1] < active, (started, restored, active, job["history"][-3:])
+    assert job["state"] == "running" and job["attempt"] == saved["attempt"] + 1, job
+    assert re.match(r"READY=1, STATUS=1 training; no GPUs; " + LONG, got[0]), got
+    daemon = [m for p, m in inst.entries(cursor) if p == pid]
+    restore_line = f"INFO job {LONG}: running -> queued (resuming after daemon restart)"
+    ready = next(i for i, m in enumerate(daemon) if m.startswith("INFO ready: spool "))
+    assert restore_line in daemon[:ready], daemon
+    inst.wait(lambda: len(inst.workers()) == 1, 30, "the job's worker")
+    inst.sh("systemctl stop oddaemon.service", timeout=120)
     assert inst.workers("") == [] and inst.unit_pids() == []
-    journal = inst.journal(100)
-    assert "shutting down" in journal
-    # The job keeps its state: it resumes at the next start.
-    inst.sh("systemctl start oddaemon.service")
-    inst.wait(lambda: state_of(inst, LONG) == "running", 30, "the job to resume after the restart")
-    inst.sh("systemctl stop oddaemon.service")
-    assert inst.workers("") == []
+
+
+TF_JOB = "tf_tiny"
+TF_DATA = "/srv/oddaemon/tfdemo"
+
+
+@pytest.mark.timeout(2700)
+def test_real_tf_workers_train_and_evaluate_under_the_hardened_unit(installed):
+    """The real workers (python -m oddaemon.workers: TF 2.15 and the Object Detection API) under
+    the shipped unit's hardening (User=oddaemon, NoNewPrivileges, an empty capability set, the
+    system-call filter, ProtectSystem=strict, PrivateTmp, ...): a tiny SSD job on the CPU trains,
+    and the real evaluator evaluates every checkpoint, once each, in order. The TF stack is the
+    host's, lent read-only and put on the installed venv's path (what scripts/install without
+    --without-tf would have installed there)."""
+    inst = installed
+    if inst.tf_site is None:
+        pytest.skip("the host has no TF stack to lend the container (scripts/setup installs it)")
+    site = inst.sh("/opt/oddaemon/.venv/bin/python -c 'import sysconfig; print(sysconfig.get_path(\"purelib\"))'"
+                   ).stdout.strip()
+    pth = f"{site}/zz-oddaemon-test-host-tf.pth"
+    if inst.show("ActiveState")["ActiveState"] == "active":
+        inst.sh("systemctl stop oddaemon.service", timeout=120)
+    tf_config = (inst.config.replace('module = "oddaemon.testing.standin"', 'module = "oddaemon.workers"')
+                 + "[pins]\nmin_free_bytes = 0\nmin_free_percent = 0\n")
+    assert 'module = "oddaemon.workers"' in tf_config
+    inst.write_config(tf_config)
+    inst.sh(f"echo {inst.tf_site} > {pth}")
+    try:
+        # The TF stack imports in the container's Python (the daemon's own venv interpreter).
+        probe = inst.sh("/opt/oddaemon/.venv/bin/python -c 'import tensorflow as tf, object_detection; print(tf.__version__)'",
+                        check=False, timeout=300)
+        assert probe.returncode == 0 and probe.stdout.split()[-1] == "2.15.1", probe.stdout + probe.stderr[-3000:]
+        inst.as_user("alice", f"cd /home/alice && HOME=/home/alice /opt/oddaemon/.venv/bin/python -m oddaemon.workers "
+                     f"generate-demo --out {TF_DATA} --model ssd_mobilenet_tiny --train-images 16 --eval-images 8",
+                     timeout=600)
+        inst.sh("systemctl reset-failed oddaemon.service; systemctl start oddaemon.service", timeout=180)
+        write_as(inst, "alice", f"/srv/oddaemon/{TF_JOB}.toml", f'''name = "{TF_JOB}"
+pipeline_config = "{TF_DATA}/pipeline.config"
+model_dir = "/srv/oddaemon/{TF_JOB}_model"
+[pipeline]
+num_classes = 3
+batch_size = 4
+num_steps = 10
+label_map_path = "{TF_DATA}/label_map.pbtxt"
+train_input_path = "{TF_DATA}/train-*.tfrecord"
+eval_input_path = "{TF_DATA}/eval.tfrecord"
+[train]
+gpus = 0
+checkpoint_every_n = 5
+[eval]
+device = "cpu"
+''')
+        inst.c.run(["/opt/oddaemon/.venv/bin/oddaemon", "submit", "--wait", "0", f"/srv/oddaemon/{TF_JOB}.toml"],
+                   user="alice")
+        # While it trains: the real train worker is in the unit's cgroup with the unit's identity and limits.
+        seen = inst.wait(lambda: tf_worker(inst, "train") or ((inst.job(TF_JOB) or {}).get("state") in
+                                                             ("succeeded", "failed", "cancelled") and "ended"),
+                         900, "the real train worker to start")
+        assert seen != "ended", f"{TF_JOB} ended before its train worker was seen: {inst.job(TF_JOB)}"
+        confined(inst, seen)
+        final = inst.wait(lambda: (j := inst.job(TF_JOB)) and j["state"] in ("succeeded", "failed", "cancelled") and j,
+                          1800, f"{TF_JOB} to finish", interval=2.0)
+        inst.timings["tf_job"] = (final["finished_at"] or 0) - final["submitted_at"]
+        logs = inst.sh(f"tail -n 40 /var/log/oddaemon/{TF_JOB}/train.log /var/log/oddaemon/{TF_JOB}/eval.log",
+                       check=False).stdout
+        assert final["state"] == "succeeded", (final["reason"], final["failure"], logs, inst.journal(80))
+        checkpoints = final["evaluation"]["checkpoints"]
+        # ckpt-1 is step 0; then every 5 steps, the last (10) included: each evaluated once, in order
+        assert [(c["state"], c["step"], c["attempts"]) for c in checkpoints] == [
+            ("evaluated", s, 1) for s in (0, 5, 10)], checkpoints
+        assert all("DetectionBoxes_Precision/mAP" in c["metrics"] for c in checkpoints), checkpoints
+        # ... and they are the checkpoints TF wrote (all still there: fewer than max_to_keep)
+        written = inst.sh(f"cd /srv/oddaemon/{TF_JOB}_model && ls ckpt-*.index").stdout.split()
+        assert [c["checkpoint"] + ".index" for c in checkpoints] == sorted(written, key=lambda n: int(n[5:-6])), written
+        owners = inst.sh(f"stat -c '%U' /srv/oddaemon/{TF_JOB}_model/ckpt-*.index /srv/oddaemon/{TF_JOB}_model/checkpoint"
+                         ).stdout.split()
+        assert owners and set(owners) == {"oddaemon"}, owners
+        ping = inst.sh("/opt/oddaemon/.venv/bin/python -c 'import json; from oddaemon.control import request; "
+                       "print(json.dumps(request(\"/var/lib/oddaemon/control.sock\", {\"cmd\": \"ping\"})))'").stdout
+        assert json.loads(ping)["heavy_modules"] == [], ping  # the daemon itself never imports TF
+        # The real workers still there (the warm preflight server idles for a minute) end on SIGTERM.
+        stop_cleanly(inst, "tf_stop")
+    finally:
+        inst.sh("systemctl stop oddaemon.service", check=False, timeout=120)
+        inst.sh(f"rm -f {pth}")
+        inst.write_config(inst.config)
+    assert inst.sh("pgrep -f ' -m oddaemon[.]workers ' || true").stdout.split() == []
+
+
+def tf_worker(inst, role: str) -> int | None:
+    out = inst.sh(f"pgrep -f ' -m oddaemon[.]workers {role} ' || true").stdout.split()
+    return int(out[0]) if out else None
+
+
+def confined(inst, pid: int) -> None:
+    """The worker runs as the unit's user, in its cgroup, with no privileges and the syscall filter."""
+    ids = inst.sh(f"ps -o user=,group= -p {pid}").stdout.split()
+    status = dict(line.split(":", 1) for line in inst.sh(f"cat /proc/{pid}/status").stdout.splitlines() if ":" in line)
+    cgroup = inst.cgroup_of(pid)
+    assert ids == ["oddaemon", "oddaemon"], ids
+    assert status["NoNewPrivs"].strip() == "1" and status["Seccomp"].strip() == "2", status
+    assert int(status["CapEff"], 16) == 0 and int(status["CapBnd"], 16) == 0, status
+    assert re.search(r"^(0:|\d+:name=systemd):/system.slice/oddaemon.service$", cgroup, re.M), cgroup
+    # ProtectSystem=strict in the worker's mount namespace: /usr read-only even for root there, its
+    # ReadWritePaths= writable
+    ro = inst.sh(f"nsenter -t {pid} -m touch /usr/oddaemon-probe", check=False)
+    assert ro.returncode != 0 and "Read-only file system" in ro.stderr, ro
+    inst.sh(f"nsenter -t {pid} -m sh -c 'touch /srv/oddaemon/.probe && rm /srv/oddaemon/.probe'")
