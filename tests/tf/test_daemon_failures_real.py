@@ -73,3 +73,28 @@ def test_a_damaged_checkpoint_fails_its_real_evaluation_at_once_and_the_rest_are
     assert "block checksum mismatch" in hurt["error"] or "DataLossError" in hurt["error"], hurt["error"]
     assert all(c["state"] == "evaluated" for c in by_step.values()), by_step
     assert sorted(by_step) == [0, 5, 15, 20]  # (ckpt-3's step, 10, could not be read)
+
+
+def test_a_stopped_real_trainer_is_found_hung_at_tfs_cadence_and_resumes(real_env):
+    """hang_timeout_seconds = 90 with real TF's quiet stretches (model build, the first step's graph
+    tracing, scalars once per iteration, a log line every 100 steps): no false alarm before the
+    trainer is stopped (SIGSTOP after its second checkpoint); then hung, stopped, restarted from
+    its last checkpoint, and every checkpoint evaluated once."""
+    env = real_env
+    tiny_job(env, "stuck", "num_steps = 20", "checkpoint_max_to_keep = 10\nhang_timeout_seconds = 90",
+             'device = "cpu"')
+    model_dir = os.path.join(env.models, "stuck")
+    wait_for(lambda: os.path.exists(os.path.join(model_dir, "ckpt-2.index")), 600, 0.5, what="ckpt-2 (step 5)")
+    trainers = worker_pids(f"train --job {env.state}/work/stuck/job.json")
+    assert env.job("stuck")["restarts"] == 0  # TF's own quiet stretches were no hang
+    for pid in trainers:
+        os.kill(pid, signal.SIGSTOP)
+    job = env.wait_state("stuck", ("succeeded", "failed"), 900)
+    assert job["state"] == "succeeded", (job["reason"], env.daemon_log()[-3000:])
+    hung = [h for h in job["history"] if h["state"] == "backoff"]
+    assert len(hung) == 1 and "hung: no new step, checkpoint or log line for 90s" in hung[0]["reason"], hung
+    assert job["restarts"] == 1
+    steps = [c["step"] for c in job["evaluation"]["checkpoints"]]
+    assert sorted(steps) == sorted(set(steps)) and {0, 5, 20} <= set(steps), steps
+    assert all(c["state"] == "evaluated" and c["attempts"] == 1 for c in job["evaluation"]["checkpoints"])
+    assert "resuming from step" in open(os.path.join(env.logs, "stuck", "train.log"), encoding="utf-8").read()
