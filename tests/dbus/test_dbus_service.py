@@ -441,7 +441,7 @@ def test_resolve_bus(monkeypatch):
 # ---- end to end: the real daemon ----------------------------------------------------------------
 def test_end_to_end_with_the_real_daemon(bus_env, tmp_path):
     sys.path.insert(0, os.path.join(REPO, "tests", "integration"))
-    from harness import DaemonEnv  # noqa: PLC0415
+    from harness import DaemonEnv, wait_for  # noqa: PLC0415
 
     env = DaemonEnv(str(tmp_path))
     recorder = SignalRecorder(bus_env)
@@ -472,7 +472,25 @@ def test_end_to_end_with_the_real_daemon(bus_env, tmp_path):
         with pytest.raises(dc.ClientError) as info:
             client.cancel("ghost")
         assert info.value.kind == "NotFound" and str(info.value) == "no job named 'ghost'"
+        # Reload over D-Bus re-reads the configuration: with one CPU slot a second long job waits;
+        # once the file says two and Reload is called, it starts (nothing else would start it)
+        for name in ("r1", "r2"):
+            env.drop(f"{name}.toml", env.job_text(name, num_steps=100000, step_seconds=0.05))
+        def states() -> dict[str, str]:
+            return {v["name"]: v["state"] for v in client.list_jobs() if v["name"] in ("r1", "r2")}
+
+        # (either may pass its preflight first)
+        wait_for(lambda: sorted(states().values()) == ["queued", "running"], 60, what="one running, one queued")
+        waiting = next(name for name, state in states().items() if state == "queued")
+        assert client.get_job(waiting)["queue_position"] == 1
+        env.write_config(max_cpu_jobs=2)
         client.reload()
+        wait_for(lambda: client.get_job(waiting)["state"] == "running", 60, what=f"{waiting} started by the reload")
+        assert "reload: configuration re-read" in env.daemon_log()
+        for name in ("r1", "r2"):
+            client.cancel(name)
+        for name in ("r1", "r2"):
+            wait_for(lambda name=name: client.get_job(name)["state"] == "cancelled", 60, what=f"{name} cancelled")
         client.close()
     finally:
         recorder.close()
@@ -481,7 +499,7 @@ def test_end_to_end_with_the_real_daemon(bus_env, tmp_path):
 
 def test_cli_talks_over_dbus_and_falls_back_to_the_control_socket(bus_env, tmp_path):
     sys.path.insert(0, os.path.join(REPO, "tests", "integration"))
-    from harness import DaemonEnv  # noqa: PLC0415
+    from harness import DaemonEnv, train_marker, wait_for, worker_pids  # noqa: PLC0415
 
     env = DaemonEnv(str(tmp_path))
     try:
@@ -493,6 +511,10 @@ def test_cli_talks_over_dbus_and_falls_back_to_the_control_socket(bus_env, tmp_p
         assert out.returncode == 0 and "cli1" in out.stdout and "running" in out.stdout, out.stderr
         out = env.cli("cancel", "cli1")
         assert out.returncode == 0 and "cli1: stopping" in out.stdout, out.stderr
+        # the effect, seen where the CLI is not involved: the record on disk and the processes
+        record = os.path.join(env.state, "jobs", "cli1.json")
+        wait_for(lambda: json.load(open(record))["state"] == "cancelled", 60, what="cli1 cancelled on disk")
+        wait_for(lambda: not worker_pids(train_marker(env, "cli1")), 60, what="cli1's trainer gone")
         out = env.cli("status", "ghost")
         assert out.returncode == 1 and "no job named 'ghost'" in out.stderr
     finally:

@@ -27,7 +27,7 @@ def test_drop_run_checkpoints_succeed(daemon_env):
     assert env.accepted() and env.accepted()[0].startswith("alpha.") and not os.listdir(os.path.join(env.spool, "new"))
     with open(os.path.join(env.logs, "alpha", "train.log")) as f:
         log = f.read()
-    assert "CUDA_VISIBLE_DEVICES=''" in log and "Step 20" in log
+    assert "CUDA_VISIBLE_DEVICES=''" in log and "standin: training finished at step 20" in log
     record = json.load(open(os.path.join(env.state, "jobs", "alpha.json")))
     assert record["state"] == "succeeded" and record["last_exit"] == "exit status 0"
     out = env.cli("list")
@@ -93,8 +93,20 @@ def test_crash_loop_ends_failed_with_reason(daemon_env):
     assert "gave up after 2 consecutive failure(s)" in job["reason"]
     out = env.cli("status", "oom")
     assert out.returncode == 0 and "failed" in out.stdout and "out of GPU memory" in out.stdout
+    failed_at = job["finished_at"]
     out = env.cli("retry", "oom")
     assert out.returncode == 0, out.stderr
+    # the effect: the job is queued again with a fresh failure count, runs two more attempts (3 and 4:
+    # max_restarts = 1 again, not already used up) and fails again the same way, later than the first time
+    again = wait_for(lambda: (lambda j: j if j["state"] == "failed" and j["finished_at"] != failed_at else None)(
+        env.job("oom")), 60, 0.1, what="the retried job to fail again")
+    states = [(h["state"], h["reason"]) for h in again["history"]]
+    retried = states.index(("queued", "retry requested"))
+    assert [state for state, _ in states[retried:]] == ["queued", "running", "backoff", "running", "failed"], states
+    assert again["attempt"] == 4 and again["finished_at"] > failed_at
+    assert "gave up after 2 consecutive failure(s)" in again["reason"]
+    log = open(os.path.join(env.logs, "oom", "train.log")).read()
+    assert [int(n) for n in re.findall(r"==== oddaemon: starting train attempt (\d+)", log)] == [1, 2, 3, 4]
     assert env.cli("status", "nosuchjob").returncode == 1
 
 
@@ -153,7 +165,9 @@ def test_cancel_running_and_queued_jobs(daemon_env):
 def test_hung_worker_is_killed_after_the_grace_period_on_cancel(daemon_env):
     env = daemon_env.start()
     env.drop("hang.toml", env.job_text("hang", num_steps=100, step_seconds=0.01, hang_at_step=5, ignore_sigterm=1))
-    wait_for(lambda: (env.job("hang") or {}).get("step") == 4, 30, what="the hang")
+    train_log = os.path.join(env.logs, "hang", "train.log")
+    wait_for(lambda: os.path.exists(train_log) and "standin: hanging at step 5" in open(train_log).read(), 30,
+             what="the hang")
     started = time.monotonic()
     env.ask("cancel", name="hang")
     job = env.wait_state("hang", "cancelled", 20)
@@ -304,10 +318,25 @@ def test_sigterm_stops_promptly_with_training_and_evaluation_under_way(daemon_en
     for i in range(3):
         wait_for(lambda i=i: (env.job(f"busy{i}") or {}).get("evaluation", {}).get("counts", {}).get("evaluated", 0) > 2,
                  30, what=f"busy{i} training and evaluating")
-    started = time.monotonic()
-    assert env.stop(timeout=20) == 0
-    assert time.monotonic() - started < 15
-    wait_for(lambda: not worker_pids(env.root), 5, what="no worker left")
-    env.start()  # and they all come back
+    # a clean stop: exit status 0, every worker asked to stop (SIGTERM) and gone by itself within the
+    # grace period (no SIGKILL), each job saved as running to resume; the deadline bounds only the wait
+    assert env.stop(timeout=120) == 0, env.daemon_log()
+    wait_for(lambda: not worker_pids(env.root), 60, what="no worker left")
+    log = env.daemon_log()
+    assert re.search(r"shutting down: stopping \d+ worker\(s\); their jobs resume at next start", log), log
+    for i in range(3):  # (the warm preflight workers, if still there, are stopped too)
+        for role in ("train", "eval"):
+            assert re.search(rf"stopping {role} worker of busy{i} \(pid \d+\): daemon shutting down", log), log
+    assert "ignored SIGTERM" not in log and "sending SIGKILL" not in log and "Traceback" not in log, log
+    assert log.rstrip().endswith("stopped"), log[-2000:]
     for i in range(3):
-        env.wait_state(f"busy{i}", "running", 30)
+        record = json.load(open(os.path.join(env.state, "jobs", f"busy{i}.json")))
+        assert record["state"] == "running" and record["attempt"] == 1, record
+        train_log = open(os.path.join(env.logs, f"busy{i}", "train.log")).read()
+        assert re.search(r"standin: SIGTERM received at step \d+, exiting", train_log), train_log[-2000:]
+    env.start()  # and they all come back, from where they were
+    for i in range(3):
+        job = env.wait_state(f"busy{i}", "running", 60)
+        assert job["attempt"] == 2 and job["restarts"] == 0, job
+        wait_for(lambda i=i: "resuming from step" in open(os.path.join(env.logs, f"busy{i}", "train.log")).read(), 60,
+                 what=f"busy{i} to resume from its checkpoint")

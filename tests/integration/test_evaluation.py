@@ -4,20 +4,47 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
-import time
 
 from harness import wait_for, worker_pids
 
+from oddaemon import bookfile
+from oddaemon.evalbook import EvalPolicy
 from oddaemon.tfevents import EventDirReader
-from oddaemon.testing.standin import eval_metrics
+from oddaemon.testing.standin import eval_metrics, train_scalars
 
 MAP = "DetectionBoxes_Precision/mAP"
 
 
 def eval_steps(env, name: str) -> list[int]:
+    """The steps of the mAP events under model_dir/eval in the order the evaluator wrote them (by
+    their wall time, as TensorBoard orders them), not sorted: order is part of what is checked."""
     events = EventDirReader(os.path.join(env.models, name, "eval")).read_new()
-    return sorted(e.step for e in events if MAP in e.values)
+    return [e.step for e in sorted((e for e in events if MAP in e.values), key=lambda e: e.wall_time)]
+
+
+def evaluator_requests(env, name: str) -> list[tuple[int, int]]:
+    """(checkpoint number, step) of each evaluation the evaluator began, in the order its log says it
+    began them (a retried checkpoint appears once per attempt)."""
+    log = open(os.path.join(env.logs, name, "eval.log")).read()
+    return [(int(n), int(step)) for n, step in
+            re.findall(r"^INFO:tensorflow:Evaluating checkpoint \S*/ckpt-(\d+) \(step (\d+)\)$", log, re.MULTILINE)]
+
+
+def assert_evaluated_in_order(env, name: str) -> list[int]:
+    """README: every checkpoint is evaluated in order, one at a time. Read from the book on disk
+    (state_dir/evals/<name>.json and its journal): the evaluations, ordered by when they started,
+    are in checkpoint order, and each started after the one before it had finished. Returns the
+    checkpoint numbers in that order."""
+    book, _ = bookfile.load(os.path.join(env.state, "evals", f"{name}.json"), EvalPolicy())
+    done = sorted((c for c in book.checkpoints.values() if c.state == "evaluated"), key=lambda c: c.started_at)
+    order = [c.n for c in done]
+    assert order == sorted(order), f"evaluated out of checkpoint order: {order}"
+    for before, after in zip(done, done[1:]):
+        assert before.finished_at <= after.started_at, (
+            f"ckpt-{after.n} started at {after.started_at} before ckpt-{before.n} finished at {before.finished_at}")
+    return order
 
 
 def evaluated(job: dict | None) -> list[dict]:
@@ -32,7 +59,10 @@ def test_every_checkpoint_is_evaluated_exactly_once_even_with_max_to_keep_1(daem
     job = env.wait_state("keep1", "succeeded", 90)
     steps = [c["step"] for c in evaluated(job)]
     assert steps == list(range(0, 51, 5))  # ckpt-1 is step 0 ... the final step 50
-    assert eval_steps(env, "keep1") == steps  # one set of eval events per checkpoint, none twice
+    # in order, each once: the book, the evaluator's own log and its event files say the same
+    assert assert_evaluated_in_order(env, "keep1") == list(range(1, 12))
+    assert evaluator_requests(env, "keep1") == list(zip(range(1, 12), steps))
+    assert eval_steps(env, "keep1") == steps  # one set of eval events per checkpoint, none twice, in order
     assert job["evaluation"]["counts"]["evaluated"] == 11 and job["evaluation"]["counts"]["missed"] == 0
     log = open(os.path.join(env.logs, "keep1", "eval.log")).read()
     assert log.count("INFO:tensorflow:Evaluating checkpoint") == 11
@@ -54,8 +84,12 @@ def test_a_crashing_evaluator_is_restarted_and_the_checkpoint_retried(daemon_env
                                           eval_crash=10, eval_crash_times=1))
     job = env.wait_state("evcrash", "succeeded", 90)
     by_step = {c["step"]: c for c in evaluated(job)}
-    assert sorted(by_step) == [0, 5, 10, 15, 20]
+    assert list(by_step) == [0, 5, 10, 15, 20]
     assert by_step[10]["attempts"] == 2 and by_step[5]["attempts"] == 1
+    # the crashed checkpoint is retried before any later one is begun: order holds across the crash
+    assert evaluator_requests(env, "evcrash") == [(1, 0), (2, 5), (3, 10), (3, 10), (4, 15), (5, 20)]
+    assert assert_evaluated_in_order(env, "evcrash") == [1, 2, 3, 4, 5]
+    assert eval_steps(env, "evcrash") == [0, 5, 10, 15, 20]
     log = open(os.path.join(env.logs, "evcrash", "eval.log")).read()
     assert "eval_crash at step 10" in log and log.count("ready") == 2
 
@@ -134,12 +168,34 @@ def test_status_shows_checkpoints_trends_and_best(daemon_env):
     env = daemon_env.start()
     env.drop("show.toml", env.job_text("show", num_steps=30, every=10, keep=5, step_seconds=0.01))
     env.wait_state("show", "succeeded", 60)
-    time.sleep(0.3)
+    # the last training scalars are read (event files are followed, not awaited by the job's end)
+    wait_for(lambda: (env.job("show")["loss_history"] or [[None]])[-1][0] == 30, 60,
+             what="the step-30 loss in the view")
     out = env.cli("status", "show")
     assert out.returncode == 0, out.stderr
-    text = out.stdout
-    assert "best" in text and "ckpt-4" in text and "evaluated" in text
-    assert "loss" in text and "mAP" in text
+    lines = out.stdout.splitlines()
+    # what the stand-in evaluator computes for ckpt-1..4 (steps 0, 10, 20, 30); mAP rises, so ckpt-4 is the best
+    expected = {n: eval_metrics(step)[MAP] for n, step in ((1, 0), (2, 10), (3, 20), (4, 30))}
+    rows = {int(m.group(1)): m for m in (re.match(r"^\s+ckpt-(\d+)\s+(\d+) (\w+)\s+([\d.]+)\s+\S+\s+\S+(.*)$", line)
+                                         for line in lines) if m}
+    assert sorted(rows) == [1, 2, 3, 4], out.stdout
+    for n, m in rows.items():
+        assert (int(m.group(2)), m.group(3), m.group(4)) == ((n - 1) * 10, "evaluated", f"{expected[n]:.4f}"), \
+            m.group(0)
+        assert (m.group(5) == "  <- best") == (n == 4), m.group(0)
+    assert f"  best       ckpt-4 step 30 mAP {expected[4]:.4g}" in lines, out.stdout
+    assert "  checkpoints (4 evaluated):" in lines, out.stdout
+    map_line = next(line for line in lines if line.startswith("  mAP "))
+    assert map_line.endswith(f"  {expected[1]:.3g} -> {expected[4]:.3g}") and len(map_line.split()[1]) == 4, map_line
+    # the train loss trend: from the first recorded step to step 30, the values the stand-in trained with
+    loss = re.fullmatch(r"  loss       (\S+)  (\S+) -> (\S+) \(steps (\d+)-(\d+)\)", next(
+        line for line in lines if line.startswith("  loss ")))
+    assert loss, out.stdout
+    first, last = int(loss.group(4)), int(loss.group(5))
+    pipeline = {"num_steps": 30}
+    assert last == 30 and 0 <= first < last, loss.group(0)
+    assert (loss.group(2), loss.group(3)) == (f"{train_scalars(first, pipeline)['Loss/total_loss']:.3g}",
+                                              f"{train_scalars(30, pipeline)['Loss/total_loss']:.3g}"), loss.group(0)
 
 
 def test_cold_one_shot_evaluation_from_the_cli(daemon_env):

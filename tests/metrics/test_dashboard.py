@@ -11,7 +11,6 @@ import subprocess
 import pytest
 from prom import PROMTOOL, REPO, all_panels, dashboard_expressions, dashboard_targets, load_dashboard
 
-from oddaemon.config import DEFAULT_PORT
 from oddaemon.metrics import SnapshotCollector, build_snapshot
 
 DS = {"type": "prometheus", "uid": "${datasource}"}
@@ -125,7 +124,18 @@ def test_scrape_config_example_is_valid_and_targets_the_default_port():
     path = os.path.join(REPO, "etc", "prometheus", "oddaemon-scrape.yml")
     out = subprocess.run([PROMTOOL, "check", "config", path], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert f'"127.0.0.1:{DEFAULT_PORT}"' in open(path).read()
+
+
+def test_scrape_config_example_scrapes_the_documented_default_address():
+    """The README's default (127.0.0.1:9781, [metrics] listen left out) is what the example scrapes,
+    read as Prometheus reads the file, not as text."""
+    yaml = pytest.importorskip("yaml")
+    with open(os.path.join(REPO, "etc", "prometheus", "oddaemon-scrape.yml")) as f:
+        config = yaml.safe_load(f)
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    job = jobs["oddaemon"]
+    assert job.get("metrics_path", "/metrics") == "/metrics" and job.get("scheme", "http") == "http"
+    assert [target for static in job["static_configs"] for target in static["targets"]] == ["127.0.0.1:9781"]
 
 
 def test_grafana_provisioning_files():

@@ -88,16 +88,34 @@ def test_real_training_evaluation_best_and_export(real_env):
         ("evaluated", s, 1) for s in (0, 5, 10, 15, 16)]
     assert all(MAP in c["metrics"] and "DetectionBoxes_Recall/AR@100" in c["metrics"] for c in checkpoints)
     log = open(os.path.join(env.logs, "tiny", "eval.log")).read()
-    assert log.count("ready") >= 1  # one warm evaluator did the work
+    # one warm evaluator did the work: started once, its model built once, ready once
+    assert log.count("==== oddaemon: starting eval") == 1, log[-4000:]
+    assert len(re.findall(r"oddaemon\.workers eval-serve: model built in [\d.]+s; ready", log)) == 1, log[-4000:]
     # TF kept only one checkpoint; oddaemon pinned and evaluated all five; best/ holds the best one
     kept = [n for n in os.listdir(os.path.join(env.models, "tiny")) if n.endswith(".index")]
     assert len(kept) == 1
-    best = json.load(open(os.path.join(env.models, "tiny", "best", "best.json")))
-    values = {c["step"]: c["metrics"][MAP] for c in checkpoints}
-    assert best["value"] == max(values.values()) and values[best["step"]] == best["value"]
-    # the CLI shows train loss and eval mAP
+    # the best by the book: the highest mAP, a tie going to the later checkpoint (README: ties go to
+    # the more trained one), worked out here from the evaluated checkpoints
+    top = max(c["metrics"][MAP] for c in checkpoints)
+    expected = max((c for c in checkpoints if c["metrics"][MAP] == top), key=lambda c: c["n"])
+    assert final["evaluation"]["best"]["checkpoint"] == expected["checkpoint"]
+    assert [c["checkpoint"] for c in checkpoints if c["best"]] == [expected["checkpoint"]]
+    best_dir = os.path.join(env.models, "tiny", "best")
+    best = json.load(open(os.path.join(best_dir, "best.json")))
+    assert (best["checkpoint"], best["step"], best["value"]) == (expected["checkpoint"], expected["step"], top)
+    # its files are there, whole: the index and every data shard it names ("-of-S")
+    files = sorted(os.listdir(best_dir))
+    shards = [f for f in files if f.startswith(f"{expected['checkpoint']}.data-")]
+    assert shards, files
+    total = int(re.fullmatch(rf"{expected['checkpoint']}\.data-\d{{5}}-of-(\d{{5}})", shards[0]).group(1))
+    assert files == sorted(["best.json", f"{expected['checkpoint']}.index"] +
+                           [f"{expected['checkpoint']}.data-{i:05d}-of-{total:05d}" for i in range(total)]), files
+    assert all(os.path.getsize(os.path.join(best_dir, f)) > 0 for f in files), files
+    # the CLI shows train loss, eval mAP and that best
     out = env.cli("status", "tiny")
-    assert out.returncode == 0 and "total_loss=" in out.stdout and "best" in out.stdout and "mAP" in out.stdout
+    assert out.returncode == 0 and "total_loss=" in out.stdout and "mAP" in out.stdout, out.stdout
+    assert f"  best       {expected['checkpoint']} step {expected['step']} mAP {top:.4g}" in out.stdout.splitlines(), \
+        out.stdout
     # the export of the best checkpoint loads and detects
     exported = os.path.join(env.models, "tiny", "exported")
     wait_for(lambda: os.path.exists(os.path.join(exported, "saved_model.pb")), 120, 1.0, what="the export")

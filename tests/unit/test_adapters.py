@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 
 import pytest
 
+from oddaemon.errors import OperationError
 from oddaemon.logs import LogPump, RotatingLog
 from oddaemon.loop import GLibLoop, SelectLoop
 from oddaemon.spool import NotARegularFile, Spool, is_candidate
@@ -67,7 +69,8 @@ def test_submit_refuses_to_replace_a_waiting_file(tmp_path):
     src.write_text("one")
     spool.submit(str(src))
     src.write_text("two")
-    with pytest.raises(Exception, match="already waiting"):
+    with pytest.raises(OperationError, match=re.escape(
+            f"cannot submit to {spool.new}/a.toml: a file with this name is already waiting in the spool")):
         spool.submit(str(src))
     assert open(f"{spool.new}/a.toml").read() == "one"
     assert os.listdir(spool.tmp) == []
@@ -145,6 +148,10 @@ def test_log_pump_keeps_partial_lines_until_complete(tmp_path):
 
 @pytest.mark.parametrize("loop_class", LOOPS)
 def test_loop_timers_readers_signals_and_errors(loop_class):
+    """Each step is started by the one before it (a timer writes, the reader's callback arms the next
+    write, the last read raises a signal, the signal stops the loop), so a stalled machine cannot merge
+    or reorder them. A timer that was removed, due at once, never runs; a generous deadline ends a
+    loop that lost an event."""
     loop = loop_class()
     seen = []
     r, w = os.pipe()
@@ -153,20 +160,32 @@ def test_loop_timers_readers_signals_and_errors(loop_class):
         data = os.read(r, 100)
         seen.append(("read", data))
         if data == b"boom":
+            loop.call_later(0, lambda: os.write(w, b"again"))
             raise RuntimeError("a failing callback must not remove its source")
+        if data == b"again":
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    def on_usr1():
+        seen.append("usr1")
+        loop.call_later(0, loop.stop)  # due after the removed timer below: it had its chance to run
+
+    def deadline():
+        seen.append("deadline")
+        loop.stop()
 
     loop.add_reader(r, on_read)
-    loop.call_later(0.05, lambda: os.write(w, b"boom"))
-    loop.call_later(0.10, lambda: os.write(w, b"again"))
-    cancelled = loop.call_later(0.12, lambda: seen.append("cancelled timer ran"))
+    cancelled = loop.call_later(0, lambda: seen.append("cancelled timer ran"))
     loop.remove(cancelled)
-    loop.add_signal(signal.SIGUSR1, lambda: seen.append("usr1"))
-    loop.call_later(0.15, lambda: os.kill(os.getpid(), signal.SIGUSR1))
-    loop.call_later(0.30, loop.stop)
-    loop.run()
-    loop.close()
-    os.close(r)
-    os.close(w)
+    loop.add_signal(signal.SIGUSR1, on_usr1)
+    loop.call_later(0, lambda: os.write(w, b"boom"))
+    guard = loop.call_later(120, deadline)
+    try:
+        loop.run()
+    finally:
+        loop.remove(guard)
+        loop.close()
+        os.close(r)
+        os.close(w)
     assert seen == [("read", b"boom"), ("read", b"again"), "usr1"]
 
 
@@ -183,6 +202,7 @@ def test_the_daemons_own_deliveries_go_through_tmp_and_half_writes_are_cleaned_a
     spool.ensure_dirs()
     assert sorted(os.listdir(spool.tmp)) == [".users-own.toml"]
     assert sorted(os.listdir(spool.new)) == [".users-own.toml", "x.1234.toml"]
-    with pytest.raises(Exception, match="deliver to"):
+    with pytest.raises(OperationError, match=re.escape(
+            f"cannot deliver to {path}: a file with this name is already waiting in the spool")):
         spool.deliver(b"again", "x.1234.toml")  # never replaces a waiting file
     assert open(path, "rb").read() == b'name = "x"\n' and os.listdir(spool.tmp) == [".users-own.toml"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
@@ -67,8 +68,11 @@ def exposition() -> str:
 
 def test_values_and_labels(exposition):
     s = samples(exposition)
-    assert s[("oddaemon_build_info", (("python", s and next(k for k in s if k[0] == "oddaemon_build_info")[1][0][1]),
-                                      ("version", "0.1.0")))] == 1
+    # the interpreter's own version string (not the collector's source of it), and the release in pyproject.toml
+    python = sys.version.split()[0]
+    assert [k for k in s if k[0] == "oddaemon_build_info"] == [
+        ("oddaemon_build_info", (("python", python), ("version", "0.1.0")))]
+    assert s[("oddaemon_build_info", (("python", python), ("version", "0.1.0")))] == 1
     assert s[("oddaemon_jobs", (("state", "running"),))] == 1
     assert s[("oddaemon_jobs", (("state", "evaluating"),))] == 0
     assert s[("oddaemon_queue_length", ())] == 1
