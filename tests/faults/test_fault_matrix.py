@@ -20,11 +20,9 @@ import tempfile
 import time
 
 import pytest
-from harness import train_marker, wait_for, worker_pids
+from harness import assert_evaluated_in_order, train_marker, wait_for, worker_pids
 
-from oddaemon import bookfile
 from oddaemon import store as store_module
-from oddaemon.evalbook import EvalPolicy
 from oddaemon.store import TEMP_PREFIX, Store
 from oddaemon.testing.standin import checkpoint_step, read_checkpoint_state
 from oddaemon.tfevents import EventDirReader
@@ -62,22 +60,6 @@ def eval_event_steps(env, name: str) -> list[int]:
     wall time), not sorted: order is part of what is checked."""
     events = [e for e in EventDirReader(os.path.join(env.models, name, "eval")).read_new() if MAP in e.values]
     return [e.step for e in sorted(events, key=lambda e: e.wall_time)]
-
-
-def assert_evaluated_in_order(env, name: str) -> list[int]:
-    """README: every checkpoint is evaluated in order, one at a time. Read from the book on disk
-    (state_dir/evals/<name>.json and its journal): the evaluations, ordered by when they (last)
-    started, are in checkpoint order, and each started after the one before it had finished.
-    Returns the checkpoint numbers in that order."""
-    saved, _ = bookfile.load(os.path.join(env.state, "evals", f"{name}.json"), EvalPolicy())
-    done = sorted((c for c in saved.checkpoints.values() if c.state == "evaluated"), key=lambda c: c.started_at)
-    order = [c.n for c in done]
-    assert order == sorted(order), f"{name}: evaluated out of checkpoint order: {order}"
-    for before, after in zip(done, done[1:]):
-        assert before.finished_at <= after.started_at, (
-            f"{name}: ckpt-{after.n} started at {after.started_at} before ckpt-{before.n} finished at "
-            f"{before.finished_at}")
-    return order
 
 
 def assert_every_checkpoint_evaluated(job: dict, steps: list[int]) -> None:

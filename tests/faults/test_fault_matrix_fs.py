@@ -15,7 +15,7 @@ import subprocess
 import time
 
 import pytest
-from harness import train_marker, wait_for, worker_pids
+from harness import mount, train_marker, wait_for, worker_pids
 from test_fault_matrix import (BAD_JOB, assert_every_checkpoint_evaluated, assert_jobs_listed, assert_no_file_lost,
                                assert_still_serving, book, evaluated_steps)
 
@@ -24,23 +24,6 @@ from oddaemon.tfevents import FILE_PREFIX, encode_scalar_event
 from oddaemon.tfrecord import encode_record
 
 MAX_QUEUED_EVENTS = "/proc/sys/fs/inotify/max_queued_events"
-
-
-def _mount(*args: str) -> None:
-    subprocess.run(["mount", *args], check=True, capture_output=True, text=True)
-
-
-@pytest.fixture
-def mounts(daemon_env):
-    """Mount points to undo at teardown, after the daemon and its workers are gone (they hold files open)."""
-    points: list[str] = []
-    yield points
-    try:
-        daemon_env.close()
-    finally:
-        for point in reversed(points):
-            if subprocess.run(["umount", point], capture_output=True).returncode != 0:
-                subprocess.run(["umount", "-l", point], capture_output=True)
 
 
 @contextlib.contextmanager
@@ -75,7 +58,7 @@ def _step(env, name: str) -> int:
 def test_log_directory_full_job_runs_on_errors_reported_and_writing_resumes(daemon_env, mounts):
     env = daemon_env
     os.makedirs(env.logs)
-    _mount("-t", "tmpfs", "-o", "size=256k", "tmpfs", env.logs)
+    mount("-t", "tmpfs", "-o", "size=256k", "tmpfs", env.logs)
     mounts.append(env.logs)
     env.start()
     filler = os.path.join(env.logs, "filler")
@@ -176,9 +159,9 @@ def test_model_dir_read_only_under_a_running_job_fails_readably_then_resumes(dae
     with _paused(_trainer(env, "ro")):
         wait_for(lambda: evaluated_steps(env.job("ro")) and len(evaluated_steps(env.job("ro"))) == len(
             [n for n in os.listdir(model_dir) if n.endswith(".index")]), 30, what="evaluation to catch up")
-        _mount("--bind", model_dir, model_dir)
+        mount("--bind", model_dir, model_dir)
         mounts.append(model_dir)
-        _mount("-o", "remount,bind,ro", model_dir)
+        mount("-o", "remount,bind,ro", model_dir)
     job = env.wait_state("ro", "failed", 60)
     assert job["restarts"] == 2 and "gave up after 3 consecutive failure(s)" in job["reason"], job["reason"]
     log = open(os.path.join(env.logs, "ro", "train.log")).read()

@@ -37,7 +37,7 @@ import time
 import urllib.request
 
 import pytest
-from harness import DaemonEnv, train_marker, wait_for, worker_pids
+from harness import DaemonEnv, mount, train_marker, wait_for, worker_pids
 from prometheus_client.parser import text_string_to_metric_families
 
 from oddaemon.control import DaemonUnreachable, request
@@ -132,23 +132,6 @@ def starts_in(log_path: str, role: str) -> list[str]:
 
 
 # ------------------------------------------------------------------- 2. the storage failure kind
-def _mount(*args: str) -> None:
-    subprocess.run(["mount", *args], check=True, capture_output=True, text=True)
-
-
-@pytest.fixture
-def mounts(daemon_env):
-    """Mount points to undo at teardown, after the daemon and its workers are gone."""
-    points: list[str] = []
-    yield points
-    try:
-        daemon_env.close()
-    finally:
-        for point in reversed(points):
-            if subprocess.run(["umount", point], capture_output=True).returncode != 0:
-                subprocess.run(["umount", "-l", point], capture_output=True)
-
-
 @needs_root
 def test_storage_failure_names_its_path_in_the_view_and_status_and_resumes_once_it_works(daemon_env, mounts):
     # README, "When training fails": storage = "a file system error with its path ... restarts with
@@ -161,9 +144,9 @@ def test_storage_failure_names_its_path_in_the_view_and_status_and_resumes_once_
     trainer = wait_for(lambda: pids_of(train_marker(env, "ro")), 30, what="the trainer")[0]
     os.kill(trainer, signal.SIGSTOP)  # no write of its own between the two mount calls
     try:
-        _mount("--bind", model_dir, model_dir)
+        mount("--bind", model_dir, model_dir)
         mounts.append(model_dir)
-        _mount("-o", "remount,bind,ro", model_dir)
+        mount("-o", "remount,bind,ro", model_dir)
     finally:
         os.kill(trainer, signal.SIGCONT)
 

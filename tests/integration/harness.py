@@ -13,7 +13,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from oddaemon import bookfile
 from oddaemon.control import DaemonUnreachable, request
+from oddaemon.evalbook import EvalPolicy
 
 STANDIN = "oddaemon.testing.standin"
 
@@ -213,3 +215,40 @@ class DaemonEnv:
     def accepted(self) -> list[str]:
         d = os.path.join(self.spool, "accepted")
         return sorted(os.listdir(d)) if os.path.isdir(d) else []
+
+
+def assert_evaluated_in_order(env, name: str) -> list[int]:
+    """README: every checkpoint is evaluated in order, one at a time. Read from the book on disk
+    (state_dir/evals/<name>.json and its journal): the evaluations, ordered by when they started,
+    are in checkpoint order, and each started after the one before it had finished. Returns the
+    checkpoint numbers in that order."""
+    book, _ = bookfile.load(os.path.join(env.state, "evals", f"{name}.json"), EvalPolicy())
+    done = sorted((c for c in book.checkpoints.values() if c.state == "evaluated"), key=lambda c: c.started_at)
+    order = [c.n for c in done]
+    assert order == sorted(order), f"evaluated out of checkpoint order: {order}"
+    for before, after in zip(done, done[1:]):
+        assert before.finished_at <= after.started_at, (
+            f"ckpt-{after.n} started at {after.started_at} before ckpt-{before.n} finished at {before.finished_at}")
+    return order
+
+
+def mount(*args: str) -> None:
+    """mount(8) with these arguments; CalledProcessError when it fails."""
+    subprocess.run(["mount", *args], check=True, capture_output=True, text=True)
+
+
+def damage_record(path: str, record: int) -> int:
+    """Flip a byte inside the payload of TFRecord ``record`` of ``path``, in place (its CRC no longer
+    matches, as on a failing disk); the record's byte offset."""
+    import struct  # noqa: PLC0415
+
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    offset = 0
+    for _ in range(record):
+        (length,) = struct.unpack("<Q", data[offset:offset + 8])
+        offset += 12 + length + 4
+    data[offset + 12 + 5] ^= 0xFF
+    with open(path, "r+b") as f:
+        f.write(bytes(data))
+    return offset

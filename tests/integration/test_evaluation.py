@@ -7,10 +7,8 @@ import os
 import re
 import signal
 
-from harness import wait_for, worker_pids
+from harness import assert_evaluated_in_order, wait_for, worker_pids
 
-from oddaemon import bookfile
-from oddaemon.evalbook import EvalPolicy
 from oddaemon.tfevents import EventDirReader
 from oddaemon.testing.standin import eval_metrics, train_scalars
 
@@ -30,21 +28,6 @@ def evaluator_requests(env, name: str) -> list[tuple[int, int]]:
     log = open(os.path.join(env.logs, name, "eval.log")).read()
     return [(int(n), int(step)) for n, step in
             re.findall(r"^INFO:tensorflow:Evaluating checkpoint \S*/ckpt-(\d+) \(step (\d+)\)$", log, re.MULTILINE)]
-
-
-def assert_evaluated_in_order(env, name: str) -> list[int]:
-    """README: every checkpoint is evaluated in order, one at a time. Read from the book on disk
-    (state_dir/evals/<name>.json and its journal): the evaluations, ordered by when they started,
-    are in checkpoint order, and each started after the one before it had finished. Returns the
-    checkpoint numbers in that order."""
-    book, _ = bookfile.load(os.path.join(env.state, "evals", f"{name}.json"), EvalPolicy())
-    done = sorted((c for c in book.checkpoints.values() if c.state == "evaluated"), key=lambda c: c.started_at)
-    order = [c.n for c in done]
-    assert order == sorted(order), f"evaluated out of checkpoint order: {order}"
-    for before, after in zip(done, done[1:]):
-        assert before.finished_at <= after.started_at, (
-            f"ckpt-{after.n} started at {after.started_at} before ckpt-{before.n} finished at {before.finished_at}")
-    return order
 
 
 def evaluated(job: dict | None) -> list[dict]:

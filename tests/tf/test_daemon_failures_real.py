@@ -6,30 +6,16 @@ from __future__ import annotations
 
 import os
 import signal
-import struct
 import sys
 
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "integration"))
-from harness import wait_for, worker_pids  # noqa: E402
+from harness import damage_record, wait_for, worker_pids  # noqa: E402
 from test_daemon_real import REAL_TF, real_env, tiny_job  # noqa: E402,F401
 
 pytestmark = [*REAL_TF, pytest.mark.timeout(1200)]
-
-
-def damage_record(path: str, record: int) -> int:
-    """Flip a byte inside ``record``'s payload (its CRC no longer matches); its byte offset."""
-    data = bytearray(open(path, "rb").read())
-    offset = 0
-    for _ in range(record):
-        (length,) = struct.unpack("<Q", data[offset:offset + 8])
-        offset += 12 + length + 4
-    data[offset + 12 + 5] ^= 0xFF
-    with open(path, "r+b") as f:  # in place, as a failing disk would
-        f.write(bytes(data))
-    return offset
 
 
 def test_a_record_damaged_under_a_running_real_job_fails_it_at_once_naming_file_and_record(real_env):
