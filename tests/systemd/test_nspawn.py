@@ -394,6 +394,35 @@ TF_JOB = "tf_tiny"
 TF_DATA = "/srv/oddaemon/tfdemo"
 
 
+OOM_HOG = (  # joins the service's cgroup, then fills memory page by page until the OOM killer takes it
+    "echo $$ > /sys/fs/cgroup/system.slice/oddaemon.service/cgroup.procs && "
+    "exec python3 -c 'import time; chunks = []\nwhile True: chunks.append(b\"x\" * (1 << 24))'")
+
+
+def test_a_process_of_the_service_killed_by_the_oom_killer_leaves_the_daemon_running(installed):
+    """OOMPolicy=continue: a worker taken by the kernel's OOM killer is a job failure the daemon
+    handles; systemd must not stop the service (with the default OOMPolicy=stop it would)."""
+    inst = installed
+    if inst.sh("test -w /sys/fs/cgroup/system.slice/oddaemon.service/memory.max", check=False).returncode != 0:
+        pytest.skip("no memory controller in the container's cgroup for the service")
+    before = inst.show("MainPID", "NRestarts")
+    used = int(inst.sh("cat /sys/fs/cgroup/system.slice/oddaemon.service/memory.current").stdout)
+    cursor = inst.sh("journalctl -n 0 --show-cursor -q | sed -n 's/^-- cursor: //p'").stdout.strip()
+    inst.sh(f"systemctl set-property --runtime oddaemon.service MemoryMax={used + 64 * 2**20}")
+    try:
+        hog = inst.sh(OOM_HOG, check=False, timeout=120)
+    finally:
+        inst.sh("systemctl set-property --runtime oddaemon.service MemoryMax=infinity")
+    assert hog.returncode == -9 or hog.returncode == 137, (hog.returncode, hog.stderr[-500:])
+    events = inst.sh("cat /sys/fs/cgroup/system.slice/oddaemon.service/memory.events").stdout
+    assert int(re.search(r"^oom_kill (\d+)", events, re.M).group(1)) >= 1, events
+    journal = inst.sh(f"journalctl -u oddaemon.service --after-cursor='{cursor}' -o cat", check=False).stdout
+    assert "killed by the OOM killer" in journal, journal[-3000:]
+    assert "Failed with result 'oom-kill'" not in journal and "Deactivated" not in journal, journal[-3000:]
+    assert running(inst) and inst.show("MainPID", "NRestarts") == before  # the same daemon, never restarted
+    assert inst.sh("/opt/oddaemon/.venv/bin/oddaemon list", check=False).returncode == 0
+
+
 @pytest.mark.timeout(2700)
 def test_real_tf_workers_train_and_evaluate_under_the_hardened_unit(installed):
     """The real workers (python -m oddaemon.workers: TF 2.15 and the Object Detection API) under
