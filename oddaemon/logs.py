@@ -198,7 +198,7 @@ class LogPump:
         self.log.write(whole)
         lines = whole.decode("utf-8", "replace").splitlines()
         if FAILURE_MARKER in whole:
-            self.marker = next(line for line in reversed(lines) if FAILURE_MARKER.decode() in line)
+            self.marker = next(line for line in reversed(lines) if MARKER in line)
         for line in lines[-self.tail.maxlen:]:
             self.tail.append(line)
 

@@ -154,17 +154,23 @@ def read_checkpoint_state(model_dir: str) -> list[str]:
     return [os.path.join(model_dir, name) for name, _ in parse_state(model_dir)]
 
 
-def checkpoint_step(prefix: str) -> int:
-    """The step stored in ``<prefix>.index``. OSError if unreadable, ValueError if not a stand-in index."""
+def read_index(prefix: str) -> dict:
+    """``<prefix>.index`` as the stand-in trainer wrote it ({"step": int, "shards": int, ...}).
+    OSError if unreadable, ValueError if not a stand-in index."""
     with open(prefix + ".index", "rb") as index:
         data = index.read()
     try:
-        step = json.loads(data)["step"]
-    except (ValueError, KeyError, TypeError):
-        step = None
-    if not isinstance(step, int):
+        fields = json.loads(data)
+    except ValueError:
+        fields = None
+    if not isinstance(fields, dict) or not isinstance(fields.get("step"), int):
         raise ValueError(f"{prefix}.index is not a stand-in checkpoint index")
-    return step
+    return fields
+
+
+def checkpoint_step(prefix: str) -> int:
+    """The step stored in ``<prefix>.index``. OSError if unreadable, ValueError if not a stand-in index."""
+    return read_index(prefix)["step"]
 
 
 # ------------------------------------------------------------------------------------------ worker

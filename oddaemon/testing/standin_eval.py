@@ -19,7 +19,7 @@ import time
 import zlib
 
 from oddaemon.testing.standin_core import (Setup, Terminated, checkpoint_step, err, eval_metrics, log_tf,
-                                           print_traceback, sleep, take_failure_budget)
+                                           print_traceback, read_index, sleep, take_failure_budget)
 from oddaemon.testing.standin_files import shard_names
 from oddaemon.tfevents import EventFileWriter
 
@@ -43,7 +43,7 @@ def restore_step(prefix: str) -> int:
     stand-in trainer wrote is "unreadable or corrupt ... block checksum mismatch"; a data shard that
     is not the short text it writes fails TF's checksum. Raises EvalFailure."""
     try:
-        step = checkpoint_step(prefix)
+        index = read_index(prefix)
     except OSError as exc:
         raise EvalFailure(f"cannot read checkpoint {prefix}: {exc}") from None
     except ValueError:
@@ -51,12 +51,9 @@ def restore_step(prefix: str) -> int:
                           f"({prefix}.index). Perhaps the file is corrupt or was produced by a newer version of "
                           "TensorFlow with format changes (failed to seek to header entry): block checksum "
                           "mismatch") from None
-    shards = 1
-    try:
-        with open(prefix + ".index", "rb") as index:
-            shards = int(json.loads(index.read()).get("shards", 1))
-    except (OSError, ValueError, TypeError, AttributeError):
-        pass
+    step = index["step"]
+    shards = index.get("shards", 1)
+    shards = shards if isinstance(shards, int) and shards > 0 else 1
     for shard in shard_names(prefix, shards):
         try:
             with open(shard, "rb") as data_file:
