@@ -1,3 +1,3 @@
-from oddaemon.cli import main
+from oddaemon.cli.main import main
 
 raise SystemExit(main())

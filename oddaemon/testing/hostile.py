@@ -15,7 +15,7 @@ import os
 import random
 from dataclasses import dataclass
 
-from oddaemon.jobspec import ALLOWED_KEYS, CHECKPOINT_TYPES, EVAL_DEVICES, TABLES, WHEN_BEHIND, ValidationContext
+from oddaemon.core.jobspec import ALLOWED_KEYS, CHECKPOINT_TYPES, EVAL_DEVICES, TABLES, WHEN_BEHIND, ValidationContext
 
 KINDS = ("random_bytes", "token_soup", "toml_doc", "valid_job", "mutated", "deep_nesting", "huge_array",
          "long_values")

@@ -2,7 +2,7 @@
 
     python -m oddaemon.testing.stall [the oddaemon command line, e.g. -c FILE serve]
 
-runs ``oddaemon.cli.main`` unchanged, after installing a SIGUSR2 handler that never returns: once
+runs ``oddaemon.cli.main.main`` unchanged, after installing a SIGUSR2 handler that never returns: once
 the signal arrives, the main-loop thread spins in Python code (the handler runs on that thread,
 between two bytecodes of whatever the loop was doing), so no callback runs any more and no
 WATCHDOG=1 is sent, while the process stays alive and its C-level signal handlers still work.
@@ -12,7 +12,7 @@ unit drop-in's ExecStart) to see systemd's watchdog send SIGABRT, the daemon's f
 print this stack to the journal, and systemd restart the service.
 
 This module does not enable faulthandler itself: the stack in the journal must come from the
-daemon's own set-up (``oddaemon.daemon.run``).
+daemon's own set-up (``oddaemon.service.daemon.run``).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def spin_forever() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGUSR2, stall_the_main_loop)
-    from oddaemon.cli import main as oddaemon_main  # noqa: PLC0415
+    from oddaemon.cli.main import main as oddaemon_main  # noqa: PLC0415
 
     return oddaemon_main(argv)
 

@@ -21,8 +21,8 @@ import struct
 import time
 
 from oddaemon.testing.standin_core import STATE_FILE, parse_state
-from oddaemon.tfevents import EventFileWriter
-from oddaemon.tfrecord import masked_crc32c
+from oddaemon.formats.tfevents import EventFileWriter
+from oddaemon.formats.tfrecord import masked_crc32c
 
 
 def shard_names(name: str, shards: int) -> list[str]:

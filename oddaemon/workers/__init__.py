@@ -2,7 +2,7 @@
 
     python -m oddaemon.workers train       --job JOB.json
     python -m oddaemon.workers eval        --job JOB.json --checkpoint PREFIX --result OUT.json
-    python -m oddaemon.workers eval-serve  --job JOB.json --reply-fd N   (warm evaluator, oddaemon/warm.py)
+    python -m oddaemon.workers eval-serve  --job JOB.json --reply-fd N   (warm evaluator, oddaemon/service/warm.py)
     python -m oddaemon.workers export      --job JOB.json --checkpoint PREFIX --output DIR
     python -m oddaemon.workers preflight   --job JOB.json --result OUT.json
     python -m oddaemon.workers doctor      [--root PATH ...]

@@ -1,5 +1,5 @@
 """Name a train worker's own failure in one line the daemon reads (``oddaemon-failure: KIND: ...``,
-see ``oddaemon.failures``), with what the exception alone does not say: which input file holds the
+see ``oddaemon.core.failures``), with what the exception alone does not say: which input file holds the
 corrupt record, and at which record.
 
 Called from ``__main__`` with the exception that ends the worker; it never raises.
@@ -11,7 +11,7 @@ import glob
 import re
 import time
 
-from oddaemon.failures import marker_line
+from oddaemon.core.failures import marker_line
 
 SCAN_SECONDS = 300.0  # at most this long looking for the corrupt file
 

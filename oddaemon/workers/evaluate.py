@@ -5,7 +5,7 @@
 
 ``eval`` evaluates exactly one checkpoint and exits (``model_main_tf2.py --checkpoint_dir`` instead
 polls the directory forever). ``eval-serve`` is the warm evaluator the daemon speaks to
-(``oddaemon/warm.py``): requests are JSON lines on stdin ``{"checkpoint": PREFIX, "result": PATH}``;
+(``oddaemon/service/warm.py``): requests are JSON lines on stdin ``{"checkpoint": PREFIX, "result": PATH}``;
 replies are JSON lines on fd N: ``{"event": "ready"}`` once the model is built, then per request
 ``{"event": "done", "checkpoint": ..., "result": ...}`` (the result file written before) or
 ``{"event": "failed", "checkpoint": ..., "error": ...}`` (the process stays up); EOF on stdin ends it.

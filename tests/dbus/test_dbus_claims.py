@@ -21,8 +21,8 @@ except (ImportError, ValueError):
 
 from gi.repository import Gio, GLib  # noqa: E402
 
-from oddaemon import dbus_client as dc  # noqa: E402
-from oddaemon import dbus_service as ds  # noqa: E402
+from oddaemon.cli import dbus_client as dc  # noqa: E402
+from oddaemon.service import dbus_service as ds  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "integration"))
 from harness import DaemonEnv  # noqa: E402

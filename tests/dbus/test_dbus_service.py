@@ -24,9 +24,9 @@ except (ImportError, ValueError):
 
 from gi.repository import Gio, GLib  # noqa: E402
 
-from oddaemon import dbus_client as dc  # noqa: E402
-from oddaemon import dbus_service as ds  # noqa: E402
-from oddaemon.commands import CommandError  # noqa: E402
+from oddaemon.cli import dbus_client as dc  # noqa: E402
+from oddaemon.service import dbus_service as ds  # noqa: E402
+from oddaemon.service.commands import CommandError  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -22,10 +22,10 @@ import time
 import pytest
 from harness import assert_evaluated_in_order, train_marker, wait_for, worker_pids
 
-from oddaemon import store as store_module
-from oddaemon.store import TEMP_PREFIX, Store
+from oddaemon.adapters import store as store_module
+from oddaemon.adapters.store import TEMP_PREFIX, Store
 from oddaemon.testing.standin import checkpoint_step, read_checkpoint_state
-from oddaemon.tfevents import EventDirReader
+from oddaemon.formats.tfevents import EventDirReader
 
 MAP = "DetectionBoxes_Precision/mAP"
 BAD_JOB = b'name = "broken"\nmodel_dir = \n'  # a TOML syntax error: always rejected

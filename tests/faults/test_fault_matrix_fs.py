@@ -20,8 +20,8 @@ from test_fault_matrix import (BAD_JOB, assert_every_checkpoint_evaluated, asser
                                assert_still_serving, book, evaluated_steps)
 
 from oddaemon.testing.standin_eval import DATA_SHARD, EvalFailure, restore_step
-from oddaemon.tfevents import FILE_PREFIX, encode_scalar_event
-from oddaemon.tfrecord import encode_record
+from oddaemon.formats.tfevents import FILE_PREFIX, encode_scalar_event
+from oddaemon.formats.tfrecord import encode_record
 
 MAX_QUEUED_EVENTS = "/proc/sys/fs/inotify/max_queued_events"
 

@@ -24,12 +24,12 @@ from harness import wait_for
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from oddaemon import scheduler as sch
-from oddaemon.config import Config
-from oddaemon.intake import SpoolIntake
-from oddaemon.jobspec import ALLOWED_KEYS, MAX_PROBLEMS, TABLES, JobSpec, Problem, parse_job, render_error_file
-from oddaemon.printable import printable
-from oddaemon.spool import NotARegularFile, Spool
+from oddaemon.core import scheduler as sch
+from oddaemon.core.config import Config
+from oddaemon.service.intake import SpoolIntake
+from oddaemon.core.jobspec import ALLOWED_KEYS, MAX_PROBLEMS, TABLES, JobSpec, Problem, parse_job, render_error_file
+from oddaemon.core.printable import printable
+from oddaemon.adapters.spool import NotARegularFile, Spool
 from oddaemon.testing import hostile
 
 CI_MAX_ARRAY = 5_000  # huge arrays here have 500 to 5,000 entries; the daemon case and the bench go to 200,000

@@ -40,7 +40,7 @@ import pytest
 from harness import DaemonEnv, mount, train_marker, wait_for, worker_pids
 from prometheus_client.parser import text_string_to_metric_families
 
-from oddaemon.control import DaemonUnreachable, request
+from oddaemon.adapters.control import DaemonUnreachable, request
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, other users and groups)")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import re
 
-from oddaemon.tfrecord import encode_record
+from oddaemon.formats.tfrecord import encode_record
 
 FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "tf")
 

@@ -13,9 +13,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from oddaemon import bookfile
-from oddaemon.control import DaemonUnreachable, request
-from oddaemon.evalbook import EvalPolicy
+from oddaemon.adapters import bookfile
+from oddaemon.adapters.control import DaemonUnreachable, request
+from oddaemon.core.evalbook import EvalPolicy
 
 STANDIN = "oddaemon.testing.standin"
 

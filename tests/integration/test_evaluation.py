@@ -9,7 +9,7 @@ import signal
 
 from harness import assert_evaluated_in_order, wait_for, worker_pids
 
-from oddaemon.tfevents import EventDirReader
+from oddaemon.formats.tfevents import EventDirReader
 from oddaemon.testing.standin import eval_metrics, train_scalars
 
 MAP = "DetectionBoxes_Precision/mAP"

@@ -11,7 +11,7 @@ import subprocess
 import pytest
 from prom import PROMTOOL, REPO, all_panels, dashboard_expressions, dashboard_targets, load_dashboard
 
-from oddaemon.metrics import SnapshotCollector, build_snapshot
+from oddaemon.adapters.metrics import SnapshotCollector, build_snapshot
 
 DS = {"type": "prometheus", "uid": "${datasource}"}
 PANEL_TYPES = {"row", "timeseries", "stat", "bargauge", "table"}

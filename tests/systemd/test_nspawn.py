@@ -199,7 +199,7 @@ def test_dbus_api_and_policy(installed):
     # alice passes the policy; the daemon answers with its own errors.
     ghost = inst.c.run(["busctl", "call", *DBUS.split(), "Cancel", "s", "ghost"], user="alice", check=False)
     assert ghost.returncode != 0 and "no job named 'ghost'" in ghost.stderr, ghost
-    script = ("from oddaemon.dbus_client import Client\n"
+    script = ("from oddaemon.cli.dbus_client import Client\n"
               "c = Client.connect('system')\n"
               f"print(c.get_job('{LONG}')['state'], c.version(), c.queue_length(), c.gpus())\n")
     out = inst.c.run(["/opt/oddaemon/.venv/bin/python", "-c", script], user="alice").stdout.split()
@@ -295,7 +295,7 @@ def test_a_main_loop_stalled_in_python_is_aborted_with_its_stack_in_the_journal(
 
         spin = frame("oddaemon/testing/stall.py", "spin_forever")
         handler = frame("oddaemon/testing/stall.py", "stall_the_main_loop")
-        loop = frame("oddaemon/daemon.py", "run")
+        loop = frame("oddaemon/service/daemon.py", "run")
         assert 0 <= spin < handler < loop, text
         # restarted once by systemd (Restart=on-failure), and the job runs again
         assert int(inst.show("NRestarts")["NRestarts"]) == int(before["NRestarts"]) + 1
@@ -494,7 +494,7 @@ device = "cpu"
         owners = inst.sh(f"stat -c '%U' /srv/oddaemon/{TF_JOB}_model/ckpt-*.index /srv/oddaemon/{TF_JOB}_model/checkpoint"
                          ).stdout.split()
         assert owners and set(owners) == {"oddaemon"}, owners
-        ping = inst.sh("/opt/oddaemon/.venv/bin/python -c 'import json; from oddaemon.control import request; "
+        ping = inst.sh("/opt/oddaemon/.venv/bin/python -c 'import json; from oddaemon.adapters.control import request; "
                        "print(json.dumps(request(\"/var/lib/oddaemon/control.sock\", {\"cmd\": \"ping\"})))'").stdout
         assert json.loads(ping)["heavy_modules"] == [], ping  # the daemon itself never imports TF
         # The real workers still there (the warm preflight server idles for a minute) end on SIGTERM.

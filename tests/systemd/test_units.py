@@ -14,7 +14,7 @@ import tomllib
 
 import pytest
 
-from oddaemon import sdnotify
+from oddaemon.adapters import sdnotify
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 UNIT = os.path.join(REPO, "systemd", "oddaemon.service")

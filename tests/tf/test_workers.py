@@ -22,8 +22,8 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 pytest.importorskip("object_detection")
 
-from oddaemon.jobspec import EvalOptions, JobSpec, PipelineEdits, TrainOptions  # noqa: E402
-from oddaemon.tfevents import EventDirReader, EventFileReader  # noqa: E402
+from oddaemon.core.jobspec import EvalOptions, JobSpec, PipelineEdits, TrainOptions  # noqa: E402
+from oddaemon.formats.tfevents import EventDirReader, EventFileReader  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -550,7 +550,7 @@ def test_the_effdet_d0_demo_config_passes_preflight(tmp_path):
 
 
 def test_a_corrupt_record_is_located_and_named_for_the_daemon(tmp_path):
-    from oddaemon.failures import classify_failure
+    from oddaemon.core.failures import classify_failure
     from oddaemon.workers import diagnose
 
     good, bad = str(tmp_path / "a.tfrecord"), str(tmp_path / "b.tfrecord")

@@ -1,4 +1,4 @@
-"""The evaluation book's indexes and its snapshot + journal on disk (oddaemon/evalbook.py, bookfile.py).
+"""The evaluation book's indexes and its snapshot + journal on disk (oddaemon/core/evalbook.py, bookfile.py).
 
 A job can have tens of thousands of checkpoints: every question the daemon asks at an event is
 answered from indexes kept by the book's one state change, and each change is persisted as a
@@ -14,8 +14,8 @@ import random
 
 import pytest
 
-from oddaemon import bookfile
-from oddaemon.evalbook import DONE, OPEN, PENDING, RELEASED, RUNNING, SKIPPED, EvalBook, EvalPolicy
+from oddaemon.adapters import bookfile
+from oddaemon.core.evalbook import DONE, OPEN, PENDING, RELEASED, RUNNING, SKIPPED, EvalBook, EvalPolicy
 
 POLICY = EvalPolicy(max_attempts=2)
 
@@ -164,7 +164,7 @@ def test_a_torn_last_line_is_skipped_and_what_came_before_is_kept(tmp_path):
 
 
 def test_a_failed_write_is_logged_once_and_the_next_change_writes_the_whole_book(tmp_path, caplog):
-    caplog.set_level(logging.INFO, "oddaemon.bookfile")
+    caplog.set_level(logging.INFO, "oddaemon.adapters.bookfile")
     path, book, store = saved_book(tmp_path)
     store.close()
     journal = bookfile.journal_path(path)

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from oddaemon.config import DEFAULT_PORT, SCHEMA, Config, load_config, parse_config, split_listen_address
-from oddaemon.errors import ConfigError
+from oddaemon.core.config import DEFAULT_PORT, SCHEMA, Config, load_config, parse_config, split_listen_address
+from oddaemon.core.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 PATH = "/etc/oddaemon/oddaemon.toml"

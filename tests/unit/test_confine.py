@@ -1,4 +1,4 @@
-"""Confinement rules (oddaemon/confine.py), the worker environment allow-list and the closed set of
+"""Confinement rules (oddaemon/adapters/confine.py), the worker environment allow-list and the closed set of
 job keys. The real-daemon side (real users and groups) is in tests/faults/test_confinement.py."""
 
 from __future__ import annotations
@@ -15,10 +15,12 @@ import time
 
 import pytest
 
-from oddaemon import confine, procs
-from oddaemon.config import Config, load_config, parse_config
-from oddaemon.errors import OperationError
-from oddaemon.jobspec import JobSpec, PipelineEdits, ValidationContext, parse_job
+from oddaemon.adapters import confine
+
+from oddaemon.adapters import procs
+from oddaemon.core.config import Config, load_config, parse_config
+from oddaemon.core.errors import OperationError
+from oddaemon.core.jobspec import JobSpec, PipelineEdits, ValidationContext, parse_job
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 PATH = "/etc/oddaemon/oddaemon.toml"
@@ -203,8 +205,8 @@ def test_spawn_as_another_user_keeps_the_lifeline(tmp_path):
     script = tmp_path / "spawner.py"
     script.write_text(f"""
 import os, sys, time
-from oddaemon import procs
-from oddaemon.confine import Identity
+from oddaemon.adapters import procs
+from oddaemon.adapters.confine import Identity
 sys.executable = {SYSTEM_PYTHON!r}  # the lifeline's interpreter must be one nobody may run
 me = Identity("nobody", {NOBODY.pw_uid}, {NOBODY.pw_gid}, ({NOBODY.pw_gid},), "/nonexistent")
 w = procs.spawn("j", "train", 1, ["/bin/sleep", "60"], {{"PATH": "/bin", "HOME": "/root"}}, "/", time.time(),

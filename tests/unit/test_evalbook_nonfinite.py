@@ -17,8 +17,8 @@ import math
 
 import pytest
 
-from oddaemon import bookfile
-from oddaemon.evalbook import DONE, EvalBook, EvalPolicy
+from oddaemon.adapters import bookfile
+from oddaemon.core.evalbook import DONE, EvalBook, EvalPolicy
 
 METRIC = "DetectionBoxes_Precision/mAP"
 LOSS = "Loss/total_loss"

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from oddaemon.checkpoints import checkpoint_files, complete_checkpoints, is_checkpoint_event
-from oddaemon.evalbook import DONE, FAILED, MISSED, PENDING, SKIPPED, EvalBook, EvalPolicy
+from oddaemon.core.checkpoints import checkpoint_files, complete_checkpoints, is_checkpoint_event
+from oddaemon.core.evalbook import DONE, FAILED, MISSED, PENDING, SKIPPED, EvalBook, EvalPolicy
 
 MAP = "DetectionBoxes_Precision/mAP"
 

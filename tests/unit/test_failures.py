@@ -10,14 +10,14 @@ from dataclasses import replace
 
 import pytest
 
-from oddaemon import scheduler as sch
-from oddaemon.failures import Failure, classify_failure, marker_line, parse_marker
-from oddaemon.gpus import Discovery, check_listed, discover
-from oddaemon.jobspec import JobSpec, PipelineEdits, TrainOptions
-from oddaemon.progress import read_pipeline_numbers
-from oddaemon.remedies import explain_oom, halve_batch
-from oddaemon.states import JobState
-from oddaemon.trainguard import TrainGuard, first_bad_loss, overdue
+from oddaemon.core import scheduler as sch
+from oddaemon.core.failures import Failure, classify_failure, marker_line, parse_marker
+from oddaemon.adapters.gpus import Discovery, check_listed, discover
+from oddaemon.core.jobspec import JobSpec, PipelineEdits, TrainOptions
+from oddaemon.formats.pipeline_numbers import read_pipeline_numbers
+from oddaemon.core.remedies import explain_oom, halve_batch
+from oddaemon.core.states import JobState
+from oddaemon.service.trainguard import TrainGuard, first_bad_loss, overdue
 
 # What TF 2.15 and the Object Detection API print for each failure (from real logs and TF's source).
 TF_LINES = {

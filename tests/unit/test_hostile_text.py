@@ -8,11 +8,11 @@ import os
 import time
 
 
-from oddaemon.jobspec import JobSpec, PipelineEdits, ValidationContext, parse_job, render_error_file
-from oddaemon.pipeline_paths import effective_paths, scan
-from oddaemon.prescan import MAX_KEY_PARTS, prescan
-from oddaemon.printable import printable
-from oddaemon.spool import NAME_MAX, short_stem
+from oddaemon.core.jobspec import JobSpec, PipelineEdits, ValidationContext, parse_job, render_error_file
+from oddaemon.formats.pipeline_paths import effective_paths, scan
+from oddaemon.core.prescan import MAX_KEY_PARTS, prescan
+from oddaemon.core.printable import printable
+from oddaemon.adapters.spool import NAME_MAX, short_stem
 
 
 def test_the_prescan_refuses_long_dotted_keys_and_headers_at_once_with_the_line():

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from oddaemon.jobspec import (ALLOWED_KEYS, EvalOptions, JobSpec, PipelineEdits, Problem, TrainOptions,
+from oddaemon.core.jobspec import (ALLOWED_KEYS, EvalOptions, JobSpec, PipelineEdits, Problem, TrainOptions,
                               ValidationContext, parse_job, render_error_file)
 
 REPO = pathlib.Path(__file__).resolve().parents[2]

@@ -10,7 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from oddaemon.metrics import SnapshotCollector, build_snapshot, select_jobs
+from oddaemon.adapters.metrics import SnapshotCollector, build_snapshot, select_jobs
 
 MAP = "DetectionBoxes_Precision/mAP"
 

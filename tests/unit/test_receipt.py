@@ -1,11 +1,11 @@
-"""Following one delivered spool file to its verdict (``oddaemon.receipt``), with real files."""
+"""Following one delivered spool file to its verdict (``oddaemon.cli.receipt``), with real files."""
 
 from __future__ import annotations
 
 import os
 
-from oddaemon.receipt import locate
-from oddaemon.spool import Spool
+from oddaemon.cli.receipt import locate
+from oddaemon.adapters.spool import Spool
 
 
 def spool_at(tmp_path) -> Spool:

@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from oddaemon import scheduler as sch
-from oddaemon.jobspec import EvalOptions, JobSpec, TrainOptions
-from oddaemon.states import HOLDS_RESOURCES, IllegalTransition, JobState, check_transition
+from oddaemon.core import scheduler as sch
+from oddaemon.core.jobspec import EvalOptions, JobSpec, TrainOptions
+from oddaemon.core.states import HOLDS_RESOURCES, IllegalTransition, JobState, check_transition
 
 
 def spec(name: str, gpus=None, priority: int = 0, max_restarts=None, model_dir: str | None = None,

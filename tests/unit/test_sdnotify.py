@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from oddaemon.sdnotify import Notifier, format_status, socket_address, start_heartbeat, watchdog_seconds
+from oddaemon.adapters.sdnotify import Notifier, format_status, socket_address, start_heartbeat, watchdog_seconds
 
 
 @pytest.fixture(params=["path", "abstract"])
@@ -108,7 +108,7 @@ def test_unset_removes_the_variables_so_workers_cannot_inherit_them(listener):
 
 def test_send_failure_never_raises_and_is_logged_once(tmp_path, caplog):
     notifier = Notifier.from_env({"NOTIFY_SOCKET": str(tmp_path / "nobody-listens.sock")})
-    with caplog.at_level(logging.DEBUG, logger="oddaemon.sdnotify"):
+    with caplog.at_level(logging.DEBUG, logger="oddaemon.adapters.sdnotify"):
         assert notifier.ready() is False
         assert notifier.watchdog() is False
         assert notifier.status("x") is False
@@ -131,7 +131,7 @@ def test_status_is_retried_after_a_failed_send(tmp_path):
 
 
 def test_unsupported_socket_kinds_are_off(caplog):
-    with caplog.at_level(logging.WARNING, logger="oddaemon.sdnotify"):
+    with caplog.at_level(logging.WARNING, logger="oddaemon.adapters.sdnotify"):
         notifier = Notifier.from_env({"NOTIFY_SOCKET": "vsock:2:1234"})
     assert not notifier.enabled
     assert "vsock:2:1234" in caplog.text
@@ -244,7 +244,7 @@ def test_heartbeat_survives_a_failing_status_and_runs_without_watchdog(listener,
     def broken():
         raise KeyError("views")
 
-    with caplog.at_level(logging.ERROR, logger="oddaemon.sdnotify"):
+    with caplog.at_level(logging.ERROR, logger="oddaemon.adapters.sdnotify"):
         assert start_heartbeat(loop, notifier, broken, every=3.0)
     assert "cannot build the status line" in caplog.text
     assert [d for d, _ in loop.timers] == [3.0]  # re-armed all the same

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from oddaemon.testing import standin
-from oddaemon.tfevents import EventDirReader
+from oddaemon.formats.tfevents import EventDirReader
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = """\
@@ -313,7 +313,7 @@ def test_eval_crash_directive(tmp_path):
 
 
 def test_train_reads_its_inputs_and_fails_on_a_damaged_record_as_the_real_worker(tmp_path):
-    from oddaemon.tfrecord import encode_record
+    from oddaemon.formats.tfrecord import encode_record
 
     records = tmp_path / "train-00000-of-00001.tfrecord"
     records.write_bytes(b"".join(encode_record(b"example %d" % i * 30) for i in range(4)))

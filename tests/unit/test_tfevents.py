@@ -7,12 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from oddaemon import tfevents, tfrecord
-from oddaemon.tfevents import (
+from oddaemon.formats import tfevents
+
+from oddaemon.formats import tfrecord
+from oddaemon.formats.tfevents import (
     DecodeError, EventDirReader, EventFileReader, EventFileWriter, ScalarEvent, decode_event,
     encode_file_version_event, encode_scalar_event,
 )
-from oddaemon.tfrecord import encode_record, masked_crc32c
+from oddaemon.formats.tfrecord import encode_record, masked_crc32c
 
 
 def f32(value):

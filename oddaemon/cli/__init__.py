@@ -1,0 +1,1 @@
+"""The oddaemon command line: argparse, transports (control socket, D-Bus), rendering, submit receipts, the demo. May import everything above workers."""

@@ -1,0 +1,408 @@
+"""The pure scheduler: ``step(state, event, now) -> (state, actions)``.
+
+No I/O, no clock, no processes: the daemon feeds it events (a job submitted, a process
+exited, a timer fired, a cancel) with the current time and executes the actions it returns.
+
+Policy
+------
+* Rank: higher ``priority`` first, then submission order (``seq``).
+* Two resource pools: GPUs (exclusive ids) and CPU slots (``max_cpu_jobs``). Within a pool the
+  queue is strict: once a job at the head cannot fit, no lower-ranked job of that pool starts
+  (no backfill), so a big high-priority job is never starved by a stream of small ones.
+* A job that can never fit (more GPUs than exist, an id that does not exist) is rejected at
+  submission, never queued forever.
+* A failed train process that failed in a way a restart cannot fix (``Failure.retry`` false: a NaN
+  loss, a corrupt or empty input, a bad fine-tune checkpoint) fails the job at once. Out of GPU
+  memory with ``oom_retry_halve_batch``: restarted at once with the ``Remedy`` the daemon computed
+  (half the batch), which counts as a restart but not as a consecutive failure.
+* Any other failed train process is restarted after ``min(cap, base * 2**(n-1))`` seconds, where n
+  counts consecutive failures (a run longer than ``reset_after`` starts the count again);
+  after ``max_restarts`` consecutive failures the job is ``failed`` with the reason. GPUs stay
+  held during backoff so the job resumes where it was.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Union
+
+from oddaemon.core.jobs import HISTORY_LIMIT, Job, Policy, State
+from oddaemon.core.jobspec import JobSpec
+from oddaemon.core.events import (Accepted, Action, Cancel, EarlyStop, EvalPlacement, EvaluationsDone, EvaluatorStopped,
+                               Event, PlaceEvaluator, ProcessExited, Refused, Rejected, Restore, Retry, SaveJob,
+                               StartTrain, StateChanged, StopEvaluator, StopTrain, Submit, Tick, TrainingEnded, WakeAt,
+                               WorkerRefused)
+from oddaemon.core.remedies import Remedy
+from oddaemon.core.states import HOLDS_RESOURCES, TERMINAL, JobState, check_transition
+
+__all__ = ["Accepted", "Action", "Cancel", "EarlyStop", "EvalPlacement", "EvaluationsDone", "EvaluatorStopped", "Event",
+           "Job", "PlaceEvaluator", "Policy", "ProcessExited", "Refused", "Rejected", "Restore", "Retry", "SaveJob",
+           "StartTrain", "State", "StateChanged", "StopEvaluator", "StopTrain", "Submit", "Tick", "TrainingEnded",
+           "WakeAt", "WorkerRefused", "step", "transition"]
+
+# ---- the one guarded state change ---------------------------------------------------------
+
+
+def transition(job: Job, new: JobState, now: float, reason: str, **changes) -> tuple[Job, list[Action]]:
+    check_transition(job.name, job.state, new)
+    history = (job.history + ((now, new.value, reason),))[-HISTORY_LIMIT:]
+    if new not in HOLDS_RESOURCES:
+        changes.setdefault("gpus", ())
+    extra: list[Action] = []
+    if new in TERMINAL:
+        changes.setdefault("finished_at", now)
+        changes.setdefault("eval_gpus", ())
+        extra.append(StopEvaluator(job.name, f"job {new.value}"))
+    updated = replace(job, state=new, reason=reason, history=history, **changes)
+    return updated, [StateChanged(job.name, job.state.value, new.value, reason), SaveJob(updated), *extra]
+
+
+# ---- step ---------------------------------------------------------------------------------
+
+
+def step(state: State, event: Event, now: float) -> tuple[State, list[Action]]:
+    jobs = dict(state.jobs)
+    actions: list[Action] = []
+    next_seq = state.next_seq
+    if isinstance(event, Submit):
+        next_seq = _submit(state, jobs, event, now, actions)
+    elif isinstance(event, ProcessExited):
+        _exited(state.policy, jobs, event, now, actions)
+    elif isinstance(event, Cancel):
+        _cancel(jobs, event.name, now, actions)
+    elif isinstance(event, Retry):
+        _retry(state, jobs, event.name, now, actions)
+    elif isinstance(event, Restore):
+        next_seq = _restore(state, jobs, event, now, actions)
+    elif isinstance(event, EarlyStop):
+        _early_stop(jobs, event, now, actions)
+    elif isinstance(event, EvaluationsDone):
+        _evaluations_done(jobs, event.name, now, actions)
+    elif isinstance(event, PlaceEvaluator):
+        _place_evaluator(state, jobs, event.name, actions)
+    elif isinstance(event, EvaluatorStopped):
+        if event.name in jobs and jobs[event.name].eval_gpus:
+            jobs[event.name] = replace(jobs[event.name], eval_gpus=())
+            actions.append(SaveJob(jobs[event.name]))
+    elif isinstance(event, WorkerRefused):
+        _worker_refused(jobs, event, now, actions)
+    new_state = replace(state, jobs=jobs, next_seq=next_seq)
+    new_state, more = _schedule(new_state, now)
+    return new_state, actions + more
+
+
+def fits_ever(wants: Union[int, tuple[int, ...]], inventory: tuple[int, ...]) -> str | None:
+    """None if the request can be met by this inventory some day, else why not."""
+    if isinstance(wants, tuple):
+        missing = [g for g in wants if g not in inventory]
+        if missing:
+            have = ", ".join(map(str, inventory)) or "none"
+            return (f"asks for GPU id(s) {', '.join(map(str, missing))} ([train] gpus), which this machine does not "
+                    f"have (GPUs: {have}); change [train] gpus")
+        return None
+    if wants > len(inventory):
+        return (f"asks for {wants} GPU(s) but this machine has {len(inventory)}; change [train] gpus "
+                f"(0 trains on the CPU)")
+    return None
+
+
+def model_dir_clash(mine: str, theirs: str) -> str | None:
+    """How two (resolved) model_dirs collide: one, or one inside the other (their checkpoints,
+    event files and best/ would mix), as words before "job 'x'"; None when they are apart."""
+    if mine == theirs:
+        return "is already used by"
+    if mine.startswith(theirs.rstrip("/") + "/"):
+        return "is inside the model_dir of"
+    if theirs.startswith(mine.rstrip("/") + "/"):
+        return "contains the model_dir of"
+    return None
+
+
+def clash_detail(clash: str, theirs: str) -> str:
+    if clash == "is already used by":
+        return "; two jobs cannot train into one model_dir"
+    return f": {theirs}; a job's model_dir must not be inside another's, nor contain one"
+
+
+def resolve_wants(spec: JobSpec, inventory: tuple[int, ...]) -> Union[int, tuple[int, ...]]:
+    gpus = spec.train.gpus
+    if gpus is None:
+        return 1 if inventory else 0
+    return gpus
+
+
+def _submit(state: State, jobs: dict[str, Job], ev: Submit, now: float, actions: list[Action]) -> int:
+    name = ev.spec.name
+    existing = jobs.get(name)
+    if existing is not None and existing.state not in TERMINAL:
+        actions.append(Rejected(ev.token, f"a job named '{name}' already exists and is {existing.state}; "
+                                          "cancel it first or choose another name"))
+        return state.next_seq
+    if existing is not None:  # finished: its record, history and evaluations are kept, never replaced
+        again = (f", or `oddaemon retry {name}` to run it again" if existing.state is not JobState.SUCCEEDED
+                 else "")
+        actions.append(Rejected(ev.token, f"a job named '{name}' already ran and is {existing.state}; its record, "
+                                          f"history and evaluations are kept: choose another name{again}"))
+        return state.next_seq
+    for other in jobs.values():
+        if other.name == name or other.state in TERMINAL:
+            continue
+        clash = model_dir_clash(ev.spec.model_dir, other.spec.model_dir)
+        if clash:
+            actions.append(Rejected(ev.token, f"model_dir {ev.spec.model_dir} {clash} job '{other.name}' "
+                                              f"({other.state}){clash_detail(clash, other.spec.model_dir)}"))
+            return state.next_seq
+    wants = resolve_wants(ev.spec, state.inventory)
+    why_not = fits_ever(wants, state.inventory)
+    if why_not:
+        actions.append(Rejected(ev.token, f"job '{name}' can never run here: it {why_not}"))
+        return state.next_seq
+    job = Job(name=name, seq=state.next_seq, spec=ev.spec, wants=wants, submitted_at=now,
+              history=((now, JobState.QUEUED.value, "submitted"),))
+    jobs[name] = job
+    actions += [SaveJob(job), Accepted(name, ev.token), StateChanged(name, "", JobState.QUEUED.value, "submitted")]
+    return state.next_seq + 1
+
+
+def describe_returncode(returncode: int) -> str:
+    if returncode < 0:
+        import signal as _signal  # stdlib table lookup only
+
+        try:
+            return f"killed by signal {_signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"killed by signal {-returncode}"
+    return f"exit status {returncode}"
+
+
+def _exited(policy: Policy, jobs: dict[str, Job], ev: ProcessExited, now: float, actions: list[Action]) -> None:
+    job = jobs.get(ev.name)
+    if job is None or job.attempt != ev.attempt or job.state not in (JobState.RUNNING, JobState.STOPPING):
+        return  # a stale exit (an earlier attempt): nothing to do
+    exit_text = describe_returncode(ev.returncode)
+    failure = ev.failure
+    if job.state is JobState.STOPPING and job.stop_reason:
+        jobs[job.name], acts = _training_over(job, now, job.stop_reason, last_exit=exit_text)
+    elif job.state is JobState.STOPPING:
+        jobs[job.name], acts = transition(job, JobState.CANCELLED, now, "cancelled by request", last_exit=exit_text)
+    elif ev.returncode == 0 and failure is None:
+        jobs[job.name], acts = _training_over(job, now, "training finished", last_exit=exit_text)
+    else:
+        acts = _failed(policy, jobs, job, ev, now, exit_text)
+    actions += acts
+
+
+def _failed(policy: Policy, jobs: dict[str, Job], job: Job, ev: ProcessExited, now: float,
+            exit_text: str) -> list[Action]:
+    """A train process failed: fail the job, restart it with a remedy, or restart it after a backoff."""
+    failure = ev.failure
+    if failure is not None and failure.kind == "refused":
+        why = failure.message  # which worker was not started, and why
+    elif failure is not None and failure.kind in ("signal", "exit"):
+        why = f"train process {failure.message}"
+    elif failure is not None:
+        why = f"train process {exit_text}: {failure.message}"
+    else:
+        why = f"train process {exit_text}" + (f": {ev.detail}" if ev.detail else "")
+    common = {"last_exit": exit_text, "failure": failure or job.failure}
+    if failure is not None and not failure.retry:
+        jobs[job.name], acts = transition(job, JobState.FAILED, now, f"{why}; not restarted: it would fail the "
+                                          "same way", **common)
+        return acts
+    if failure is not None and failure.kind == "oom" and job.spec.train.oom_retry_halve_batch:
+        if isinstance(ev.remedy, Remedy):
+            reason = f"{why}; oom_retry_halve_batch: restarting with {ev.remedy.note}"
+            jobs[job.name], acts = transition(job, JobState.BACKOFF, now, reason, spec=ev.remedy.spec,
+                                              adjustments=job.adjustments + (f"out of GPU memory: {ev.remedy.note}",),
+                                              retry_at=now, restarts=job.restarts + 1, **common)
+            return acts
+        if ev.remedy:
+            why = f"{why}; oom_retry_halve_batch: {ev.remedy}"
+    ran = now - job.started_at if job.started_at is not None else 0.0
+    consecutive = 1 if ran >= policy.reset_after else job.consecutive_failures + 1
+    limit = job.spec.train.max_restarts if job.spec.train.max_restarts is not None else policy.max_restarts
+    if consecutive > limit:
+        reason = f"{why}; gave up after {consecutive} consecutive failure(s) (max_restarts = {limit})"
+        jobs[job.name], acts = transition(job, JobState.FAILED, now, reason, consecutive_failures=consecutive,
+                                          **common)
+    else:
+        delay = policy.backoff(consecutive)
+        reason = f"{why}; restart {consecutive} of {limit} in {delay:g}s"
+        jobs[job.name], acts = transition(job, JobState.BACKOFF, now, reason, consecutive_failures=consecutive,
+                                          retry_at=now + delay, restarts=job.restarts + 1, **common)
+    return acts
+
+
+def _worker_refused(jobs: dict[str, Job], ev: WorkerRefused, now: float, actions: list[Action]) -> None:
+    """An evaluator or export the daemon would not start, with no train process running (backoff, or
+    training over): the job fails at once, like a refused train worker (a running one is stopped by
+    the daemon instead; its exit reports the refusal)."""
+    job = jobs.get(ev.name)
+    if job is None or job.state not in (JobState.BACKOFF, JobState.EVALUATING):
+        return
+    jobs[job.name], acts = transition(job, JobState.FAILED, now, f"{ev.failure.message}; not restarted: it would "
+                                      "fail the same way", failure=ev.failure, retry_at=None)
+    actions += acts
+
+
+def _training_over(job: Job, now: float, reason: str, **changes) -> tuple[Job, list[Action]]:
+    """Training finished (or was stopped early): evaluate what is left first, if evaluation is on."""
+    if not job.spec.eval.enabled:
+        return transition(job, JobState.SUCCEEDED, now, reason, **changes)
+    updated, acts = transition(job, JobState.EVALUATING, now, f"{reason}; evaluating the remaining checkpoints",
+                               retry_at=None, **changes)
+    return updated, acts + [TrainingEnded(job.name)]
+
+
+def _early_stop(jobs: dict[str, Job], ev: EarlyStop, now: float, actions: list[Action]) -> None:
+    job = jobs.get(ev.name)
+    if job is None or not job.spec.eval.enabled:
+        return  # early stopping is a verdict of evaluation
+    if job.state is JobState.RUNNING:
+        jobs[job.name], acts = transition(job, JobState.STOPPING, now, ev.reason, stop_reason=ev.reason)
+        actions += acts + [StopTrain(job.name, ev.reason)]
+    elif job.state is JobState.BACKOFF:
+        jobs[job.name], acts = _training_over(replace(job, stop_reason=ev.reason), now, ev.reason)
+        actions += acts
+
+
+def _evaluations_done(jobs: dict[str, Job], name: str, now: float, actions: list[Action]) -> None:
+    job = jobs.get(name)
+    if job is not None and job.state is JobState.EVALUATING:
+        reason = job.stop_reason or "training finished"
+        jobs[name], acts = transition(job, JobState.SUCCEEDED, now, f"{reason}; every checkpoint evaluated")
+        actions += acts
+
+
+def _place_evaluator(state: State, jobs: dict[str, Job], name: str, actions: list[Action]) -> None:
+    """cpu: the CPU, as the manual workflow does; gpu: a free GPU (wait for one); auto: an idle GPU
+    when no queued training is waiting for GPUs, else the CPU."""
+    job = jobs.get(name)
+    if job is None or job.state in TERMINAL:
+        return
+    if job.eval_gpus:
+        actions.append(EvalPlacement(name, job.eval_gpus))
+        return
+    device = job.spec.eval.device
+    free = replace(state, jobs=jobs).free_gpus()
+    training_waits = any(j.uses_gpus for j in replace(state, jobs=jobs).queue())
+    if device == "cpu" or (device == "auto" and (not free or training_waits)):
+        actions.append(EvalPlacement(name, ()))
+    elif not free:
+        actions.append(EvalPlacement(name, None))
+    else:
+        jobs[name] = replace(job, eval_gpus=(free[0],))
+        actions += [SaveJob(jobs[name]), EvalPlacement(name, (free[0],))]
+
+
+def _cancel(jobs: dict[str, Job], name: str, now: float, actions: list[Action]) -> None:
+    job = jobs.get(name)
+    if job is None:
+        actions.append(Refused(f"no job named '{name}'"))
+        return
+    if job.state in TERMINAL:
+        actions.append(Refused(f"job '{name}' is already {job.state}"))
+    elif job.state is JobState.STOPPING and not job.stop_reason:
+        actions.append(Refused(f"job '{name}' is already stopping"))
+    elif job.state is JobState.STOPPING:  # stopping early: make it a cancel (same state, new intent)
+        jobs[name] = replace(job, stop_reason="", reason="cancel requested")
+        actions.append(SaveJob(jobs[name]))
+    elif job.state is JobState.RUNNING:
+        jobs[name], acts = transition(job, JobState.STOPPING, now, "cancel requested")
+        actions += acts + [StopTrain(name, "cancel requested")]
+    else:
+        jobs[name], acts = transition(job, JobState.CANCELLED, now, "cancelled by request", retry_at=None)
+        actions += acts
+
+
+def _retry(state: State, jobs: dict[str, Job], name: str, now: float, actions: list[Action]) -> None:
+    job = jobs.get(name)
+    if job is None:
+        actions.append(Refused(f"no job named '{name}'"))
+    elif job.state not in (JobState.FAILED, JobState.CANCELLED):
+        actions.append(Refused(f"job '{name}' is {job.state}; only failed or cancelled jobs can be retried"))
+    else:
+        why_not = fits_ever(job.wants, state.inventory)
+        if why_not:
+            actions.append(Refused(f"job '{name}' can never run here: it {why_not}"))
+            return
+        jobs[name], acts = transition(job, JobState.QUEUED, now, "retry requested", consecutive_failures=0,
+                                      retry_at=None, finished_at=None)
+        actions += acts
+
+
+def _restore(state: State, jobs: dict[str, Job], ev: Restore, now: float, actions: list[Action]) -> int:
+    next_seq = state.next_seq
+    for job in sorted(ev.jobs, key=lambda j: j.seq):
+        next_seq = max(next_seq, job.seq + 1)
+        job = replace(job, eval_gpus=())  # no evaluator survives a daemon restart
+        if job.state is JobState.STOPPING and job.stop_reason:
+            job, acts = _training_over(job, now, job.stop_reason)
+            actions += acts
+        elif job.state is JobState.STOPPING:
+            job, acts = transition(job, JobState.CANCELLED, now, "cancelled by request (daemon restarted)")
+            actions += acts
+        elif job.state is JobState.EVALUATING:
+            actions.append(TrainingEnded(job.name))
+        elif job.state in (JobState.RUNNING, JobState.BACKOFF):
+            job, acts = transition(job, JobState.QUEUED, now, "resuming after daemon restart", retry_at=None)
+            actions += acts
+        if job.state is JobState.QUEUED:
+            why_not = fits_ever(job.wants, state.inventory)
+            if why_not:
+                job, acts = transition(job, JobState.FAILED, now, f"can no longer run here: it {why_not}")
+                actions += acts
+        jobs[job.name] = job
+    return next_seq
+
+
+def _schedule(state: State, now: float) -> tuple[State, list[Action]]:
+    jobs = dict(state.jobs)
+    actions: list[Action] = []
+    # 1. restarts that are due (they still hold their GPUs)
+    for job in sorted(jobs.values(), key=Job.rank):
+        if job.state is JobState.BACKOFF and job.retry_at is not None and job.retry_at <= now:
+            jobs[job.name], acts = _start(job, job.gpus, now, f"restarting (attempt {job.attempt + 1})")
+            actions += acts
+    # 2. the queue, strict per pool
+    free = list(replace(state, jobs=jobs).free_gpus())
+    cpu_free = state.policy.max_cpu_jobs - replace(state, jobs=jobs).cpu_jobs_active()
+    gpu_blocked = cpu_blocked = False
+    for job in replace(state, jobs=jobs).queue():
+        if job.uses_gpus:
+            if gpu_blocked:
+                continue
+            grant = _allocate(job.wants, free)
+            if grant is None:
+                gpu_blocked = True
+                continue
+            free = [g for g in free if g not in grant]
+        else:
+            if cpu_blocked:
+                continue
+            if cpu_free <= 0:
+                cpu_blocked = True
+                continue
+            cpu_free -= 1
+            grant = ()
+        jobs[job.name], acts = _start(job, grant, now, "started")
+        actions += acts
+    wake = [j.retry_at for j in jobs.values() if j.state is JobState.BACKOFF and j.retry_at is not None]
+    if wake:
+        actions.append(WakeAt(min(wake)))
+    return replace(state, jobs=jobs), actions
+
+
+def _allocate(wants: Union[int, tuple[int, ...]], free: list[int]) -> tuple[int, ...] | None:
+    if isinstance(wants, tuple):
+        return wants if all(g in free for g in wants) else None
+    if wants <= len(free):
+        return tuple(sorted(free)[:wants])
+    return None
+
+
+def _start(job: Job, gpus: tuple[int, ...], now: float, reason: str) -> tuple[Job, list[Action]]:
+    attempt = job.attempt + 1
+    updated, acts = transition(job, JobState.RUNNING, now, reason, gpus=gpus, attempt=attempt,
+                               started_at=now, retry_at=None)
+    return updated, acts + [StartTrain(job.name, gpus, attempt)]
