@@ -22,7 +22,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def main() -> int:
-    import pynvml
+    import pynvml  # noqa: PLC0415 - optional dependency (nvidia-ml-py), only on GPU hosts
 
     pynvml.nvmlInit()
     nvml = [pynvml.nvmlDeviceGetUUID(pynvml.nvmlDeviceGetHandleByIndex(i)) for i in range(pynvml.nvmlDeviceGetCount())]
@@ -31,8 +31,10 @@ def main() -> int:
     cfg = os.path.join(root, "oddaemon.toml")
     with open(cfg, "w") as f:
         f.write(f'[paths]\nspool_dir = "{root}/spool"\nstate_dir = "{root}/state"\nlog_dir = "{root}/logs"\n'
-                f'[gpus]\ndevices = "auto"\n[metrics]\nlisten = ""\n[jobs]\nallowed_roots = ["{root}"]\nmax_cpu_jobs = 2\n'
-                f'[worker]\npython = "{sys.executable}"\nmodule = "oddaemon.testing.torch_probe"\nallow_root = true\n[daemon]\nevent_loop = "auto"\n')
+                f'[gpus]\ndevices = "auto"\n[metrics]\nlisten = ""\n'
+                f'[jobs]\nallowed_roots = ["{root}"]\nmax_cpu_jobs = 2\n'
+                f'[worker]\npython = "{sys.executable}"\nmodule = "oddaemon.testing.torch_probe"\nallow_root = true\n'
+                f'[daemon]\nevent_loop = "auto"\n')
     with open(os.path.join(root, "pipeline.config"), "w") as f:
         f.write("train_config { num_steps: 1 }\n")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])),
@@ -47,7 +49,8 @@ def main() -> int:
         os.makedirs(f"{root}/spool/tmp", exist_ok=True)
         for name, gpus in jobs.items():
             with open(f"{root}/spool/tmp/{name}.toml", "w") as f:
-                f.write(f'pipeline_config = "{root}/pipeline.config"\nmodel_dir = "{root}/models/{name}"\n[train]\n{gpus}\n')
+                f.write(f'pipeline_config = "{root}/pipeline.config"\nmodel_dir = "{root}/models/{name}"\n'
+                        f'[train]\n{gpus}\n')
             os.rename(f"{root}/spool/tmp/{name}.toml", f"{root}/spool/new/{name}.toml")
         deadline = time.time() + 240
         while time.time() < deadline and not all(os.path.exists(f"{root}/models/{n}/probe.json") for n in jobs):

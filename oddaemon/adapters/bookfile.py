@@ -26,9 +26,9 @@ import logging
 import os
 import time
 
+from oddaemon.adapters.store import atomic_write_json
 from oddaemon.core.errors import OperationError
 from oddaemon.core.evalbook import EvalBook, EvalPolicy
-from oddaemon.adapters.store import atomic_write_json
 
 log = logging.getLogger("oddaemon.adapters.bookfile")
 

@@ -2,7 +2,8 @@
 
 Request:  {"cmd": "list"} | {"cmd": "status", "name": N} | {"cmd": "cancel", "name": N}
           | {"cmd": "retry", "name": N} | {"cmd": "ping"}
-Response: {"ok": true, ...} or {"ok": false, "error": "message for the user"}
+Response: {"ok": true, ...} or {"ok": false, "error": "message for the user", "kind": "not_found" | ...}
+          (``oddaemon.core.errors.error_reply``: the kind is an ``ErrorKind`` value)
 
 The CLI uses it for list/status/cancel/retry; the D-Bus API (systemd issue) calls the same
 ``Commands`` object.
@@ -17,8 +18,8 @@ import socket
 from collections.abc import Callable
 from typing import Any
 
-from oddaemon.core.errors import user_message
 from oddaemon.adapters.loop import Loop
+from oddaemon.core.errors import CommandError, ErrorKind, OddaemonError, error_reply
 
 log = logging.getLogger("oddaemon.adapters.control")
 
@@ -81,15 +82,15 @@ class ControlServer:
                 raise ValueError("request must be a JSON object")
             response = self.handler(request)
         except ValueError as exc:
-            response = {"ok": False, "error": f"bad request: {exc}"}
-        except Exception as exc:  # noqa: BLE001 - a failing handler still answers
+            response = error_reply(CommandError(ErrorKind.INVALID, f"bad request: {exc}"))
+        except Exception as exc:
             log.exception("control request failed")
-            response = {"ok": False, "error": user_message(exc)}
+            response = error_reply(exc, logged=True)
         try:
             return (json.dumps(response) + "\n").encode()
         except (TypeError, ValueError) as exc:  # a reply that cannot be encoded is an error reply too
             log.exception("control reply cannot be encoded")
-            return (json.dumps({"ok": False, "error": user_message(exc)}) + "\n").encode()
+            return (json.dumps(error_reply(exc, logged=True)) + "\n").encode()
 
     def close(self) -> None:
         self.loop.remove(self._handle)
@@ -100,12 +101,16 @@ class ControlServer:
             pass
 
 
-class DaemonUnreachable(Exception):
-    pass
+class DaemonUnreachable(OddaemonError):
+    """No answer on the control socket."""
+
+    kind = ErrorKind.UNAVAILABLE
 
 
 class DaemonForbidden(DaemonUnreachable):
     """The socket is there but this user may not use it: whether the daemon runs is not known."""
+
+    kind = ErrorKind.DENIED
 
 
 def _who_may(path: str) -> str:

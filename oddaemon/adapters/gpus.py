@@ -19,12 +19,12 @@ class Discovery:
 
 def discover_nvml() -> Discovery | None:
     try:
-        import pynvml  # nvidia-ml-py
+        import pynvml  # noqa: PLC0415 - optional dependency (nvidia-ml-py)
     except ImportError:
         return None
     try:
         pynvml.nvmlInit()
-    except Exception as exc:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
+    except Exception as exc:  # noqa: BLE001 - any NVML failure: NVMLError_LibraryNotFound, DriverNotLoaded, ...
         return Discovery((), "none", f"NVML unavailable: {exc}")
     try:
         count = pynvml.nvmlDeviceGetCount()

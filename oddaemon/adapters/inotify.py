@@ -62,7 +62,7 @@ class InotifyHub:
         for event in events:
             try:
                 self._deliver(event)
-            except Exception:  # noqa: BLE001 - one bad event must not strand the rest of the batch
+            except Exception:
                 log.exception("inotify: handling %s in %s failed; going on with the next event",
                               event.name or "an event", getattr(self._watches.get(event.wd), "path", "?"))
 

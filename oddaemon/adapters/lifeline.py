@@ -35,7 +35,7 @@ def main(argv: list[str]) -> None:
         os.execv(program, argv[2:])
     except OSError as exc:
         sys.stderr.write(f"lifeline: cannot execute {program}: {exc.strerror}\n")
-        raise SystemExit(127)
+        raise SystemExit(127) from None
 
 
 if __name__ == "__main__":

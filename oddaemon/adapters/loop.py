@@ -46,7 +46,7 @@ def guarded(callback: Callback) -> None:
     started, cpu = time.perf_counter(), time.thread_time()
     try:
         callback()
-    except Exception:  # noqa: BLE001 - the daemon must keep serving
+    except Exception:
         log.exception("internal error in %s (the daemon keeps running)", getattr(callback, "__qualname__", callback))
     spent = time.thread_time() - cpu
     if spent > SLOW_CALLBACK_CPU_SECONDS:
@@ -200,7 +200,7 @@ class SelectLoop:
 def make_loop(kind: str = "auto") -> Loop:
     if kind in ("auto", "glib"):
         try:
-            import gi  # noqa: F401, PLC0415
+            import gi  # noqa: PLC0415
 
             gi.require_version("GLib", "2.0")
             return GLibLoop()

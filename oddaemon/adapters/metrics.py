@@ -81,26 +81,31 @@ class SnapshotCollector(Collector):
                                   value=c["rejected_files"])
         yield CounterMetricFamily("oddaemon_worker_restarts", "Train worker restarts since the daemon started",
                                   value=c["worker_restarts"])
-        yield CounterMetricFamily("oddaemon_checkpoints_evaluated", "Checkpoint evaluations completed since the daemon started",
+        yield CounterMetricFamily("oddaemon_checkpoints_evaluated",
+                                  "Checkpoint evaluations completed since the daemon started",
                                   value=c["checkpoints_evaluated"])
 
     @staticmethod
     def _jobs(snap: Snapshot) -> Iterator[Metric]:
         g = {
-            "state": GaugeMetricFamily("oddaemon_job_state", "1 for the job's current state", labels=["job_name", "state"]),
+            "state": GaugeMetricFamily("oddaemon_job_state", "1 for the job's current state",
+                                       labels=["job_name", "state"]),
             "step": GaugeMetricFamily("oddaemon_job_train_step", "Latest training step", labels=["job_name"]),
-            "target": GaugeMetricFamily("oddaemon_job_target_steps", "Training steps to run (num_steps)", labels=["job_name"]),
+            "target": GaugeMetricFamily("oddaemon_job_target_steps", "Training steps to run (num_steps)",
+                                        labels=["job_name"]),
             "progress": GaugeMetricFamily("oddaemon_job_progress_ratio", "step / target_steps", labels=["job_name"]),
             "rate": GaugeMetricFamily("oddaemon_job_steps_per_second", "Training speed", labels=["job_name"]),
-            "eta": GaugeMetricFamily("oddaemon_job_eta_seconds", "Estimated seconds of training left", labels=["job_name"]),
+            "eta": GaugeMetricFamily("oddaemon_job_eta_seconds", "Estimated seconds of training left",
+                                     labels=["job_name"]),
             "loss": GaugeMetricFamily("oddaemon_job_loss", "Latest training loss by component",
                                       labels=["job_name", "component"]),
             "lr": GaugeMetricFamily("oddaemon_job_learning_rate", "Latest learning rate", labels=["job_name"]),
             "gpus": GaugeMetricFamily("oddaemon_job_gpus", "GPUs held by the job's training", labels=["job_name"]),
-            "ckpt_step": GaugeMetricFamily("oddaemon_job_latest_checkpoint_step", "Step of the newest evaluated checkpoint",
-                                           labels=["job_name"]),
+            "ckpt_step": GaugeMetricFamily("oddaemon_job_latest_checkpoint_step",
+                                           "Step of the newest evaluated checkpoint", labels=["job_name"]),
             "ckpt_time": GaugeMetricFamily("oddaemon_job_latest_checkpoint_timestamp_seconds",
-                                           "When the newest checkpoint became complete (Unix time)", labels=["job_name"]),
+                                           "When the newest checkpoint became complete (Unix time)",
+                                           labels=["job_name"]),
             "checkpoints": GaugeMetricFamily("oddaemon_job_checkpoints", "Checkpoints by evaluation state",
                                              labels=["job_name", "state"]),
             "pending": GaugeMetricFamily("oddaemon_job_checkpoints_pending_evaluation",
@@ -110,7 +115,8 @@ class SnapshotCollector(Collector):
                                           "budget (the evaluator is behind)", labels=["job_name"]),
             "eval_step": GaugeMetricFamily("oddaemon_job_last_evaluated_step", "Step of the latest evaluation",
                                            labels=["job_name"]),
-            "eval_metric": GaugeMetricFamily("oddaemon_job_eval_metric", "Metrics of the latest evaluation (COCO, eval losses)",
+            "eval_metric": GaugeMetricFamily("oddaemon_job_eval_metric",
+                                             "Metrics of the latest evaluation (COCO, eval losses)",
                                              labels=["job_name", "metric"]),
             "best": GaugeMetricFamily("oddaemon_job_best_metric_value", "Best value of the job's [eval] metric",
                                       labels=["job_name", "metric"]),
@@ -121,7 +127,8 @@ class SnapshotCollector(Collector):
             "took": GaugeMetricFamily("oddaemon_job_eval_duration_seconds", "Latest evaluation's duration",
                                       labels=["job_name"]),
             "failure": GaugeMetricFamily("oddaemon_job_failure", "1 while the job is in backoff or failed; kind: "
-                                         "its latest failure (oom, nan, input, checkpoint, gpu, storage, hung, signal, exit, refused)",
+                                         "its latest failure (oom, nan, input, checkpoint, gpu, storage, hung, "
+                                         "signal, exit, refused)",
                                          labels=["job_name", "kind"]),
         }
         restarts = CounterMetricFamily("oddaemon_job_restarts", "Restarts of the job's training after failures",
@@ -158,7 +165,8 @@ def _evaluation(g: dict, name: str, ev: dict) -> None:
     if latest:
         if latest["step"] is not None:
             g["eval_step"].add_metric([name], latest["step"])
-            g["ckpt_step"].add_metric([name], ev["newest_step"] if ev.get("newest_step") is not None else latest["step"])
+            g["ckpt_step"].add_metric([name],
+                                      ev["newest_step"] if ev.get("newest_step") is not None else latest["step"])
         for metric, value in sorted(latest["metrics"].items()):
             g["eval_metric"].add_metric([name, metric], value)
         if latest["lag_seconds"] is not None:

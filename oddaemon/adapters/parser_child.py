@@ -25,7 +25,7 @@ import signal
 import sys
 
 from oddaemon.core.checks import Problem
-from oddaemon.core.jobspec import ValidationContext, parse_job
+from oddaemon.core.job_validation import ValidationContext, parse_job
 
 CPU_SECONDS = 2.0
 MEMORY_BYTES = 256 * 1024 * 1024

@@ -27,9 +27,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from oddaemon.core.checks import Problem
-from oddaemon.core.jobspec import JobSpec, ValidationContext
 from oddaemon.adapters.loop import Loop
+from oddaemon.core.checks import Problem
+from oddaemon.core.job_validation import ValidationContext
+from oddaemon.core.jobspec import JobSpec
 
 log = logging.getLogger("oddaemon.adapters.parsers")
 
@@ -191,7 +192,7 @@ class ParserPool:
     def _answer(request: _Request, result: Result) -> None:
         try:
             request.done(result)
-        except Exception:  # noqa: BLE001 - one file's follow-up never stops the others
+        except Exception:
             log.exception("handling the parse result of request %d failed", request.id)
 
     def settle(self, timeout: float) -> None:

@@ -1,26 +1,20 @@
-"""A job's checkpoint files that the daemon holds on to (the file side of evaluation).
+"""A job's evaluation pins: hard links that keep each complete checkpoint until it is evaluated.
 
-* **pins**: each new complete checkpoint is hard-linked into ``model_dir/.oddaemon/pins`` at once
-  (same file system, no copy), so ``checkpoint_max_to_keep`` cannot delete it before it is
-  evaluated; within the disk budget of ``pinbudget``;
-* **best/**: the best checkpoint, hard-linked from its pin with ``best.json`` beside it, swapped in
-  whole (staged in ``.oddaemon/best.tmp``, then renamed).
+Each new complete checkpoint is hard-linked into ``model_dir/.oddaemon/pins`` at once (same file
+system, no copy), so ``checkpoint_max_to_keep`` cannot delete it before it is evaluated; within
+the disk budget of ``pinbudget``. ``best/`` is made from these links (``best_dir.py``).
 
 No decisions about which checkpoint is best or due: ``evalbook`` makes those.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
 
-from oddaemon.core import evalbook
 from oddaemon.core.checkpoints import checkpoint_files
-from oddaemon.core.evalbook import EvalBook
+from oddaemon.core.evalbook import PENDING, EvalBook
 from oddaemon.core.pinbudget import PinBudget, release_reason, to_release
-from oddaemon.adapters.store import atomic_write_json
 
 log = logging.getLogger("oddaemon.adapters.pins")
 
@@ -46,8 +40,7 @@ class Pins:
     def __init__(self, name: str, model_dir: str):
         self.name = name
         self.model_dir = model_dir
-        self.private = os.path.join(model_dir, ".oddaemon")
-        self.dir = os.path.join(self.private, "pins")
+        self.dir = os.path.join(model_dir, ".oddaemon", "pins")
         self.sizes: dict[int, int] = {}  # ckpt-N -> bytes of its pinned files
         self.files: dict[int, list[str]] = {}  # ckpt-N -> the names pinned (listing pins/ per checkpoint is O(pins))
         self.total = 0  # sum(self.sizes.values()): a bound on what only the pins hold
@@ -58,6 +51,17 @@ class Pins:
 
     def names(self, n: int) -> list[str]:
         return list(self.files[n]) if n in self.files else checkpoint_names(self.dir, n)
+
+    def paths(self, n: int) -> list[str]:
+        """The pinned files of checkpoint ``n``, as paths."""
+        return [os.path.join(self.dir, name) for name in self.names(n)]
+
+    def make_dir(self) -> None:
+        """Create pins/ (a failure is logged: model_dir read-only or gone; ``pin`` tries again, and says so)."""
+        try:
+            os.makedirs(self.dir, exist_ok=True)
+        except OSError as exc:
+            log.warning("job %s: cannot create %s: %s", self.name, self.dir, exc.strerror)
 
     def pin(self, n: int, listing: list[str]) -> str | None:
         """Hard-link checkpoint ``n`` into pins/: its prefix there; None if it vanished; in place if links fail."""
@@ -128,7 +132,7 @@ class Pins:
         if free >= floor and (not cap or held <= cap):
             return []
         never = (book.newest, book.best_n, book.final_n)  # the newest, the best, the final one
-        waiting = sorted((c.n, self.size(c.n)) for c in alone if c.state == evalbook.PENDING and c.n not in never)
+        waiting = sorted((c.n, self.size(c.n)) for c in alone if c.state == PENDING and c.n not in never)
         released = to_release(waiting, held, free, floor, cap)
         if released:
             why = release_reason(free, floor, held, cap)
@@ -137,30 +141,3 @@ class Pins:
                 book.release(n, now, why)
             log.warning("job %s: %s; released ckpt-%s", self.name, why, ", ckpt-".join(map(str, released)))
         return released
-
-    # ---- best/
-    def current_best(self) -> int | None:
-        try:
-            with open(os.path.join(self.model_dir, "best", "best.json")) as f:
-                return int(json.load(f)["checkpoint"].split("-")[1])
-        except (OSError, ValueError, KeyError, IndexError):
-            return None
-
-    def keep_best(self, n: int, info: dict) -> int | None:
-        """Make checkpoint ``n`` (from its pin) the content of ``model_dir/best``, with ``best.json``
-        holding ``info``; the previous best's pin is released. Returns the previous best's number."""
-        previous = self.current_best()
-        best_dir = os.path.join(self.model_dir, "best")
-        staging = os.path.join(self.private, "best.tmp")
-        shutil.rmtree(staging, ignore_errors=True)
-        os.makedirs(staging)
-        for name in self.names(n):
-            os.link(os.path.join(self.dir, name), os.path.join(staging, name))
-        atomic_write_json(os.path.join(staging, "best.json"), info)
-        old = os.path.join(self.private, "best.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if os.path.exists(best_dir):
-            os.rename(best_dir, old)
-        os.rename(staging, best_dir)
-        shutil.rmtree(old, ignore_errors=True)
-        return previous

@@ -38,7 +38,8 @@ PASSTHROUGH_ENV = ("PATH", "PYTHONPATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "HO
                    "OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE", "CUDA_HOME", "XLA_FLAGS")
 
 
-def worker_environment(base: dict[str, str], gpus: tuple[int, ...], extra: dict[str, str] | None = None) -> dict[str, str]:
+def worker_environment(base: dict[str, str], gpus: tuple[int, ...],
+                       extra: dict[str, str] | None = None) -> dict[str, str]:
     env = {k: base[k] for k in PASSTHROUGH_ENV if k in base}
     env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
     env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)

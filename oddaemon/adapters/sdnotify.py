@@ -70,7 +70,7 @@ class Notifier:
         self._last_status: str | None = None
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, unset: bool = False) -> "Notifier":
+    def from_env(cls, environ: Mapping[str, str] | None = None, unset: bool = False) -> Notifier:
         """A Notifier for the socket in ``environ`` (default ``os.environ``); a no-op one when
         NOTIFY_SOCKET is absent. ``unset=True`` removes the variables from ``environ`` (when it is
         mutable) so nothing started later can inherit them."""
@@ -173,7 +173,7 @@ def start_heartbeat(loop, notifier: Notifier, status: Callable[[], str], every: 
             if notifier.watchdog_interval():
                 notifier.watchdog()
             notifier.status(status())
-        except Exception:  # noqa: BLE001 - the next tick must come whatever happened
+        except Exception:
             log.exception("cannot build the status line")
         finally:
             loop.call_later(interval, tick)

@@ -20,8 +20,8 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from oddaemon.core.errors import OperationError
 from oddaemon.adapters.store import atomic_write, fsync_dir, remove_stale_temps, rename_noreplace
+from oddaemon.core.errors import OperationError
 
 TEMP_SUFFIXES = ("~", ".swp", ".swx", ".tmp", ".part", ".partial")
 
@@ -113,7 +113,9 @@ class Spool:
         if stat.S_ISLNK(st.st_mode):
             raise NotARegularFile("it is a symbolic link; submit the file itself (oddaemon submit copies it)")
         if not stat.S_ISREG(st.st_mode):
-            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "not a regular file"
+            kind = ("a directory" if stat.S_ISDIR(st.st_mode)
+                    else "a FIFO" if stat.S_ISFIFO(st.st_mode)
+                    else "not a regular file")
             raise NotARegularFile(f"it is {kind}; only regular files are read")
         _refuse_hard_link(st)
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)

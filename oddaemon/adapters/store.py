@@ -1,10 +1,8 @@
 """Persistent state: job records written atomically, runtime data (pids) kept apart.
 
-Layout under ``state_dir``::
-
-    jobs/<name>.json        saved job record (survives daemon restarts; the truth about a job)
-    work/<name>/job.json    what the worker is handed (spec + attempt)
-    runtime/<name>.json     pids of live workers (only meaningful while the daemon that wrote it runs)
+Paths under ``state_dir`` follow ``oddaemon.core.layout``: ``jobs/<name>.json`` saved job records
+(the truth about a job), ``work/<name>/job.json`` what the worker is handed (spec + attempt),
+``runtime/<name>.json`` pids of live workers (only meaningful while the daemon that wrote it runs).
 
 Every write is tmp file + fsync + rename + fsync of the directory, so a SIGKILL at any moment
 leaves either the old or the new content, never a torn file. A SIGKILL between the temporary
@@ -19,8 +17,8 @@ import os
 import tempfile
 from collections.abc import Iterator
 
+from oddaemon.core import layout
 from oddaemon.core.errors import OperationError
-
 
 TEMP_PREFIX = ".tmp-"
 
@@ -103,9 +101,9 @@ def atomic_write_json(path: str, obj: object) -> None:
 class Store:
     def __init__(self, state_dir: str):
         self.state_dir = state_dir
-        self.jobs_dir = os.path.join(state_dir, "jobs")
-        self.work_dir = os.path.join(state_dir, "work")
-        self.runtime_dir = os.path.join(state_dir, "runtime")
+        self.jobs_dir = layout.jobs_dir(state_dir)
+        self.work_dir = layout.work_dir(state_dir)
+        self.runtime_dir = layout.runtime_dir(state_dir)
 
     def ensure_dirs(self) -> None:
         for d in (self.state_dir, self.jobs_dir, self.work_dir, self.runtime_dir):
@@ -116,7 +114,7 @@ class Store:
 
     # -- saved job records
     def save_job(self, name: str, record: dict) -> None:
-        atomic_write_json(os.path.join(self.jobs_dir, f"{name}.json"), record)
+        atomic_write_json(layout.saved_job(self.state_dir, name), record)
 
     def load_jobs(self) -> Iterator[tuple[str, dict | None, str]]:
         """Yield (path, record or None, error text) for every saved record."""
@@ -137,19 +135,19 @@ class Store:
 
     # -- worker hand-off
     def job_dir(self, name: str) -> str:
-        return os.path.join(self.work_dir, name)
+        return layout.job_dir(self.state_dir, name)
 
     def write_worker_job(self, name: str, payload: dict) -> str:
         d = self.job_dir(name)
         os.makedirs(d, exist_ok=True)
         remove_stale_temps(d)
-        path = os.path.join(d, "job.json")
+        path = layout.worker_job(self.state_dir, name)
         atomic_write_json(path, payload)
         return path
 
     # -- runtime data
     def runtime_path(self, name: str) -> str:
-        return os.path.join(self.runtime_dir, f"{name}.json")
+        return layout.runtime_file(self.state_dir, name)
 
     def save_runtime(self, name: str, data: dict) -> None:
         atomic_write_json(self.runtime_path(name), data)

@@ -1,1 +1,4 @@
-"""The oddaemon command line: argparse, transports (control socket, D-Bus), rendering, submit receipts, the demo. May import everything above workers."""
+"""The oddaemon command line: argparse, transports (control socket, D-Bus), rendering, submit receipts, the demo.
+
+May import everything above workers.
+"""

@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import os
 
-from oddaemon.service.dbus_service import (BUS_NAME, ERROR_PREFIX, INTERFACE, OBJECT_PATH, _glib_message, open_connection,
-                                   resolve_bus)
-from oddaemon.service.dbus_variants import view_from_dict
+from oddaemon.adapters.dbus_bus import BUS_NAME, INTERFACE, OBJECT_PATH, glib_message, open_connection, resolve_bus
+from oddaemon.adapters.dbus_variants import view_from_dict
+from oddaemon.core.errors import CommandError, ErrorKind, dbus_error_name, kind_of_dbus_error
 
 
 class DBusUnavailable(Exception):
     """The daemon's D-Bus API cannot be reached (no bus, or no daemon on it)."""
 
 
-class ClientError(Exception):
-    """The daemon answered with an error. ``kind``: NotFound, Invalid, Refused, AccessDenied, ..."""
+class ClientError(CommandError):
+    """The daemon answered with an error (or the client refused to send a request): ``kind`` from
+    the D-Bus error name (``oddaemon.core.errors.kind_of_dbus_error``), ``dbus_name`` the name itself."""
 
     def __init__(self, dbus_name: str, message: str):
-        super().__init__(message)
+        super().__init__(kind_of_dbus_error(dbus_name), message)
         self.dbus_name = dbus_name
-        self.kind = dbus_name.rsplit(".", 1)[-1]
+
+    @classmethod
+    def of_kind(cls, kind: ErrorKind, message: str) -> ClientError:
+        return cls(dbus_error_name(kind), message)
 
 
 class Client:
@@ -29,14 +33,14 @@ class Client:
         self.bus = bus
 
     @classmethod
-    def connect(cls, bus: str | None = None, timeout: float = 10.0) -> "Client":
+    def connect(cls, bus: str | None = None, timeout: float = 10.0) -> Client:
         bus = resolve_bus(bus)
         try:
             con = open_connection(bus)
         except ImportError as exc:
             raise DBusUnavailable(f"D-Bus support is not installed ({exc})") from None
         except Exception as exc:  # noqa: BLE001
-            raise DBusUnavailable(f"cannot connect to the D-Bus {bus} bus: {_glib_message(exc)}") from None
+            raise DBusUnavailable(f"cannot connect to the D-Bus {bus} bus: {glib_message(exc)}") from None
         try:
             proxy = con.pydbus.get(BUS_NAME, OBJECT_PATH, timeout=timeout)[INTERFACE]
         except Exception as exc:  # noqa: BLE001
@@ -72,20 +76,17 @@ class Client:
             with open(path, "rb") as f:
                 data = f.read()
         except OSError as exc:
-            raise ClientError(ERROR_PREFIX + "Invalid", f"cannot read {path}: {exc.strerror}") from None
+            raise ClientError.of_kind(ErrorKind.INVALID, f"cannot read {path}: {exc.strerror}") from None
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise ClientError(ERROR_PREFIX + "Invalid", f"{path} is not UTF-8 text (byte offset {exc.start})") from None
+            raise ClientError.of_kind(ErrorKind.INVALID,
+                                      f"{path} is not UTF-8 text (byte offset {exc.start})") from None
         return self.submit_text(text, os.path.basename(path))
-
-    def submit_path(self, path: str) -> dict:
-        """Ask the daemon to read ``path`` itself (it must be able to)."""
-        return _submit_result(self._call("Submit", path))
 
     def submit_text(self, text: str, filename: str = "submitted.toml") -> dict:
         if "\0" in text:
-            raise ClientError(ERROR_PREFIX + "Invalid", f"{filename} contains a NUL byte; a job file is text")
+            raise ClientError.of_kind(ErrorKind.INVALID, f"{filename} contains a NUL byte; a job file is text")
         return _submit_result(self._call("SubmitText", text, filename))
 
     def cancel(self, name: str) -> str:
@@ -116,7 +117,7 @@ def _submit_result(reply) -> dict:
 
 def _remote_message(exc: BaseException) -> str:
     """The message without GDBus's "GDBus.Error:<error name>: " prefix."""
-    message = _glib_message(exc)
+    message = glib_message(exc)
     if message.startswith("GDBus.Error:") and ": " in message:
         return message.split(": ", 1)[1]
     return message
@@ -130,7 +131,7 @@ def _client_error(exc: BaseException) -> Exception:
     except (ImportError, TypeError):
         name = None
     if name is None:
-        return DBusUnavailable(f"the D-Bus call failed: {_glib_message(exc)}")
+        return DBusUnavailable(f"the D-Bus call failed: {glib_message(exc)}")
     if name in ("org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NoReply",
                 "org.freedesktop.DBus.Error.Disconnected"):
         return DBusUnavailable(f"the daemon is not answering on D-Bus: {_remote_message(exc)}")

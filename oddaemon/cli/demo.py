@@ -24,13 +24,13 @@ import sys
 import textwrap
 import time
 
+from oddaemon.adapters.loop import make_loop
+from oddaemon.adapters.spool import Spool
 from oddaemon.core import scheduler as sch
 from oddaemon.core.config import load_config
-from oddaemon.service.daemon import Daemon
-from oddaemon.adapters.loop import make_loop
 from oddaemon.core.printable import EscapingFormatter
-from oddaemon.adapters.spool import Spool
 from oddaemon.core.views import format_duration, progress_bar
+from oddaemon.service.daemon import Daemon
 
 DEMO_JOB = "demo"
 DEMO_MODEL = "ssd_demo"  # SSD-MobileNetV2-FPN (depth 0.35) at 128x128, batch 8: ~9 steps/s on 2 CPU cores
@@ -262,7 +262,8 @@ def run_demo(directory: str, keep_serving: bool, standin: bool = False) -> int:
     model_dir = os.path.join(root, "models", DEMO_JOB)
     print(f"demo: model_dir {model_dir}: best checkpoint in best/ (best.json), SavedModel in exported/ "
           f"({describe_export(model_dir)})")
-    print(f"demo: try .venv/bin/oddaemon -c {config_path} logs {DEMO_JOB}   (or: demo --keep-serving, then status {DEMO_JOB})")
+    print(f"demo: try .venv/bin/oddaemon -c {config_path} logs {DEMO_JOB}   "
+          f"(or: demo --keep-serving, then status {DEMO_JOB})")
     return 0 if state == "succeeded" or keep_serving else 1
 
 

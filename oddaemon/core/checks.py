@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
+
+from oddaemon.core.printable import printable
 
 
 @dataclass(frozen=True)
@@ -114,3 +117,20 @@ def finite_number(lo: float, inclusive: bool) -> Callable[[Any], float]:
 
 def one_of(options: tuple[str, ...]) -> Callable[[Any], str]:
     return rule(f"one of {', '.join(repr(o) for o in options)}", lambda v: isinstance(v, str) and v in options)
+
+
+def size_problem(size: int, limit: int) -> Problem:
+    return Problem(f"the file is {size} bytes, larger than the limit of {limit} bytes "
+                   "(max_file_bytes in the [jobs] section of the daemon configuration)")
+
+
+def render_error_file(original_name: str, problems: list[Problem],
+                      because: str = "it is not a valid oddaemon job spec") -> str:
+    """The text of the ``.error`` file written next to a rejected job file."""
+    total = sum(p.count for p in problems)  # the last one may stand for all those not listed
+    count = f"{total} problem" + ("" if total == 1 else "s")
+    lines = [f"Job file '{printable(original_name)}' was rejected because {because}; nothing was queued.", f"{count}:"]
+    lines += [f"  - {printable(p.render())}" for p in problems]
+    lines.append("Fix the file and submit it again. Every key is described in the \"Job spec\" section "
+                 "of the README; etc/jobs/example.toml is a commented example.")
+    return "\n".join(lines) + "\n"

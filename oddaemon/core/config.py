@@ -12,12 +12,13 @@ import re
 import shutil
 import sys
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
-from oddaemon.core import jobspec
+from oddaemon.core import job_validation
+from oddaemon.core.checks import Invalid, finite_number, is_int, one_of, rule, show, whole_number
 from oddaemon.core.errors import ConfigError, describe_cause
-from oddaemon.core.jobspec import Invalid, finite_number, is_int, one_of, rule, show, whole_number
 
 DEFAULT_PORT = 9781
 MAX_GPU_ID = 63
@@ -57,8 +58,9 @@ class Config:
     pins_min_free_percent: float = 5.0  # ... or this share of it, whichever is larger
     pins_max_bytes_per_job: int = 0  # bytes only the pins of one job hold (0: no cap but the floor)
 
-    def validation_context(self) -> jobspec.ValidationContext:
-        return jobspec.ValidationContext(allowed_roots=self.allowed_roots, max_file_bytes=self.max_job_file_bytes)
+    def validation_context(self) -> job_validation.ValidationContext:
+        return job_validation.ValidationContext(allowed_roots=self.allowed_roots,
+                                                max_file_bytes=self.max_job_file_bytes)
 
     def resolved_worker_python(self) -> str:
         """The interpreter for workers: the configured one (a bare name is looked up on PATH) or our own."""

@@ -4,15 +4,18 @@ stopping. The daemon persists it so that every checkpoint is evaluated exactly o
 restarts too: ``take_changes`` hands over the records changed since the last call (appended to a
 journal, ``bookfile``), ``to_dict`` the whole book (its snapshot).
 
-A checkpoint changes state in one place (``_move``), which keeps the indexes the daemon asks about
-at every event (the waiting checkpoints in order, the running one, the counts, the newest) right,
-so that no question costs O(all checkpoints): a job can have tens of thousands.
+A checkpoint changes state in one place (``_move``), guarded by one table of allowed transitions
+(``check_checkpoint_transition``, as ``states.py`` guards jobs): a change that is not in the table
+is a programming error and raises before anything changes. ``_move`` also keeps the indexes the
+daemon asks about at every event (the waiting checkpoints in order, the running one, the counts,
+the newest) right, so that no question costs O(all checkpoints): a job can have tens of thousands.
 """
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
+import enum
 import itertools
 import math
 import re
@@ -23,10 +26,59 @@ from dataclasses import dataclass, field
 DAMAGED = re.compile(r"DataLossError|not an sstable|Checksum does not match|Unable to open table file|"
                      r"corrupted record|truncated record|Perhaps the file is corrupt|block checksum mismatch")
 
-PENDING, RUNNING, DONE, FAILED, SKIPPED, MISSED = "pending", "running", "evaluated", "failed", "skipped", "missed"
+
+class CheckpointState(str, enum.Enum):
+    """A checkpoint's state; the values are what the saved books and the views say."""
+
+    PENDING = "pending"      # waiting for its evaluation (or for the retry of a failed attempt)
+    RUNNING = "running"      # handed to the evaluator
+    DONE = "evaluated"       # its metrics are recorded
+    FAILED = "failed"        # given up: out of attempts, or its files are damaged
+    SKIPPED = "skipped"      # never evaluated: skip_to_newest, or released by the pin budget
+    MISSED = "missed"        # never evaluated: deleted before it could be pinned or evaluated
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# The short names.
+PENDING, RUNNING, DONE = CheckpointState.PENDING, CheckpointState.RUNNING, CheckpointState.DONE
+FAILED, SKIPPED, MISSED = CheckpointState.FAILED, CheckpointState.SKIPPED, CheckpointState.MISSED
 OPEN = (PENDING, RUNNING)
-STATES = (PENDING, RUNNING, DONE, FAILED, SKIPPED, MISSED)
+STATES = tuple(CheckpointState)
 RELEASED = "released unevaluated"  # how the reason of a checkpoint released by the pin budget starts
+
+# The one table of allowed changes. A checkpoint new to the book (old state None) arrives pending,
+# or missed when it was deleted before it could be pinned; only a waiting one is started, skipped,
+# released or missed; a running one is evaluated, retried (pending again) or given up (failed);
+# the other four are final.
+_ALLOWED: dict[CheckpointState | None, frozenset[CheckpointState]] = {
+    None: frozenset({PENDING, MISSED}),
+    PENDING: frozenset({RUNNING, SKIPPED, MISSED}),
+    RUNNING: frozenset({DONE, PENDING, FAILED}),
+    DONE: frozenset(),
+    FAILED: frozenset(),
+    SKIPPED: frozenset(),
+    MISSED: frozenset(),
+}
+
+
+class IllegalCheckpointTransition(RuntimeError):
+    def __init__(self, n: int, old: CheckpointState | None, new: CheckpointState):
+        was = "a checkpoint new to the book" if old is None else f"a checkpoint from {old}"
+        super().__init__(f"evaluation book: ckpt-{n}: cannot move {was} to {new}: not in the checkpoint "
+                         f"transition table")
+        self.n, self.old, self.new = n, old, new
+
+
+def check_checkpoint_transition(n: int, old: CheckpointState | None, new: CheckpointState) -> None:
+    if new not in _ALLOWED[old]:
+        raise IllegalCheckpointTransition(n, old, new)
+
+
+def allowed_checkpoint_targets(state: CheckpointState | None) -> frozenset[CheckpointState]:
+    """Where a checkpoint in ``state`` may go (``None``: a checkpoint new to the book)."""
+    return _ALLOWED[state]
 
 
 @dataclass
@@ -34,7 +86,7 @@ class CheckpointEval:
     n: int  # save number (ckpt-N)
     prefix: str  # the pinned prefix the evaluator reads
     completed_at: float
-    state: str = PENDING
+    state: CheckpointState = PENDING  # changed only by EvalBook._move
     step: int | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     attempts: int = 0
@@ -76,7 +128,7 @@ class EvalBook:
         # indexes, kept by _move
         self._pending: list[int] = []  # sorted
         self._running: int | None = None
-        self._counts = {s: 0 for s in STATES}
+        self._counts = {s: 0 for s in CheckpointState}
         self._latest_done: int | None = None
         self.newest: int | None = None  # the highest checkpoint number known
         self.newest_completed_at: float | None = None
@@ -86,10 +138,19 @@ class EvalBook:
         self._changed: set[int] = set()
 
     # ---- the one state change
-    def _move(self, c: CheckpointEval, state: str) -> None:
-        if c.n in self.checkpoints:
-            self._unindex(self.checkpoints[c.n])
-        c.state = state
+    def _move(self, c: CheckpointEval, to: CheckpointState, saved: bool = False, **changes) -> None:
+        """Move checkpoint ``c`` (known to the book, or new to it) to state ``to``, setting the record's
+        fields in ``changes`` with it. Refused (IllegalCheckpointTransition, nothing changed) unless
+        the table allows it; ``saved``: ``c`` is a record read back from the book's files, put back
+        as it was saved (not a transition: the one that made it was checked when it happened)."""
+        known = self.checkpoints.get(c.n)
+        if not saved:
+            check_checkpoint_transition(c.n, known.state if known is not None else None, to)
+        if known is not None:
+            self._unindex(known)
+        for name, value in changes.items():
+            setattr(c, name, value)
+        c.state = CheckpointState(to)
         self.checkpoints[c.n] = c  # a known checkpoint keeps its place (recent() relies on the order)
         self._index(c)
         self._changed.add(c.n)
@@ -165,9 +226,7 @@ class EvalBook:
         skipped = []
         for n in self._pending[:-1]:
             if n != self.final_n:
-                c = self.checkpoints[n]
-                c.error = f"skipped: evaluation was {waiting} checkpoints behind"
-                self._move(c, SKIPPED)
+                self._move(self.checkpoints[n], SKIPPED, error=f"skipped: evaluation was {waiting} checkpoints behind")
                 skipped.append(n)
         return skipped
 
@@ -185,23 +244,23 @@ class EvalBook:
     # ---- progress of one evaluation
     def start(self, n: int, now: float) -> None:
         c = self.checkpoints[n]
-        c.started_at, c.retry_at = now, None
-        c.attempts += 1
-        if c.lag_seconds is None:
-            c.lag_seconds = max(0.0, now - c.completed_at)
-        self._move(c, RUNNING)
+        lag = c.lag_seconds if c.lag_seconds is not None else max(0.0, now - c.completed_at)
+        self._move(c, RUNNING, started_at=now, retry_at=None, attempts=c.attempts + 1, lag_seconds=lag)
 
     def finish(self, n: int, step: int | None, metrics: dict[str, float], now: float) -> Finished:
         c = self.checkpoints[n]
-        c.step, c.metrics, c.finished_at, c.error = step, dict(metrics), now, ""
-        c.duration_seconds = now - c.started_at if c.started_at is not None else None
-        self._move(c, DONE)
         value = metrics.get(self.policy.metric)
         if value is None:
-            c.error = f"metric {self.policy.metric!r} missing from the results"
+            error = f"metric {self.policy.metric!r} missing from the results"
+        elif not math.isfinite(value):
+            error = f"metric {self.policy.metric!r} is {value!r}, not a finite number: it cannot be the best"
+        else:
+            error = ""
+        self._move(c, DONE, step=step, metrics=dict(metrics), finished_at=now, error=error,
+                   duration_seconds=now - c.started_at if c.started_at is not None else None)
+        if value is None:
             return Finished(False, None)
         if not math.isfinite(value):  # never the best; an evaluation without an improvement all the same
-            c.error = f"metric {self.policy.metric!r} is {value!r}, not a finite number: it cannot be the best"
             self.evaluations_since_improvement += 1
             return Finished(False, self._patience_ran_out())
         # Ties go to the later checkpoint (more trained); patience needs a real improvement.
@@ -227,31 +286,24 @@ class EvalBook:
         ``max_attempts``, or at once when the checkpoint itself is damaged (reading it again
         cannot help; pinned checkpoints are complete, so the damage is real)."""
         c = self.checkpoints[n]
-        c.error = error
         if DAMAGED.search(error):
-            c.error = f"the checkpoint is damaged, not retried: {error}"
-            c.finished_at, c.retry_at = now, None
-            self._move(c, FAILED)
+            self._move(c, FAILED, error=f"the checkpoint is damaged, not retried: {error}", finished_at=now,
+                       retry_at=None)
             return False
         if c.attempts >= self.policy.max_attempts:
-            c.finished_at = now
-            self._move(c, FAILED)
+            self._move(c, FAILED, error=error, finished_at=now)
             return False
-        c.retry_at = now + min(self.policy.backoff_cap, self.policy.backoff_base * 2 ** (c.attempts - 1))
-        self._move(c, PENDING)
+        retry_at = now + min(self.policy.backoff_cap, self.policy.backoff_base * 2 ** (c.attempts - 1))
+        self._move(c, PENDING, error=error, retry_at=retry_at)
         return True
 
     def release(self, n: int, now: float, why: str) -> None:
         """A waiting checkpoint is given up to keep the pins within their disk budget: skipped, with why."""
-        c = self.checkpoints[n]
-        c.error, c.finished_at, c.retry_at = why, now, None
-        self._move(c, SKIPPED)
+        self._move(self.checkpoints[n], SKIPPED, error=why, finished_at=now, retry_at=None)
 
     def miss(self, n: int, now: float, why: str) -> None:
         """A waiting checkpoint can no longer be evaluated (its files are gone): recorded, never retried."""
-        c = self.checkpoints[n]
-        c.error, c.finished_at, c.retry_at = why, now, None
-        self._move(c, MISSED)
+        self._move(self.checkpoints[n], MISSED, error=why, finished_at=now, retry_at=None)
 
     def interrupted(self, now: float, error: str) -> int | None:
         """The evaluator died (or the daemon restarted) during an evaluation: count it as a failed attempt."""
@@ -277,7 +329,7 @@ class EvalBook:
         return self.checkpoints[self._latest_done] if self._latest_done is not None else None
 
     def counts(self) -> dict[str, int]:
-        return dict(self._counts)
+        return {s.value: count for s, count in self._counts.items()}
 
     def recent(self, limit: int) -> list[CheckpointEval]:
         """The ``limit`` checkpoints recorded last (the newest: they arrive in save order), oldest first."""
@@ -298,16 +350,16 @@ class EvalBook:
 
     def restore(self, record: dict) -> None:
         """Put a saved record back (loading: the snapshot, then the journal; a later record of the
-        same checkpoint replaces the earlier one)."""
+        same checkpoint replaces the earlier one). ValueError for a state no book has."""
         c = CheckpointEval(**record)
-        self._move(c, c.state)
+        self._move(c, CheckpointState(c.state), saved=True)
 
     def to_dict(self) -> dict:
         return {**self.header(),
                 "checkpoints": [dataclasses.asdict(self.checkpoints[n]) for n in sorted(self.checkpoints)]}
 
     @classmethod
-    def from_dict(cls, policy: EvalPolicy, d: dict) -> "EvalBook":
+    def from_dict(cls, policy: EvalPolicy, d: dict) -> EvalBook:
         book = cls(policy)
         book.set_header(d)
         for c in d.get("checkpoints", []):

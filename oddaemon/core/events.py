@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Union
 
+from oddaemon.core.errors import ErrorKind
 from oddaemon.core.failures import Failure
-from oddaemon.core.jobs import Job
+from oddaemon.core.jobs import Job, Policy
 from oddaemon.core.jobspec import JobSpec
 from oddaemon.core.remedies import Remedy
 
@@ -43,6 +43,14 @@ class Retry:
 @dataclass(frozen=True)
 class Tick:
     """A timer fired (or anything else changed): start what is due."""
+
+
+@dataclass(frozen=True)
+class PolicyChanged:
+    """The daemon's configuration was re-read (reload): the restart, CPU-slot and evaluation policy
+    from now on; then start what now fits."""
+
+    policy: Policy
 
 
 @dataclass(frozen=True)
@@ -90,8 +98,8 @@ class WorkerRefused:
     failure: Failure  # kind "refused"
 
 
-Event = Union[Submit, ProcessExited, Cancel, Retry, Tick, Restore, EarlyStop, EvaluationsDone, PlaceEvaluator,
-              EvaluatorStopped, WorkerRefused]
+Event = (Submit | ProcessExited | Cancel | Retry | Tick | PolicyChanged | Restore | EarlyStop | EvaluationsDone
+         | PlaceEvaluator | EvaluatorStopped | WorkerRefused)
 
 
 # ---- actions ------------------------------------------------------------------------------
@@ -125,13 +133,15 @@ class Accepted:
 class Rejected:
     token: str
     reason: str
+    kind: ErrorKind = ErrorKind.REFUSED
 
 
 @dataclass(frozen=True)
 class Refused:
-    """A command (cancel, retry) that cannot be done; the reason is for the user."""
+    """A command (cancel, retry) that cannot be done; the reason is for the user, the kind for transports."""
 
     reason: str
+    kind: ErrorKind = ErrorKind.REFUSED
 
 
 @dataclass(frozen=True)
@@ -168,5 +178,5 @@ class TrainingEnded:
     name: str
 
 
-Action = Union[StartTrain, StopTrain, SaveJob, Accepted, Rejected, Refused, StateChanged, WakeAt, EvalPlacement,
-               StopEvaluator, TrainingEnded]
+Action = (StartTrain | StopTrain | SaveJob | Accepted | Rejected | Refused | StateChanged | WakeAt | EvalPlacement
+          | StopEvaluator | TrainingEnded)

@@ -33,7 +33,7 @@ class Failure:
         return {"kind": self.kind, "message": self.message, "step": self.step}
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "Failure | None":
+    def from_dict(cls, d: dict | None) -> Failure | None:
         if not d:
             return None
         return cls(str(d.get("kind", "exit")), str(d.get("message", "")), d.get("step"))
@@ -109,8 +109,8 @@ def _classify_role(role: str, returncode: int, tail: list[str]) -> Failure | Non
     if _OOM.search(text):
         return Failure("oom", f"{subject} ran out of memory{said}")
     if returncode < 0:  # killed from outside: whatever it printed last is no error of its own
-        return Failure("signal", f"{subject} was {describe_signal(-returncode)}")
-    return Failure("exit", f"{subject} failed (exit status {returncode}){said}")
+        return Failure("signal", f"{subject} was {describe_returncode(returncode, diagnosis=True)}")
+    return Failure("exit", f"{subject} failed ({describe_returncode(returncode)}){said}")
 
 
 def classify_failure(returncode: int, tail: list[str], role: str = "train") -> Failure | None:
@@ -160,16 +160,24 @@ def classify_failure(returncode: int, tail: list[str], role: str = "train") -> F
         return Failure("gpu", f"GPU error ({_GPU.search(text).group(0)}): check nvidia-smi and `journalctl -k` "
                               "for Xid errors")
     if returncode < 0:
-        return Failure("signal", describe_signal(-returncode))
+        return Failure("signal", describe_returncode(returncode, diagnosis=True))
     if returncode != 0:
-        return Failure("exit", f"exit status {returncode}")
+        return Failure("exit", describe_returncode(returncode))
     return None
 
 
-def describe_signal(signum: int) -> str:
+def describe_returncode(returncode: int, diagnosis: bool = False) -> str:
+    """How a process ended, in words (the one place that says it): "exit status 3" or "killed by
+    signal SIGTERM" (``returncode`` negative: killed by that signal, as subprocess reports it). As a
+    failure's ``diagnosis``: "killed by SIGTERM", and a SIGKILL names the likely killer."""
+    if returncode >= 0:
+        return f"exit status {returncode}"
+    signum = -returncode
     try:
         name = signal.Signals(signum).name
     except ValueError:
-        name = f"signal {signum}"
+        return f"killed by signal {signum}"
+    if not diagnosis:
+        return f"killed by signal {name}"
     hint = " (the kernel's OOM killer? see `journalctl -k`)" if signum == signal.SIGKILL else ""
     return f"killed by {name}{hint}"

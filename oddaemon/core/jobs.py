@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Union
 
 from oddaemon.core.failures import Failure
 from oddaemon.core.jobspec import JobSpec
@@ -33,7 +32,7 @@ class Job:
     name: str
     seq: int
     spec: JobSpec
-    wants: Union[int, tuple[int, ...]]  # GPU count, or explicit GPU ids; 0 = CPU slot
+    wants: int | tuple[int, ...]  # GPU count, or explicit GPU ids; 0 = CPU slot
     state: JobState = JobState.QUEUED
     reason: str = ""
     submitted_at: float = 0.0
@@ -69,7 +68,7 @@ class Job:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Job":
+    def from_dict(cls, d: dict) -> Job:
         known = {f.name for f in dataclasses.fields(cls)}
         d = {k: v for k, v in d.items() if k in known}
         d["spec"] = JobSpec.from_dict(d["spec"])

@@ -40,6 +40,6 @@ def printable(text: object) -> str:
 class EscapingFormatter(logging.Formatter):
     """A Formatter whose messages never carry a raw control character."""
 
-    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+    def formatMessage(self, record: logging.LogRecord) -> str:
         record.message = printable(record.message)
         return super().formatMessage(record)

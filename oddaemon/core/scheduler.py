@@ -24,21 +24,45 @@ Policy
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Union
 
+from oddaemon.core.errors import ErrorKind
+from oddaemon.core.events import (
+    Accepted,
+    Action,
+    Cancel,
+    EarlyStop,
+    EvalPlacement,
+    EvaluationsDone,
+    EvaluatorStopped,
+    Event,
+    PlaceEvaluator,
+    PolicyChanged,
+    ProcessExited,
+    Refused,
+    Rejected,
+    Restore,
+    Retry,
+    SaveJob,
+    StartTrain,
+    StateChanged,
+    StopEvaluator,
+    StopTrain,
+    Submit,
+    Tick,
+    TrainingEnded,
+    WakeAt,
+    WorkerRefused,
+)
+from oddaemon.core.failures import describe_returncode
 from oddaemon.core.jobs import HISTORY_LIMIT, Job, Policy, State
-from oddaemon.core.jobspec import JobSpec
-from oddaemon.core.events import (Accepted, Action, Cancel, EarlyStop, EvalPlacement, EvaluationsDone, EvaluatorStopped,
-                               Event, PlaceEvaluator, ProcessExited, Refused, Rejected, Restore, Retry, SaveJob,
-                               StartTrain, StateChanged, StopEvaluator, StopTrain, Submit, Tick, TrainingEnded, WakeAt,
-                               WorkerRefused)
+from oddaemon.core.jobspec import JobSpec, gpu_count
 from oddaemon.core.remedies import Remedy
 from oddaemon.core.states import HOLDS_RESOURCES, TERMINAL, JobState, check_transition
 
 __all__ = ["Accepted", "Action", "Cancel", "EarlyStop", "EvalPlacement", "EvaluationsDone", "EvaluatorStopped", "Event",
-           "Job", "PlaceEvaluator", "Policy", "ProcessExited", "Refused", "Rejected", "Restore", "Retry", "SaveJob",
-           "StartTrain", "State", "StateChanged", "StopEvaluator", "StopTrain", "Submit", "Tick", "TrainingEnded",
-           "WakeAt", "WorkerRefused", "step", "transition"]
+           "Job", "PlaceEvaluator", "Policy", "PolicyChanged", "ProcessExited", "Refused", "Rejected", "Restore",
+           "Retry", "SaveJob", "StartTrain", "State", "StateChanged", "StopEvaluator", "StopTrain", "Submit", "Tick",
+           "TrainingEnded", "WakeAt", "WorkerRefused", "step", "transition"]
 
 # ---- the one guarded state change ---------------------------------------------------------
 
@@ -86,12 +110,14 @@ def step(state: State, event: Event, now: float) -> tuple[State, list[Action]]:
             actions.append(SaveJob(jobs[event.name]))
     elif isinstance(event, WorkerRefused):
         _worker_refused(jobs, event, now, actions)
+    elif isinstance(event, PolicyChanged):
+        state = replace(state, policy=event.policy)
     new_state = replace(state, jobs=jobs, next_seq=next_seq)
     new_state, more = _schedule(new_state, now)
     return new_state, actions + more
 
 
-def fits_ever(wants: Union[int, tuple[int, ...]], inventory: tuple[int, ...]) -> str | None:
+def fits_ever(wants: int | tuple[int, ...], inventory: tuple[int, ...]) -> str | None:
     """None if the request can be met by this inventory some day, else why not."""
     if isinstance(wants, tuple):
         missing = [g for g in wants if g not in inventory]
@@ -124,11 +150,10 @@ def clash_detail(clash: str, theirs: str) -> str:
     return f": {theirs}; a job's model_dir must not be inside another's, nor contain one"
 
 
-def resolve_wants(spec: JobSpec, inventory: tuple[int, ...]) -> Union[int, tuple[int, ...]]:
+def resolve_wants(spec: JobSpec, inventory: tuple[int, ...]) -> int | tuple[int, ...]:
+    """What a job asks the allocator for: the GPU ids it names, else a count (``gpu_count``)."""
     gpus = spec.train.gpus
-    if gpus is None:
-        return 1 if inventory else 0
-    return gpus
+    return gpus if isinstance(gpus, tuple) else gpu_count(gpus, len(inventory))
 
 
 def _submit(state: State, jobs: dict[str, Job], ev: Submit, now: float, actions: list[Action]) -> int:
@@ -162,17 +187,6 @@ def _submit(state: State, jobs: dict[str, Job], ev: Submit, now: float, actions:
     jobs[name] = job
     actions += [SaveJob(job), Accepted(name, ev.token), StateChanged(name, "", JobState.QUEUED.value, "submitted")]
     return state.next_seq + 1
-
-
-def describe_returncode(returncode: int) -> str:
-    if returncode < 0:
-        import signal as _signal  # stdlib table lookup only
-
-        try:
-            return f"killed by signal {_signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"killed by signal {-returncode}"
-    return f"exit status {returncode}"
 
 
 def _exited(policy: Policy, jobs: dict[str, Job], ev: ProcessExited, now: float, actions: list[Action]) -> None:
@@ -298,14 +312,15 @@ def _place_evaluator(state: State, jobs: dict[str, Job], name: str, actions: lis
 def _cancel(jobs: dict[str, Job], name: str, now: float, actions: list[Action]) -> None:
     job = jobs.get(name)
     if job is None:
-        actions.append(Refused(f"no job named '{name}'"))
+        actions.append(Refused(f"no job named '{name}'", ErrorKind.NOT_FOUND))
         return
     if job.state in TERMINAL:
         actions.append(Refused(f"job '{name}' is already {job.state}"))
     elif job.state is JobState.STOPPING and not job.stop_reason:
         actions.append(Refused(f"job '{name}' is already stopping"))
     elif job.state is JobState.STOPPING:  # stopping early: make it a cancel (same state, new intent)
-        jobs[name] = replace(job, stop_reason="", reason="cancel requested")
+        history = (job.history + ((now, job.state.value, "cancel requested"),))[-HISTORY_LIMIT:]
+        jobs[name] = replace(job, stop_reason="", reason="cancel requested", history=history)
         actions.append(SaveJob(jobs[name]))
     elif job.state is JobState.RUNNING:
         jobs[name], acts = transition(job, JobState.STOPPING, now, "cancel requested")
@@ -318,7 +333,7 @@ def _cancel(jobs: dict[str, Job], name: str, now: float, actions: list[Action]) 
 def _retry(state: State, jobs: dict[str, Job], name: str, now: float, actions: list[Action]) -> None:
     job = jobs.get(name)
     if job is None:
-        actions.append(Refused(f"no job named '{name}'"))
+        actions.append(Refused(f"no job named '{name}'", ErrorKind.NOT_FOUND))
     elif job.state not in (JobState.FAILED, JobState.CANCELLED):
         actions.append(Refused(f"job '{name}' is {job.state}; only failed or cancelled jobs can be retried"))
     else:
@@ -393,7 +408,7 @@ def _schedule(state: State, now: float) -> tuple[State, list[Action]]:
     return replace(state, jobs=jobs), actions
 
 
-def _allocate(wants: Union[int, tuple[int, ...]], free: list[int]) -> tuple[int, ...] | None:
+def _allocate(wants: int | tuple[int, ...], free: list[int]) -> tuple[int, ...] | None:
     if isinstance(wants, tuple):
         return wants if all(g in free for g in wants) else None
     if wants <= len(free):

@@ -52,7 +52,3 @@ class IllegalTransition(RuntimeError):
 def check_transition(name: str, old: JobState, new: JobState) -> None:
     if new not in _ALLOWED[old]:
         raise IllegalTransition(name, old, new)
-
-
-def allowed_targets(state: JobState) -> frozenset[JobState]:
-    return _ALLOWED[state]

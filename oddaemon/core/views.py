@@ -3,9 +3,9 @@ D-Bus and metrics. Pure."""
 
 from __future__ import annotations
 
-from oddaemon.core.evalbook import EvalBook
 from typing import Protocol
 
+from oddaemon.core.evalbook import EvalBook
 from oddaemon.core.jobs import Job
 from oddaemon.core.printable import printable
 

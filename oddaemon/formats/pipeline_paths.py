@@ -20,7 +20,8 @@ from dataclasses import dataclass
 MAX_CONFIG_BYTES = 8 * 1024 * 1024  # a pipeline.config is a few KB; more is not read
 FIELDS = ("label_map_path", "input_path", "fine_tune_checkpoint")
 
-_TOKEN = re.compile(r"""\s+|\#[^\n]*|"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|[A-Za-z_][\w.]*|[{}<>\[\]:,;]|[^\s{}<>\[\]:,;\#"']+""")
+_TOKEN = re.compile(r"""\s+|\#[^\n]*|"(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*'|[A-Za-z_][\w.]*|[{}<>\[\]:,;]"""
+                    r"""|[^\s{}<>\[\]:,;\#"']+""")
 
 
 @dataclass(frozen=True)

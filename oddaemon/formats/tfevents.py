@@ -1,4 +1,5 @@
-"""TensorFlow event files without TensorFlow.
+"""TensorFlow event files read without TensorFlow: the daemon's incremental reader (``tfevents_writer``
+is the encoder and writer the stand-in worker and the tests use).
 
 An event file is a TFRecord file of serialized ``tensorflow.Event`` protobufs; each record is
 ``uint64 length (LE) | uint32 masked_crc32c(length) | data | uint32 masked_crc32c(data)``.
@@ -11,71 +12,16 @@ type are skipped; only single-element numeric tensors count as scalars.
 
 from __future__ import annotations
 
-import itertools
 import os
-import socket
 import struct
-import time
 from dataclasses import dataclass
 
-from oddaemon.core.errors import OddaemonError
-from oddaemon.formats.tfrecord import _FOOTER_SIZE, _HEADER_SIZE, encode_record, masked_crc32c, next_header
+from oddaemon.formats.tfrecord import FOOTER_SIZE, HEADER_SIZE, masked_crc32c, next_header
 
 FILE_VERSION = "brain.Event:2"
 FILE_PREFIX = "events.out.tfevents."
 _READ_CHUNK = 4 << 20
 _MASK64 = (1 << 64) - 1
-
-# ------------------------------------------------------------------------------------ wire encoding
-
-
-def _varint(value: int) -> bytes:
-    value &= _MASK64  # negative int64 -> ten-byte two's complement, like protobuf
-    out = bytearray()
-    while value > 0x7F:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _key(field: int, wire_type: int) -> bytes:
-    return _varint(field << 3 | wire_type)
-
-
-def _submessage(field: int, payload: bytes) -> bytes:
-    return _key(field, 2) + _varint(len(payload)) + payload
-
-
-def _event(wall_time: float | None, step: int, body: bytes) -> bytes:
-    wall_time = time.time() if wall_time is None else wall_time
-    step_field = _key(2, 0) + _varint(step) if step else b""  # proto3 omits zero
-    return _key(1, 1) + struct.pack("<d", wall_time) + step_field + body
-
-
-def encode_file_version_event(wall_time: float | None = None) -> bytes:
-    return _event(wall_time, 0, _submessage(3, FILE_VERSION.encode()))
-
-
-_SCALAR_METADATA = _submessage(9, _submessage(1, _submessage(1, b"scalars")) + _key(4, 0) + _varint(1))
-
-
-def _scalar_value(tag: str, value: float, style: str) -> bytes:
-    tag_field = _submessage(1, tag.encode())
-    if style == "simple":
-        return tag_field + _key(2, 5) + struct.pack("<f", value)
-    if style == "tensor":  # what TF2's summary writer emits: DT_FLOAT, shape {}, tensor_content
-        tensor = _key(1, 0) + _varint(1) + _submessage(2, b"") + _submessage(4, struct.pack("<f", value))
-        return tag_field + _submessage(8, tensor) + _SCALAR_METADATA
-    raise ValueError(f"unknown scalar style {style!r} (expected 'tensor' or 'simple')")
-
-
-def encode_scalar_event(step: int, scalars: dict[str, float], wall_time: float | None = None,
-                        style: str = "tensor") -> bytes:
-    """A serialized Event holding one Summary.Value per scalar (values are stored as float32)."""
-    summary = b"".join(_submessage(1, _scalar_value(tag, value, style)) for tag, value in scalars.items())
-    return _event(wall_time, step, _submessage(5, summary))
-
 
 # ------------------------------------------------------------------------------------ wire decoding
 
@@ -246,38 +192,9 @@ def decode_event(data: bytes) -> ScalarEvent | None:
 
 # -------------------------------------------------------------------------------------------- files
 
-_file_counter = itertools.count()
 
-
-class EventFileWriter:
-    """Append-only event file named like TF's: events.out.tfevents.<time>.<host>.<pid>.<n><suffix>."""
-
-    def __init__(self, logdir: str, suffix: str = ".v2"):
-        os.makedirs(logdir, exist_ok=True)
-        while True:
-            name = (f"{FILE_PREFIX}{int(time.time()):010d}.{socket.gethostname()}"
-                    f".{os.getpid()}.{next(_file_counter)}{suffix}")
-            self.path = os.path.join(logdir, name)
-            try:
-                self._file = open(self.path, "xb")
-                break
-            except FileExistsError:
-                continue
-        self._write(encode_file_version_event())
-
-    def _write(self, event: bytes) -> None:
-        self._file.write(encode_record(event))
-        self._file.flush()
-
-    def add_scalars(self, step: int, scalars: dict[str, float], wall_time: float | None = None) -> None:
-        self._write(encode_scalar_event(step, scalars, wall_time))
-
-    def close(self) -> None:
-        self._file.close()
-
-
-class CorruptRecord(OddaemonError):
-    """A record of an event file that cannot be used."""
+class CorruptRecord(ValueError):
+    """A record of an event file that cannot be used (its text is the reader's ``last_error``)."""
 
     def __init__(self, path: str, offset: int, reason: str):
         self.path = path
@@ -325,15 +242,15 @@ class EventFileReader:
     def _read_records(self, fd: int, size: int, events: list[ScalarEvent]) -> None:
         buf, base, pos = b"", self.offset, 0  # buf holds the file's bytes from `base` on
         while True:
-            available, needed = len(buf) - pos, _HEADER_SIZE
-            if available >= _HEADER_SIZE:
+            available, needed = len(buf) - pos, HEADER_SIZE
+            if available >= HEADER_SIZE:
                 length_bytes = buf[pos:pos + 8]
                 if struct.unpack_from("<I", buf, pos + 8)[0] != masked_crc32c(length_bytes):
                     self._lose_sync(base + pos, "length CRC mismatch; looking for the next record")
                     pos = next_header(buf, pos + 1)
                     self.offset = base + pos
                     continue
-                needed = _HEADER_SIZE + struct.unpack("<Q", length_bytes)[0] + _FOOTER_SIZE
+                needed = HEADER_SIZE + struct.unpack("<Q", length_bytes)[0] + FOOTER_SIZE
             if available < needed:
                 end = base + len(buf)
                 want = min(size - end, max(needed - available, _READ_CHUNK))
@@ -342,9 +259,9 @@ class EventFileReader:
                     return  # partial record: read it again once it is complete
                 buf, base, pos = buf[pos:] + more, base + pos, 0
                 continue
-            data_end = pos + needed - _FOOTER_SIZE
+            data_end = pos + needed - FOOTER_SIZE
             data_crc = struct.unpack_from("<I", buf, data_end)[0]
-            data = memoryview(buf)[pos + _HEADER_SIZE:data_end]
+            data = memoryview(buf)[pos + HEADER_SIZE:data_end]
             if self._lost_sync and data_crc != masked_crc32c(data):
                 pos = next_header(buf, pos + 1)  # a header-like pattern inside garbage: keep looking
                 self.offset = base + pos

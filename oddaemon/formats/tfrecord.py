@@ -7,8 +7,8 @@ from __future__ import annotations
 import re
 import struct
 
-_HEADER_SIZE = 12  # uint64 length + uint32 masked crc of the length
-_FOOTER_SIZE = 4  # uint32 masked crc of the data
+HEADER_SIZE = 12  # uint64 length + uint32 masked crc of the length
+FOOTER_SIZE = 4  # uint32 masked crc of the data
 _MASK32 = 0xFFFFFFFF
 _NONZERO = re.compile(rb"[^\x00]")
 
@@ -36,14 +36,14 @@ def crc32c_pure(data: bytes) -> int:
 def _fast_crc32c():
     """A C implementation from an optional package, or None."""
     try:
-        import google_crc32c
+        import google_crc32c  # noqa: PLC0415 - optional, and absent on most hosts
 
         if getattr(google_crc32c, "implementation", "c") == "c":
             return lambda data: google_crc32c.value(bytes(data))
     except ImportError:
         pass
     try:
-        import crc32c as crc32c_module
+        import crc32c as crc32c_module  # noqa: PLC0415 - optional, and absent on most hosts
     except ImportError:
         return None
     return lambda data: crc32c_module.crc32c(bytes(data))
@@ -63,7 +63,7 @@ def encode_record(data: bytes) -> bytes:
             + data + struct.pack("<I", masked_crc32c(data)))
 
 
-_ZERO_HEADER = bytes(_HEADER_SIZE)
+_ZERO_HEADER = bytes(HEADER_SIZE)
 
 
 def next_header(buf: bytes, start: int) -> int:
@@ -71,11 +71,11 @@ def next_header(buf: bytes, start: int) -> int:
     begins; when there is none in ``buf``, the first position whose header is not wholly in ``buf``
     yet (so the search resumes there once more bytes arrive). Runs of zeros (a hole left by a
     truncation) are stepped over in one go: no valid header is twelve zero bytes."""
-    pos, last = start, len(buf) - _HEADER_SIZE
+    pos, last = start, len(buf) - HEADER_SIZE
     while pos <= last:
         if buf[pos] == 0 and buf.startswith(_ZERO_HEADER, pos):
             match = _NONZERO.search(buf, pos)
-            pos = max(pos + 1, (match.start() if match else len(buf)) - _HEADER_SIZE + 1)
+            pos = max(pos + 1, (match.start() if match else len(buf)) - HEADER_SIZE + 1)
             continue
         if struct.unpack_from("<I", buf, pos + 8)[0] == masked_crc32c(buf[pos:pos + 8]):
             return pos

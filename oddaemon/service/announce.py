@@ -9,24 +9,43 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
-from oddaemon.service import dbus_service
-from oddaemon.core import scheduler as sch
+from oddaemon.adapters import dbus_bus
+from oddaemon.adapters.loop import Loop
 from oddaemon.adapters.metrics import SnapshotCollector, build_snapshot, serve
 from oddaemon.adapters.sdnotify import Notifier, format_status, start_heartbeat
+from oddaemon.core import scheduler as sch
+from oddaemon.core.config import Config
 from oddaemon.core.states import TERMINAL, JobState
-
-if TYPE_CHECKING:
-    from oddaemon.service.daemon import Daemon
+from oddaemon.service import dbus_service
 
 log = logging.getLogger("oddaemon")
 
 SNAPSHOT_DELAY = 1.0  # a burst of changes becomes one snapshot
 
 
+class Announced(Protocol):
+    """What the announcer reads of the daemon (``service/daemon.py``'s ``Daemon`` is one)."""
+
+    config: Config
+    loop: Loop
+    clock: Callable[[], float]
+    started_at: float
+    rejected_total: int
+
+    def views(self, shown: int = ...) -> list[dict]: ...
+
+    def gpus(self) -> dict: ...
+
+    def serving(self) -> bool: ...
+
+
 class Announcer:
-    def __init__(self, daemon: "Daemon"):
+    """Subscribe ``state_changed`` to job state changes and ``checkpoint_evaluated`` to evaluations."""
+
+    def __init__(self, daemon: Announced):
         self.daemon = daemon
         self.counters = {"rejected_files": 0, "worker_restarts": 0, "checkpoints_evaluated": 0}
         self.snapshot: dict | None = None
@@ -37,8 +56,6 @@ class Announcer:
         self.notifier = Notifier.from_env(unset=True)
         self.dbus: dbus_service.Service | None = None
         self._heartbeat = False
-        daemon.on_state_change.append(self._state_changed)
-        daemon.evaluations.listeners.append(self._checkpoint_evaluated)
 
     # ---- start and stop
     def start_metrics(self) -> None:
@@ -55,11 +72,12 @@ class Announcer:
         self.publish_snapshot()
         log.info("metrics on http://%s/metrics", config.metrics_listen)
 
-    def start_dbus(self) -> None:
+    def start_dbus(self, commands: object) -> None:
+        """Publish ``commands`` (``service/commands.py``) on the configured bus, unless it is "none"."""
         config = self.daemon.config
-        bus = dbus_service.resolve_bus(os.environ.get(dbus_service.BUS_ENV) or config.dbus_bus)
+        bus = dbus_bus.resolve_bus(os.environ.get(dbus_bus.BUS_ENV) or config.dbus_bus)
         if bus != "none":
-            self.dbus = dbus_service.publish(self.daemon.commands, bus=bus, submit_group=config.submit_group,
+            self.dbus = dbus_service.publish(commands, bus=bus, submit_group=config.submit_group,
                                              loop=self.daemon.loop)
 
     def ready(self) -> None:
@@ -83,16 +101,18 @@ class Announcer:
     # ---- systemd
     def status_line(self) -> str:
         """The short STATUS= line systemctl status shows."""
-        return format_status({"jobs": self.daemon.views(shown=0), "gpus": self.daemon.commands.gpus()})
+        return format_status({"jobs": self.daemon.views(shown=0), "gpus": self.daemon.gpus()})
 
     # ---- events
-    def _state_changed(self, change: sch.StateChanged) -> None:
+    def state_changed(self, change: sch.StateChanged) -> None:
+        if change.new == "backoff":
+            self.counters["worker_restarts"] += 1
         if self.dbus is not None:
             self.dbus.emit_job_state_changed(change.name, change.old, change.new, change.reason)
-        if self.notifier.enabled and self.daemon.control is not None:
+        if self.notifier.enabled and self.daemon.serving():
             self.notifier.status(self.status_line())
 
-    def _checkpoint_evaluated(self, name: str, record: object) -> None:
+    def checkpoint_evaluated(self, name: str, record: object) -> None:
         self.counters["checkpoints_evaluated"] += 1
         self.snapshot_soon()
         if self.dbus is not None:
@@ -108,7 +128,7 @@ class Announcer:
         d = self.daemon
         self._snapshot_timer = None
         self.counters["rejected_files"] = d.rejected_total
-        self.snapshot = build_snapshot(d.views(shown=0), d.commands.gpus(), dict(self.counters), d.started_at, d.clock(),
+        self.snapshot = build_snapshot(d.views(shown=0), d.gpus(), dict(self.counters), d.started_at, d.clock(),
                                        d.config.metrics_max_finished_jobs, d.config.metrics_finished_max_age_seconds)
         # Finished jobs leave the export when they age out, even if nothing else happens by then.
         ends = [v["finished_at"] for v in self.snapshot["jobs"]

@@ -1,7 +1,9 @@
 """The daemon's command surface, shared by the control socket (CLI) and D-Bus.
 
-Every method runs on the main-loop thread. Refusals raise ``CommandError`` with a message for
-the user; transports turn it into their own error form (a JSON ``error``, a D-Bus error).
+Every method runs on the main-loop thread. What cannot be done raises ``CommandError(kind, message)``
+(``oddaemon.core.errors``); transports turn it into their own error form through the one conversion
+point there (``error_reply`` for a JSON reply, ``dbus_error_name`` for a D-Bus error). ``Commands``
+knows the daemon only through ``DaemonPort``: exactly what it uses of it.
 """
 
 from __future__ import annotations
@@ -9,14 +11,15 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from oddaemon import __version__
 from oddaemon.core import scheduler as sch
-from oddaemon.core.errors import OddaemonError, user_message
+from oddaemon.core.errors import CommandError, ErrorKind, error_reply
 
 if TYPE_CHECKING:
-    from oddaemon.service.daemon import Daemon
+    from oddaemon.core.config import Config
+    from oddaemon.service.intake import Verdict
 
 
 log = logging.getLogger("oddaemon.service.commands")
@@ -26,12 +29,38 @@ log = logging.getLogger("oddaemon.service.commands")
 VERDICT_WAIT_SECONDS = 0.05
 
 
-class CommandError(OddaemonError):
-    pass
+class SpoolDelivery(Protocol):
+    def deliver(self, data: bytes, name: str) -> str: ...
+
+
+class VerdictWait(Protocol):
+    def verdict_within(self, path: str, timeout: float) -> Verdict | None: ...
+
+
+@runtime_checkable
+class DaemonPort(Protocol):
+    """What ``Commands`` uses of the daemon (``oddaemon.service.daemon.Daemon`` has it)."""
+
+    @property
+    def state(self) -> sch.State: ...
+    @property
+    def config(self) -> Config: ...
+    @property
+    def spool(self) -> SpoolDelivery: ...
+    @property
+    def intake_(self) -> VerdictWait: ...
+
+    def intake(self, path: str) -> Verdict | None: ...
+    def dispatch(self, event: sch.Event) -> list[sch.Action]: ...
+    def views(self) -> list[dict]: ...
+    def view(self, name: str) -> dict: ...
+    def gpu_holders(self) -> dict[int, tuple[str, str]]: ...
+    def heavy_modules_loaded(self) -> list[str]: ...
+    def reload(self) -> None: ...
 
 
 class Commands:
-    def __init__(self, daemon: "Daemon"):
+    def __init__(self, daemon: DaemonPort):
         self.daemon = daemon
 
     # ---- read-only
@@ -53,11 +82,12 @@ class Commands:
     def get_job(self, name: str) -> dict:
         if name in self.daemon.state.jobs:
             return self.daemon.view(name)
-        raise CommandError(f"no job named '{name}'")
+        raise CommandError(ErrorKind.NOT_FOUND, f"no job named '{name}'")
 
     # ---- mutating
     def submit_text(self, text: str | bytes, filename: str = "submitted.toml") -> dict:
-        """Validate exactly as the spool does; the text is kept as a spool file either way."""
+        """Validate exactly as the spool does; the text is kept as a spool file either way. A file
+        the daemon does not take (fails validation, or the scheduler rejects it) is ``invalid``."""
         data = text.encode() if isinstance(text, str) else text
         base = os.path.basename(filename) or "submitted.toml"
         if not base.endswith(".toml"):
@@ -67,7 +97,8 @@ class Commands:
         if verdict is not None and verdict.accepted is None and not verdict.name:  # being parsed: a moment
             verdict = self.daemon.intake_.verdict_within(path, VERDICT_WAIT_SECONDS) or verdict
         if verdict is None or verdict.accepted is False:
-            raise CommandError(verdict.message if verdict else "the file vanished before it could be read")
+            raise CommandError(ErrorKind.INVALID,
+                               verdict.message if verdict else "the file vanished before it could be read")
         if verdict.accepted is None:
             return {"name": verdict.name, "state": "validating", "queue_position": None}
         return self._submitted(verdict.name)
@@ -77,7 +108,7 @@ class Commands:
             with open(path, "rb") as f:
                 data = f.read(self.daemon.config.max_job_file_bytes + 1)
         except OSError as exc:
-            raise CommandError(f"cannot read {path}: {exc.strerror}") from None
+            raise CommandError(ErrorKind.INVALID, f"cannot read {path}: {exc.strerror}") from None
         return self.submit_text(data, os.path.basename(path))
 
     def _submitted(self, name: str) -> dict:
@@ -93,7 +124,7 @@ class Commands:
     def _command(self, event: sch.Event, name: str) -> str:
         refused = [a for a in self.daemon.dispatch(event) if isinstance(a, sch.Refused)]
         if refused:
-            raise CommandError(refused[0].reason)
+            raise CommandError(refused[0].kind, refused[0].reason)
         return self.daemon.state.jobs[name].state.value
 
     def reload(self) -> None:
@@ -103,29 +134,32 @@ class Commands:
     def handle_request(self, request: dict) -> dict:
         cmd, name = request.get("cmd"), request.get("name")
         try:
-            if cmd == "ping":
-                return {"ok": True, "pid": os.getpid(), "version": self.version,
-                        "heavy_modules": self.daemon.heavy_modules_loaded()}
-            if cmd == "list":
-                return {"ok": True, "jobs": self.list_jobs(), "gpus": list(self.daemon.state.inventory),
-                        "free_gpus": list(self.daemon.state.free_gpus()),
-                        "queue": [j.name for j in self.daemon.state.queue()]}
-            if cmd == "submit":
-                return {"ok": True, **self.submit_text(str(request.get("text", "")), str(request.get("filename", "")))}
-            if cmd == "reload":
-                self.reload()
-                return {"ok": True}
-            if not isinstance(name, str):
-                return {"ok": False, "error": f"'{cmd}' needs a job name"}
-            if cmd == "status":
-                return {"ok": True, "job": self.get_job(name)}
-            if cmd == "cancel":
-                return {"ok": True, "state": self.cancel(name)}
-            if cmd == "retry":
-                return {"ok": True, "state": self.retry(name)}
-            return {"ok": False, "error": f"unknown command {cmd!r}"}
+            return self._answer(cmd, name, request)
         except CommandError as exc:
-            return {"ok": False, "error": str(exc)}
-        except Exception as exc:  # noqa: BLE001 - every request gets an answer, never silence
+            return error_reply(exc)
+        except Exception as exc:
             log.exception("control request %r failed", cmd)
-            return {"ok": False, "error": user_message(exc)}
+            return error_reply(exc, logged=True)
+
+    def _answer(self, cmd: object, name: object, request: dict) -> dict:
+        if cmd == "ping":
+            return {"ok": True, "pid": os.getpid(), "version": self.version,
+                    "heavy_modules": self.daemon.heavy_modules_loaded()}
+        if cmd == "list":
+            return {"ok": True, "jobs": self.list_jobs(), "gpus": list(self.daemon.state.inventory),
+                    "free_gpus": list(self.daemon.state.free_gpus()),
+                    "queue": [j.name for j in self.daemon.state.queue()]}
+        if cmd == "submit":
+            return {"ok": True, **self.submit_text(str(request.get("text", "")), str(request.get("filename", "")))}
+        if cmd == "reload":
+            self.reload()
+            return {"ok": True}
+        if not isinstance(name, str):
+            raise CommandError(ErrorKind.INVALID, f"'{cmd}' needs a job name")
+        if cmd == "status":
+            return {"ok": True, "job": self.get_job(name)}
+        if cmd == "cancel":
+            return {"ok": True, "state": self.cancel(name)}
+        if cmd == "retry":
+            return {"ok": True, "state": self.retry(name)}
+        raise CommandError(ErrorKind.INVALID, f"unknown command {cmd!r}")

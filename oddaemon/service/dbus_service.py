@@ -15,11 +15,13 @@ Types:
 * ``CheckpointEvaluated(name, step, metrics_json)``: metric names vary by model, so the metrics
   travel as one JSON object.
 
-Errors are D-Bus errors: ``io.github.oddaemon1.Error.NotFound`` (no such job), ``.Invalid`` (a job
-file that fails validation, an unreadable path), ``.Refused`` (the scheduler said no: cancel a
-finished job, retry a running one), ``.Internal``, and ``org.freedesktop.DBus.Error.AccessDenied``
-(a caller who is not root, the daemon's user, nor a member of the submit group calls a method
-that changes something; the bus policy denies them first, this is the second line).
+Errors are D-Bus errors named after the error's kind (``oddaemon.core.errors.dbus_error_name``):
+``io.github.oddaemon1.Error.NotFound`` (no such job), ``.Invalid`` (a job file that fails
+validation or that the scheduler rejects, an unreadable path), ``.Refused`` (the scheduler said
+no: cancel a finished job, retry a running one), ``.Internal``, and
+``org.freedesktop.DBus.Error.AccessDenied`` (a caller who is not root, the daemon's user, nor a
+member of the submit group calls a method that changes something; the bus policy denies them
+first, this is the second line). The bus names live in ``oddaemon.adapters.dbus_bus``.
 """
 
 from __future__ import annotations
@@ -31,17 +33,11 @@ import stat
 from collections.abc import Callable
 
 from oddaemon.adapters.confine import submitter_problem
-from oddaemon.service.dbus_variants import view_to_vardict
-from oddaemon.core.errors import user_message
+from oddaemon.adapters.dbus_bus import BUS_NAME, INTERFACE, OBJECT_PATH, glib_message, open_connection, resolve_bus
+from oddaemon.adapters.dbus_variants import view_to_vardict
+from oddaemon.core.errors import CommandError, ErrorKind, dbus_error_name, error_kind, error_text
 
 log = logging.getLogger("oddaemon.dbus")
-
-BUS_NAME = "io.github.oddaemon1"
-OBJECT_PATH = "/io/github/oddaemon1"
-INTERFACE = "io.github.oddaemon1.Manager"
-ERROR_PREFIX = "io.github.oddaemon1.Error."
-ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
-BUS_ENV = "ODDAEMON_DBUS_BUS"
 
 INTROSPECTION = f"""
 <node>
@@ -89,18 +85,18 @@ class DBusError(Exception):
     """An error returned to the caller. pydbus 0.6.0 uses ``type(exc).__name__`` as the D-Bus error
     name when it contains a dot, so each kind is a class named after its D-Bus error name."""
 
-    dbus_name = ERROR_PREFIX + "Internal"
+    dbus_name = dbus_error_name(ErrorKind.INTERNAL)
 
 
-def _error_class(dbus_name: str) -> type[DBusError]:
-    return type(dbus_name, (DBusError,), {"dbus_name": dbus_name})
+ERROR_CLASSES: dict[ErrorKind, type[DBusError]] = {
+    kind: type(dbus_error_name(kind), (DBusError,), {"dbus_name": dbus_error_name(kind)}) for kind in ErrorKind}
+Invalid = ERROR_CLASSES[ErrorKind.INVALID]
+AccessDenied = ERROR_CLASSES[ErrorKind.DENIED]
 
 
-NotFound = _error_class(ERROR_PREFIX + "NotFound")
-Invalid = _error_class(ERROR_PREFIX + "Invalid")
-Refused = _error_class(ERROR_PREFIX + "Refused")
-Internal = _error_class(ERROR_PREFIX + "Internal")
-AccessDenied = _error_class(ACCESS_DENIED)
+def dbus_error(exc: BaseException, logged: bool = False) -> DBusError:
+    """Any exception as the D-Bus error the caller gets: its kind's name, its user text."""
+    return ERROR_CLASSES[error_kind(exc)](error_text(exc, logged))
 
 
 class _ExpectedErrorFilter(logging.Filter):
@@ -111,30 +107,6 @@ class _ExpectedErrorFilter(logging.Filter):
 
 
 logging.getLogger("pydbus.registration").addFilter(_ExpectedErrorFilter())
-
-
-def resolve_bus(bus: str | None = None) -> str:
-    """'system', 'session' or a D-Bus address; None means $ODDAEMON_DBUS_BUS, else 'system'."""
-    return bus or os.environ.get(BUS_ENV) or "system"
-
-
-def open_connection(bus: str | None = None):
-    """A private connection (never the shared singleton: that one kills the process when the
-    bus goes away). Raises ``GLib.Error`` when the bus is not reachable."""
-    from gi.repository import Gio  # noqa: PLC0415
-
-    import pydbus  # noqa: F401, PLC0415 - gives Gio.DBusConnection its .pydbus
-
-    bus = resolve_bus(bus)
-    if bus in ("system", "session"):
-        kind = Gio.BusType.SYSTEM if bus == "system" else Gio.BusType.SESSION
-        address = Gio.dbus_address_get_for_bus_sync(kind, None)
-    else:
-        address = bus
-    flags = Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT | Gio.DBusConnectionFlags.MESSAGE_BUS_CONNECTION
-    con = Gio.DBusConnection.new_for_address_sync(address, flags, None, None)
-    con.set_exit_on_close(False)
-    return con
 
 
 # ---- server --------------------------------------------------------------------------------------
@@ -178,7 +150,7 @@ class Service:
     CheckpointEvaluated = _Signal()
     PropertiesChanged = _Signal()
 
-    def __init__(self, commands, caller_check: "CallerCheck | None" = None):
+    def __init__(self, commands, caller_check: CallerCheck | None = None):
         self.commands = commands
         self.caller_check = caller_check
         self.bus = None
@@ -190,27 +162,26 @@ class Service:
         return self._call(lambda: [view_to_vardict(v) for v in self.commands.list_jobs()])
 
     def GetJob(self, name):
-        return self._call(lambda: view_to_vardict(self.commands.get_job(name)), name)
+        return self._call(lambda: view_to_vardict(self.commands.get_job(name)))
 
     def Submit(self, path, dbus_context=None):
         uid = self._authorize(dbus_context, "Submit")
         if uid is None or uid in (0, os.getuid()):
-            return self._call(lambda: _submitted(self.commands.submit_file(path)), submitting=path)
+            return self._call(lambda: _submitted(self.commands.submit_file(path)))
         data = _read_for_caller(path, uid)
-        return self._call(lambda: _submitted(self.commands.submit_text(data, os.path.basename(path))), submitting=path)
+        return self._call(lambda: _submitted(self.commands.submit_text(data, os.path.basename(path))))
 
     def SubmitText(self, text, filename, dbus_context=None):
         self._authorize(dbus_context, "SubmitText")
-        return self._call(lambda: _submitted(self.commands.submit_text(text, filename or "submitted.toml")),
-                          submitting=filename or "the submitted text")
+        return self._call(lambda: _submitted(self.commands.submit_text(text, filename or "submitted.toml")))
 
     def Cancel(self, name, dbus_context=None):
         self._authorize(dbus_context, "Cancel")
-        return self._call(lambda: self.commands.cancel(name), name)
+        return self._call(lambda: self.commands.cancel(name))
 
     def Retry(self, name, dbus_context=None):
         self._authorize(dbus_context, "Retry")
-        return self._call(lambda: self.commands.retry(name), name)
+        return self._call(lambda: self.commands.retry(name))
 
     def Reload(self, dbus_context=None):
         self._authorize(dbus_context, "Reload")
@@ -245,7 +216,7 @@ class Service:
         """Emit PropertiesChanged for QueueLength and GPUs when they differ from the last values."""
         try:
             current = {"QueueLength": self.QueueLength, "GPUs": self.GPUs}
-        except Exception:  # noqa: BLE001 - a property must never take the daemon down
+        except Exception:
             log.exception("cannot read D-Bus properties")
             return
         changed = {k: v for k, v in current.items() if self._last_properties.get(k) != v}
@@ -258,7 +229,7 @@ class Service:
             return
         try:
             sig(*args)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.exception("cannot emit a D-Bus signal %s", args[:1])
 
     def unpublish(self) -> None:
@@ -282,30 +253,20 @@ class Service:
             return None
         return self.caller_check(context.sender if context is not None else "", method)
 
-    def _call(self, operation, name: str | None = None, submitting: str | None = None):
-        from oddaemon.service.commands import CommandError  # noqa: PLC0415
-
+    def _call(self, operation):
         try:
             return operation()
         except DBusError:
             raise
         except CommandError as exc:
-            raise _classify(str(exc), name, submitting) from None
-        except Exception as exc:  # noqa: BLE001
+            raise dbus_error(exc) from None
+        except Exception as exc:
             log.exception("D-Bus call failed")
-            raise Internal(f"{user_message(exc)} (details in the daemon log)") from None
+            raise dbus_error(exc, logged=True) from None
 
 
 def _submitted(result: dict) -> tuple[str, str, int]:
     return str(result["name"]), str(result["state"]), int(result.get("queue_position") or 0)
-
-
-def _classify(message: str, name: str | None, submitting: str | None) -> DBusError:
-    if submitting is not None:
-        return Invalid(message)
-    if name is not None and message.startswith("no job named"):
-        return NotFound(message)
-    return Refused(message)
 
 
 class CallerCheck:
@@ -326,7 +287,7 @@ class CallerCheck:
                     self._uids.clear()
                 self._uids[sender] = uid
         except Exception as exc:  # noqa: BLE001
-            raise AccessDenied(f"{method}: cannot tell who the caller {sender} is: {_glib_message(exc)}") from None
+            raise AccessDenied(f"{method}: cannot tell who the caller {sender} is: {glib_message(exc)}") from None
         if uid in (0, os.getuid()) or self._in_group(uid):
             return uid
         raise AccessDenied(f"{method} is only for root and members of the group '{self.submit_group}' "
@@ -353,7 +314,7 @@ def publish(commands, bus: str | None = "system", submit_group: str | None = Non
         return None
     except Exception as exc:  # noqa: BLE001 - GLib.Error and friends
         log.warning("D-Bus API disabled: cannot connect to the %s bus: %s; the daemon keeps running and the CLI "
-                    "uses the control socket", bus, _glib_message(exc))
+                    "uses the control socket", bus, glib_message(exc))
         return None
     bus_obj = con.pydbus
     check = CallerCheck(submit_group, lambda sender: _caller_uid(con, sender)) if submit_group else None
@@ -368,7 +329,7 @@ def publish(commands, bus: str | None = "system", submit_group: str | None = Non
             step(None, None, None)
         con.close_sync(None)
         log.warning("D-Bus API disabled: cannot own %s on the %s bus: %s; the daemon keeps running and the CLI "
-                    "uses the control socket", BUS_NAME, bus, _glib_message(exc))
+                    "uses the control socket", BUS_NAME, bus, glib_message(exc))
         return None
     service.bus = bus_obj
     service._registration = [lambda f=f: f(None, None, None) for f in undo]
@@ -411,8 +372,4 @@ def _caller_uid(con, sender: str) -> int:
                           "GetConnectionUnixUser", GLib.Variant("(s)", (sender,)), GLib.VariantType("(u)"),
                           0, 5000, None)
     return int(reply.unpack()[0])
-
-
-def _glib_message(exc: BaseException) -> str:
-    return getattr(exc, "message", None) or str(exc)
 

@@ -1,50 +1,44 @@
-"""Checkpoint watching and evaluation orchestration (the I/O side; decisions live in
-``evalbook.py`` and the scheduler).
+"""Checkpoint evaluation of the jobs with ``[eval] enabled``: pins, book, evaluator, ``best/`` and export, wired.
 
-Per job with ``[eval] enabled``:
+Per job:
 
-* inotify on ``model_dir``: every event that can change the set of complete checkpoints triggers a
-  re-listing (``checkpoints.complete_checkpoints``); a rescan runs at start-up and on queue
-  overflow too, so nothing written while the daemon was down or while events were lost is missed;
-* each new complete checkpoint is **pinned** at once: hard links in ``model_dir/.oddaemon/pins``
-  (same filesystem, no copy), so ``checkpoint_max_to_keep`` cannot delete it before evaluation;
-* a **warm evaluator** (one long-lived worker per job, started on the placement the scheduler
-  gives) builds the model once and is handed checkpoint after checkpoint over a pipe, in save
-  order, one at a time; if it dies, the checkpoint it was on is retried with backoff;
+* the daemon's model_dir watcher calls ``rescan`` on every event that can change the set of
+  complete checkpoints (and at start-up, and on queue overflow), so nothing written while the
+  daemon was down or while events were lost is missed; each new complete checkpoint is **pinned**
+  at once (``adapters/pins.py``), so ``checkpoint_max_to_keep`` cannot delete it before evaluation;
+* the book (``core/evalbook.py``) decides what is due; it is persisted with the result files by
+  ``evaluation_record.py``;
+* a **warm evaluator** (one long-lived worker per job, on the placement the scheduler gives) is
+  handed checkpoint after checkpoint in save order, one at a time (``evaluator_driver.py``,
+  ``warm.py``); if it dies, the checkpoint it was on is retried with backoff;
 * the best checkpoint (``[eval] metric`` / ``higher_is_better``) lives in ``model_dir/best`` with
-  ``best.json``; with ``export_best`` it is exported to ``model_dir/exported`` by a worker that reads
-  a pin of its own (``exports.py``: at the end by default, or each new best);
+  ``best.json`` (``best_checkpoint.py``); with ``export_best`` it is exported to
+  ``model_dir/exported`` by a worker that reads a pin of its own (``exports.py``: at the end by
+  default, or each new best);
 * patience runs out -> ``EarlyStop``; training over and all evaluated -> ``EvaluationsDone``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from collections.abc import Callable
 
-from oddaemon.adapters import bookfile
-from oddaemon.core import events as msg
-from oddaemon.core.checkpoints import complete_checkpoints
-from oddaemon.core.evalbook import EvalBook, EvalPolicy
-from oddaemon.service.exports import JobExports
-from oddaemon.core.jobs import Job
 from oddaemon.adapters.loop import Loop
-from oddaemon.core.pinbudget import PinBudget
 from oddaemon.adapters.pins import Pins
 from oddaemon.adapters.procs import Worker
-from oddaemon.adapters.store import remove_stale_temps
-from oddaemon.service.warm import WarmEvaluator
+from oddaemon.core import events as msg
+from oddaemon.core.checkpoints import complete_checkpoints
+from oddaemon.core.evalbook import CheckpointEval, EvalBook, EvalPolicy, Finished
+from oddaemon.core.jobs import Job
+from oddaemon.core.pinbudget import PinBudget
+from oddaemon.service.best_checkpoint import BestCheckpoint
+from oddaemon.service.evaluation_record import EvaluationRecord, SavedBooks
+from oddaemon.service.evaluator_driver import EvaluatorDriver
+from oddaemon.service.exports import JobExports
 
 log = logging.getLogger("oddaemon.service.evaluation")
-
-PLACEMENT_RETRY_SECONDS = 10.0
-# model_dir/best is swapped at most this often (a flood of ever better checkpoints would otherwise
-# rebuild it at every evaluation); a best that a better one replaces before its turn is never placed.
-BEST_MIN_INTERVAL = 0.5
-EVALUATOR_RETRY_SECONDS = 10.0
 
 
 def policy_for(job: Job) -> EvalPolicy:
@@ -54,50 +48,23 @@ def policy_for(job: Job) -> EvalPolicy:
 
 
 class JobEvaluation:
-    """One job's watch, pins, book, evaluator and exporter."""
+    """One job's pins, record, evaluator, best checkpoint and exports (``evaluator_driver.EvaluationOutcomes``)."""
 
-    def __init__(self, owner: "Evaluations", job: Job):
+    def __init__(self, owner: Evaluations, job: Job):
         self.owner = owner
         self.name = job.name
         self.job = job
         self.model_dir = job.spec.model_dir
         self.pins = Pins(self.name, self.model_dir)
-        self.results = os.path.join(owner.state_dir, "evals", self.name)
-        self.book_path = os.path.join(owner.state_dir, "evals", f"{self.name}.json")
-        remove_stale_temps(os.path.dirname(self.book_path))  # left by a daemon killed mid-write
-        self.bookfile = bookfile.BookFile(self.book_path, label=self.name)
-        self.book = self._load_book()
-        for d in (self.results, self.pins.dir):
-            try:
-                os.makedirs(d, exist_ok=True)
-            except OSError as exc:  # model_dir read-only or gone: _pin tries again, and says so
-                log.warning("job %s: cannot create %s: %s", self.name, d, exc.strerror)
-        self.evaluator: WarmEvaluator | None = None
-        self.placement_pending = False
+        self.record = EvaluationRecord(owner.state_dir, self.name, policy_for(job))
+        self.book = self.record.book
+        self.pins.make_dir()
         self.training_over = False
         self.exports = JobExports(self.name, self.model_dir, lambda prefix, output, info: owner.start_export(
             self.name, prefix, output, info)) if job.spec.eval.export_best else None
-        self.timer: object | None = None
-        self.best_due: int | None = None  # a new best waiting for its turn in model_dir/best
-        self.best_placed_at = -BEST_MIN_INTERVAL
-        self.best_timer: object | None = None
-
-    def _load_book(self) -> EvalBook:
-        try:
-            book, journal_lines = bookfile.load(self.book_path, policy_for(self.job))
-        except FileNotFoundError:
-            return EvalBook(policy_for(self.job))
-        except (OSError, ValueError, TypeError, KeyError) as exc:
-            log.error("job %s: evaluation record %s unreadable (%s); starting a new one", self.name, self.book_path, exc)
-            return EvalBook(policy_for(self.job))
-        book.interrupted(time.time(), "the daemon restarted during this evaluation")
-        if journal_lines or book.checkpoints:
-            self.bookfile.compact(book)  # one snapshot again: nothing is appended after a torn line
-        return book
-
-    def save(self) -> None:
-        """Persist what changed (a journal line per changed checkpoint: ``bookfile``)."""
-        self.bookfile.save(self.book)
+        self.best = BestCheckpoint(self.name, self.model_dir, self.book, self.pins, owner.loop, self._best_placed)
+        self.driver = EvaluatorDriver(self.name, self.record, owner.loop, owner.dispatch, owner.start_worker,
+                                      owner.stop_worker, owner.clock, self)
 
     # ---- pinning (the daemon's ModelDirWatcher calls rescan on every checkpoint event)
     def rescan(self) -> None:
@@ -135,8 +102,8 @@ class JobEvaluation:
         cap = self.job.spec.eval.max_pinned_bytes or self.owner.pin_budget.max_bytes_per_job
         released = self.pins.keep_within(self.book, set(listing), self.owner.pin_budget, cap, now)
         if added or released:
-            self.save()
-            self.pump()
+            self.record.save()
+            self.driver.pump()
 
     @staticmethod
     def _completed_at(prefix: str, now: float) -> float:
@@ -146,7 +113,8 @@ class JobEvaluation:
         except OSError:
             return now
 
-    def _still_there(self, c) -> bool:
+    # ---- what follows the evaluator's work (EvaluationOutcomes)
+    def still_there(self, c: CheckpointEval) -> bool:
         """A waiting checkpoint can still be read: its pin exists, or (pins deleted with model_dir) it pins again."""
         if os.path.exists(c.prefix + ".index"):
             return True
@@ -160,191 +128,59 @@ class JobEvaluation:
             self.book.touched(c.n)
         return prefix is not None
 
-    # ---- driving the evaluator
-    def pump(self) -> None:
-        if self.timer is not None:
-            self.owner.loop.remove(self.timer)
-            self.timer = None
-        now = self.owner.clock()
-        due = self.book.next_due(now)
-        if due is None:
-            retry = self.book.next_retry_at()
-            if retry is not None:
-                self.timer = self.owner.loop.call_later(max(0.0, retry - now), self.pump)
-            elif self.training_over and self.book.drained():
-                self._finish()
-            return
-        if self.evaluator is None:
-            if not self.placement_pending:
-                self.placement_pending = True
-                self.owner.dispatch(msg.PlaceEvaluator(self.name))
-            return
-        if not self.evaluator.ready or self.evaluator.busy:
-            return
-        if not self._still_there(due):
-            log.warning("job %s: ckpt-%d was deleted before it could be evaluated", self.name, due.n)
-            self.book.miss(due.n, now, "its files were deleted before it could be evaluated")
-            self.save()
-            self.pump()
-            return
-        self.book.start(due.n, now)
-        self.save()
-        result = os.path.join(self.results, f"ckpt-{due.n}.json")
-        self.evaluator.request(due.prefix, result, due.n)
-
-    def placed(self, gpus: tuple[int, ...] | None) -> None:
-        self.placement_pending = False
-        if gpus is None:  # device = "gpu" and none is free yet
-            self.timer = self.owner.loop.call_later(PLACEMENT_RETRY_SECONDS, self.pump)
-            return
-        if self.evaluator is None:
-            self.evaluator = WarmEvaluator(self, gpus)
-            if not self.evaluator.start():
-                self.evaluator = None
-                self.owner.dispatch(msg.EvaluatorStopped(self.name))
-                # try again later (not at once: a worker that cannot start would loop)
-                self.timer = self.owner.loop.call_later(EVALUATOR_RETRY_SECONDS, self.pump)
-
-    def on_ready(self) -> None:
-        self.pump()
-
-    def on_done(self, n: int, result_path: str) -> None:
-        now = self.owner.clock()
-        try:
-            with open(result_path, "rb") as f:
-                result = json.loads(f.read())
-            metrics = {k: float(v) for k, v in result.get("metrics", {}).items()}
-            step = result.get("step")
-        except (OSError, ValueError, TypeError, AttributeError) as exc:
-            self.on_failed(n, f"unreadable result {result_path}: {exc}")
-            return
-        finished = self.book.finish(n, step, metrics, now)
-        self.save()
-        log.info("job %s: evaluated ckpt-%d (step %s): %s = %s", self.name, n, step, self.book.policy.metric,
-                 metrics.get(self.book.policy.metric))
+    def evaluated(self, n: int, finished: Finished) -> None:
         if finished.improved:
-            self._new_best(n)
+            self.best.offer(n)
         elif n != self.book.best_n:
             self.pins.unpin(n)
         self.owner.checkpoint_evaluated(self.name, self.book.checkpoints[n])
         if finished.early_stop and not self.training_over:
             self.owner.dispatch(msg.EarlyStop(self.name, finished.early_stop))
-        self.pump()
 
-    def on_failed(self, n: int, error: str) -> None:
-        retried = self.book.fail(n, error, self.owner.clock())
-        log.warning("job %s: evaluation of ckpt-%d failed (%s)%s", self.name, n, error,
-                    "; will retry" if retried else "; giving up on this checkpoint")
-        if not retried:
-            self.pins.unpin(n)
-        self.save()
-        self.pump()
+    def given_up(self, n: int) -> None:
+        self.pins.unpin(n)
 
-    def on_evaluator_exit(self, worker: Worker, returncode: int, detail: str) -> None:
-        if self.evaluator is not None:
-            self.evaluator.close()  # may still deliver a "done" it wrote before exiting
-        self.evaluator = None
-        self.owner.dispatch(msg.EvaluatorStopped(self.name))
-        n = self.book.interrupted(self.owner.clock(), f"evaluator exited ({detail or returncode})")
-        if n is not None:
-            self.save()
-            log.warning("job %s: evaluator died during ckpt-%d (%s); retrying", self.name, n, detail or returncode)
-        self.pump()
+    def nothing_due(self) -> None:
+        if self.training_over and self.book.drained():
+            self._finish()
 
+    # ---- the end
     def training_ended(self) -> None:
         self.training_over = True
         self.rescan()
         self.book.training_ended()
-        self.save()
-        self.pump()
+        self.record.save()
+        self.driver.pump()
 
     def _finish(self) -> None:
-        self._place_best()
-        if self.evaluator is not None:
-            self.evaluator.finish()  # closes its stdin: it exits 0, then EvaluatorStopped
+        self.best.place_now()
+        self.driver.finish()  # closes the evaluator's stdin: it exits 0, then EvaluatorStopped
         if self.exports is not None:
             best = self.book.best()
-            if best is not None and best.n not in self.exports.tried and self.exports.exported_checkpoint() != best.n:
-                self._export(best.n)  # the final best, whatever export_when says (after a running one)
+            if best is not None:
+                self.exports.offer_final_best(best, self.book.policy)
             if not self.exports.idle:
                 return  # EvaluationsDone once the last export has exited (on_export_exit)
         self.owner.dispatch(msg.EvaluationsDone(self.name))
 
-    def stop(self, reason: str) -> None:
-        if self.timer is not None:
-            self.owner.loop.remove(self.timer)
-            self.timer = None
-        self._place_best()
-        if self.evaluator is not None:
-            self.evaluator.stop(reason)
-        if self.exports is not None:
-            self.exports.stop()
-        self.close()
-
-    def close(self) -> None:
-        """Write the whole book (a finished job's snapshot is complete, its journal empty) and let go of the journal."""
-        self.bookfile.compact(self.book)
-        self.bookfile.close()
-
-    # ---- best checkpoint and export
-    def _new_best(self, n: int) -> None:
-        waiting = self.best_due
-        if waiting is not None and waiting != n:
-            self.pins.unpin(waiting)  # replaced before its turn: never placed
-        self.best_due = n
-        wait = self.best_placed_at + BEST_MIN_INTERVAL - time.monotonic()
-        if wait <= 0:
-            self._place_best()
-        elif self.best_timer is None:
-            self.best_timer = self.owner.loop.call_later(wait, self._best_turn)
-
-    def _best_turn(self) -> None:
-        self.best_timer = None  # fired: removing it again would make GLib warn
-        self._place_best()
-
-    def _place_best(self) -> None:
-        if self.best_timer is not None:
-            self.owner.loop.remove(self.best_timer)
-            self.best_timer = None
-        n, self.best_due = self.best_due, None
-        if n is None:
-            return
-        self.best_placed_at = time.monotonic()
-        try:
-            self._update_best(n)
-        except OSError as exc:
-            log.error("job %s: cannot keep the best checkpoint ckpt-%d in %s/best: %s", self.name, n,
-                      self.model_dir, exc)
-
-    def _update_best(self, n: int) -> None:
-        c = self.book.checkpoints[n]
-        previous = self.pins.keep_best(n, {
-            "checkpoint": f"ckpt-{n}", "step": c.step, "metric": self.book.policy.metric,
-            "value": self.book.best_value, "higher_is_better": self.book.policy.higher_is_better,
-            "metrics": c.metrics, "evaluated_at": c.finished_at})
-        if previous is not None and previous != n and previous in self.book.checkpoints:
-            self.pins.unpin(previous)
-        log.info("job %s: new best ckpt-%d (step %s) %s = %.4g", self.name, n, c.step, self.book.policy.metric,
-                 self.book.best_value)
+    def _best_placed(self, n: int) -> None:
         if self.exports is not None and self.job.spec.eval.export_when == "each_best":
-            self._export(n)
-
-    def _export(self, n: int) -> None:
-        c = self.book.checkpoints[n]
-        if c.step == 0:  # TF writes it before the first step, before the model's variables all exist
-            log.info("job %s: not exporting ckpt-%d: it is the untrained step-0 checkpoint, which does not hold "
-                     "the whole model", self.name, n)
-            self.exports.tried.add(n)
-            return
-        self.exports.want(n, os.path.join(self.model_dir, "best", f"ckpt-{n}"), {
-            "job": self.name, "checkpoint": f"ckpt-{n}", "step": c.step, "metric": self.book.policy.metric,
-            "value": c.metrics.get(self.book.policy.metric), "higher_is_better": self.book.policy.higher_is_better,
-            "metrics": c.metrics, "evaluated_at": c.finished_at})
+            self.exports.offer_best(self.book.checkpoints[n], self.book.policy)
 
     def on_export_exit(self, returncode: int, detail: str) -> None:
         self.exports.exited(returncode, detail)
         if self.exports.idle and self.training_over and self.book.drained():
             self._finish()
+
+    def stop(self, reason: str) -> None:
+        self.best.place_now()
+        self.driver.stop(reason)  # its retry timer too
+        if self.exports is not None:
+            self.exports.stop()
+        self.close()
+
+    def close(self) -> None:
+        self.record.close()
 
 
 class Evaluations:
@@ -352,16 +188,16 @@ class Evaluations:
 
     def __init__(self, loop: Loop, state_dir: str, dispatch: Callable[[msg.Event], object],
                  start_worker: Callable[..., Worker | None], stop_worker: Callable[[str, str, str], object],
-                 clock: Callable[[], float] = time.time, pin_budget: PinBudget = PinBudget()):
+                 clock: Callable[[], float] = time.time, pin_budget: PinBudget | None = None):
         self.loop = loop
-        self.pin_budget = pin_budget
+        self.pin_budget = pin_budget if pin_budget is not None else PinBudget()
         self.state_dir = state_dir
         self.dispatch = dispatch
         self.start_worker = start_worker  # (name, role, args, gpus, stdin=None, pass_fds=()) -> Worker | None
         self.stop_worker = stop_worker  # (name, role, reason)
         self.clock = clock
         self.jobs: dict[str, JobEvaluation] = {}
-        self.saved_books: dict[str, tuple[list, EvalBook | None]] = {}  # finished jobs' books, as last read
+        self.saved_books = SavedBooks(state_dir)  # finished jobs' books, as last read
         self.listeners: list[Callable[[str, object], None]] = []
 
     def ensure(self, job: Job) -> JobEvaluation | None:
@@ -388,7 +224,7 @@ class Evaluations:
             else:
                 self.dispatch(msg.EvaluationsDone(job.name))
         elif isinstance(action, msg.EvalPlacement) and action.name in self.jobs:
-            self.jobs[action.name].placed(action.gpus)
+            self.jobs[action.name].driver.placed(action.gpus)
         elif isinstance(action, msg.StopEvaluator) and action.name in self.jobs:
             self.jobs.pop(action.name).stop(action.reason)
 
@@ -397,7 +233,7 @@ class Evaluations:
         if ev is None:
             return
         if worker.role == "eval":
-            ev.on_evaluator_exit(worker, returncode, detail)
+            ev.driver.on_exit(returncode, detail)
         elif worker.role == "export" and ev.exports is not None:
             ev.on_export_exit(returncode, detail)
 
@@ -412,22 +248,4 @@ class Evaluations:
     def book(self, name: str) -> EvalBook | None:
         """A job's book: the live one, or (a finished job) the saved one, read again only when its files change."""
         ev = self.jobs.get(name)
-        if ev is not None:
-            return ev.book
-        path = os.path.join(self.state_dir, "evals", f"{name}.json")
-        signature = []
-        for p in (path, bookfile.journal_path(path)):
-            try:
-                st = os.stat(p)
-                signature.append((st.st_ino, st.st_size, st.st_mtime_ns))
-            except OSError:
-                signature.append(None)
-        cached = self.saved_books.get(name)
-        if cached is not None and cached[0] == signature:
-            return cached[1]
-        try:
-            book = bookfile.load(path, EvalPolicy())[0]
-        except (OSError, ValueError, TypeError, KeyError):
-            book = None
-        self.saved_books[name] = (signature, book)
-        return book
+        return ev.book if ev is not None else self.saved_books.get(name)

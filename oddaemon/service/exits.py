@@ -5,15 +5,15 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from oddaemon.core.events import ProcessExited
 from oddaemon.core.failures import Failure
 from oddaemon.core.jobs import Job
-from oddaemon.core.events import ProcessExited
-from oddaemon.adapters.procs import Worker
-from oddaemon.formats.pipeline_numbers import read_pipeline_numbers
 from oddaemon.core.remedies import explain_oom
+from oddaemon.formats.pipeline_numbers import read_pipeline_numbers
+from oddaemon.service.executor import RunningWorker
 
 
-def exit_event(job: Job | None, worker: Worker, returncode: int, failure: Failure | None) -> ProcessExited:
+def exit_event(job: Job | None, worker: RunningWorker, returncode: int, failure: Failure | None) -> ProcessExited:
     remedy = None
     if job is not None and failure is not None and failure.kind == "oom":
         from_file = read_pipeline_numbers(job.spec.pipeline_config)

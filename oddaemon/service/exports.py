@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 from oddaemon.adapters.pins import remove_checkpoint
 from oddaemon.adapters.store import atomic_write_json
+from oddaemon.core.errors import OperationError
+from oddaemon.core.evalbook import CheckpointEval, EvalPolicy
 
 log = logging.getLogger("oddaemon.service.exports")
 
@@ -68,6 +70,26 @@ class JobExports:
         except (OSError, ValueError, KeyError, IndexError, TypeError):
             return None
 
+    # ---- the hand-off from evaluation
+    def offer_best(self, c: CheckpointEval, policy: EvalPolicy) -> None:
+        """Export the best checkpoint ``c`` (evaluated; its files in ``model_dir/best``), unless it is
+        the untrained step-0 checkpoint."""
+        if c.step == 0:  # TF writes it before the first step, before the model's variables all exist
+            log.info("job %s: not exporting ckpt-%d: it is the untrained step-0 checkpoint, which does not hold "
+                     "the whole model", self.name, c.n)
+            self.tried.add(c.n)
+            return
+        self.want(c.n, os.path.join(self.model_dir, "best", f"ckpt-{c.n}"), {
+            "job": self.name, "checkpoint": f"ckpt-{c.n}", "step": c.step, "metric": policy.metric,
+            "value": c.metrics.get(policy.metric), "higher_is_better": policy.higher_is_better,
+            "metrics": c.metrics, "evaluated_at": c.finished_at})
+
+    def offer_final_best(self, c: CheckpointEval, policy: EvalPolicy) -> None:
+        """All evaluations are over: the final best is exported (whatever ``export_when`` says, after a
+        running export), unless its export ended already or ``exported/`` holds it."""
+        if c.n not in self.tried and self.exported_checkpoint() != c.n:
+            self.offer_best(c, policy)
+
     def want(self, n: int, source_prefix: str, info: dict) -> None:
         """Export checkpoint ``n`` (files at ``source_prefix``) when no export runs, else after it."""
         if (self.running is not None and self.running.n == n) or (self.waiting is not None and self.waiting.n == n):
@@ -92,8 +114,8 @@ class JobExports:
         info_path = request.prefix + ".export.json"
         try:
             atomic_write_json(info_path, request.info)
-        except OSError as exc:
-            self._gave_up(request, f"cannot write {info_path}: {exc.strerror}")
+        except OperationError as exc:  # "cannot write PATH: cause"
+            self._gave_up(request, str(exc))
             return
         if self._start(request.prefix, self.output, info_path):
             self.running = request
@@ -111,12 +133,13 @@ class JobExports:
         if returncode == 0:
             log.info("job %s: exported ckpt-%d to %s", self.name, request.n, self.output)
         else:
-            log.error("job %s: export of ckpt-%d failed: %s", self.name, request.n, detail or f"exit status {returncode}")
+            log.error("job %s: export of ckpt-%d failed: %s", self.name, request.n,
+                      detail or f"exit status {returncode}")
         self._start_waiting()
 
     def stop(self) -> None:
         """The job's evaluation is being torn down: drop what waits (a running worker is stopped by
-        the supervisor with the job's other workers)."""
+        the executor with the job's other workers)."""
         if self.waiting is not None:
             self._release(self.waiting.n)
             self.waiting = None

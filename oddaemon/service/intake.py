@@ -19,16 +19,18 @@ from dataclasses import dataclass
 
 from inotify_simple import flags
 
-from oddaemon.core import scheduler as sch
-from oddaemon.core.config import Config
 from oddaemon.adapters.confine import Identity, group_exists, submitter_problem, user_name
-from oddaemon.core.errors import OddaemonError, user_message
 from oddaemon.adapters.inotify import SPOOL_MASK, InotifyHub
-from oddaemon.core.jobspec import JobSpec, Problem, parse_job, render_error_file, size_problem
 from oddaemon.adapters.loop import Loop
 from oddaemon.adapters.parsers import ParserPool
-from oddaemon.service.preflight import Preflights
 from oddaemon.adapters.spool import NotARegularFile, Spool, is_candidate
+from oddaemon.core import scheduler as sch
+from oddaemon.core.checks import Problem, render_error_file, size_problem
+from oddaemon.core.config import Config
+from oddaemon.core.errors import OddaemonError, user_message
+from oddaemon.core.job_validation import parse_job
+from oddaemon.core.jobspec import JobSpec
+from oddaemon.service.preflight import Preflights
 
 log = logging.getLogger("oddaemon.service.intake")
 
@@ -141,7 +143,7 @@ class SpoolIntake:
         even that fails): one bad file never stops the intake of the others."""
         try:
             return self._intake(path)
-        except Exception as exc:  # noqa: BLE001 - a daemon bug must not strand the file or the loop
+        except Exception as exc:
             log.exception("intake of %s failed", path)
             if not os.path.lexists(path):
                 return None
@@ -227,7 +229,8 @@ class SpoolIntake:
                 return Verdict(False, spec.name, action.reason)
         return Verdict(True, spec.name, "")
 
-    def reject(self, path: str, problems: list[Problem], because: str = "it is not a valid oddaemon job spec") -> Verdict:
+    def reject(self, path: str, problems: list[Problem],
+               because: str = "it is not a valid oddaemon job spec") -> Verdict:
         self.rejected_total += 1
         self.on_rejected()
         text = render_error_file(os.path.basename(path), problems, because)

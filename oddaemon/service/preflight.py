@@ -27,10 +27,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from oddaemon.core.jobspec import JobSpec, Problem
 from oddaemon.adapters.loop import Loop
-from oddaemon.adapters.procs import Worker
 from oddaemon.adapters.served import Channel
+from oddaemon.core.checks import Problem
+from oddaemon.core.jobspec import JobSpec
+from oddaemon.service.executor import RunningWorker
 
 log = logging.getLogger("oddaemon.service.preflight")
 
@@ -48,10 +49,10 @@ class Pending:
 
 
 class PreflightServer:
-    def __init__(self, pool: "Preflights", name: str):
+    def __init__(self, pool: Preflights, name: str):
         self.pool = pool
         self.name = name
-        self.worker: Worker | None = None
+        self.worker: RunningWorker | None = None
         self.ready = False
         self.busy: Pending | None = None
         self.idle_timer: object | None = None
@@ -96,13 +97,13 @@ class PreflightServer:
 
 
 class Preflights:
-    def __init__(self, work_dir: str, loop: Loop, start_server: Callable[..., Worker | None],
+    def __init__(self, work_dir: str, loop: Loop, start_server: Callable[..., RunningWorker | None],
                  hand_over: Callable[[str], None], submit: Callable[[JobSpec, str], None],
                  reject: Callable[[str, list[Problem], str], None], note: Callable[[str, str], None],
                  escaped: Callable[[JobSpec], list[str]] = lambda spec: []):
         self.work_dir = work_dir
         self.loop = loop
-        self.start_server = start_server  # (name, argv tail, stdin fd, pass_fds) -> Worker | None
+        self.start_server = start_server  # (name, argv tail, stdin fd, pass_fds) -> RunningWorker | None
         self.hand_over = hand_over  # a file the daemon wrote, given to the worker user
         self.submit = submit
         self.reject = reject
@@ -164,7 +165,7 @@ class Preflights:
             return False
         return True
 
-    def on_exit(self, worker: Worker, returncode: int, detail: str) -> None:
+    def on_exit(self, worker: RunningWorker, returncode: int, detail: str) -> None:
         server = next((s for s in self.servers if s.worker is worker), None)
         if server is None:
             return
@@ -205,7 +206,8 @@ class Preflights:
         problems = [str(p) for p in result.get("problems", [])]
         self.note(name, "".join(f"warning: {w}\n" for w in result.get("warnings", []))
                   + "".join(f"problem: {p}\n" for p in problems)
-                  + f"==== oddaemon: preflight {'ok' if result.get('ok') else 'found ' + str(len(problems)) + ' problem(s)'}"
+                  + "==== oddaemon: preflight "
+                  f"{'ok' if result.get('ok') else 'found ' + str(len(problems)) + ' problem(s)'}"
                   f" in {result.get('duration_seconds', 0):.2f}s\n")
         if result.get("ok"):
             self.submit(pending.spec, pending.path)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 import time
 
-from oddaemon.core.jobs import Job
 from oddaemon.adapters.procs import kill_leftover, process_start_time
 from oddaemon.adapters.store import Store
+from oddaemon.core.jobs import Job
 
 log = logging.getLogger("oddaemon")
 

@@ -9,7 +9,7 @@
   the job.
 
 It decides nothing about jobs: it calls ``on_failure(name, Failure)``, and the daemon stops the
-worker, whose exit then carries this failure. Activity comes from the supervisor (log output) and
+worker, whose exit then carries this failure. Activity comes from the executor (log output) and
 the model-dir watcher (event files, checkpoints); a timer re-checks at a fraction of the shortest
 timeout.
 """
@@ -19,8 +19,8 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from oddaemon.core.failures import Failure
 from oddaemon.adapters.loop import Loop
+from oddaemon.core.failures import Failure
 
 MAX_CHECK_INTERVAL = 30.0
 

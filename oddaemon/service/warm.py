@@ -17,37 +17,54 @@ it was on and starts a new evaluator after the retry delay.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import Protocol
 
+from oddaemon.adapters.loop import Loop
 from oddaemon.adapters.procs import Worker
 from oddaemon.adapters.served import Channel
-
-if TYPE_CHECKING:
-    from oddaemon.service.evaluation import JobEvaluation
 
 log = logging.getLogger("oddaemon.service.warm")
 FINISH_GRACE_SECONDS = 5.0
 
 
+class EvaluatorReplies(Protocol):
+    """Who hears what the evaluator says (``evaluator_driver.EvaluatorDriver``)."""
+
+    def on_ready(self) -> None: ...
+
+    def on_done(self, n: int, result_path: str) -> None: ...
+
+    def on_failed(self, n: int, error: str) -> None: ...
+
+
 class WarmEvaluator:
-    def __init__(self, job: "JobEvaluation", gpus: tuple[int, ...]):
-        self.job = job
+    """One job's warm evaluator process and its pipes. ``start_worker(name, role, args, gpus, stdin=,
+    pass_fds=)`` starts it (None: it could not), ``stop_worker(name, role, reason)`` stops it."""
+
+    def __init__(self, name: str, gpus: tuple[int, ...], loop: Loop, start_worker: Callable[..., Worker | None],
+                 stop_worker: Callable[[str, str, str], object], replies: EvaluatorReplies):
+        self.name = name
         self.gpus = gpus
+        self.loop = loop
+        self.start_worker = start_worker
+        self.stop_worker = stop_worker
+        self.replies = replies
         self.worker: Worker | None = None
         self.ready = False
         self.busy: int | None = None  # the checkpoint number in flight
-        self.channel = Channel(job.owner.loop, self._handle, self._broken, f"job {job.name}: evaluator")
+        self.channel = Channel(loop, self._handle, self._broken, f"job {name}: evaluator")
 
     def start(self) -> bool:
         stdin, reply_fd = self.channel.open()
-        worker = self.job.owner.start_worker(self.job.name, "eval", ["eval-serve", "--reply-fd", str(reply_fd)],
-                                             self.gpus, stdin=stdin, pass_fds=(reply_fd,))
+        worker = self.start_worker(self.name, "eval", ["eval-serve", "--reply-fd", str(reply_fd)],
+                                   self.gpus, stdin=stdin, pass_fds=(reply_fd,))
         self.channel.attach(worker is not None)
         if worker is None:
             return False
         self.worker = worker
         where = f"GPU {','.join(map(str, self.gpus))}" if self.gpus else "CPU"
-        log.info("job %s: warm evaluator started on %s (pid %d)", self.job.name, where, worker.pid)
+        log.info("job %s: warm evaluator started on %s (pid %d)", self.name, where, worker.pid)
         return True
 
     def request(self, prefix: str, result: str, n: int) -> None:
@@ -56,20 +73,20 @@ class WarmEvaluator:
             self.stop("evaluator pipe broken")
 
     def _broken(self, why: str) -> None:
-        log.warning("job %s: evaluator: %s; restarting it", self.job.name, why)
+        log.warning("job %s: evaluator: %s; restarting it", self.name, why)
         self.stop(why)
 
     def _handle(self, reply: dict) -> None:
         event = reply.get("event")
         if event == "ready":
             self.ready = True
-            self.job.on_ready()
+            self.replies.on_ready()
         elif event in ("done", "failed") and self.busy is not None:
             n, self.busy = self.busy, None
             if event == "done":
-                self.job.on_done(n, str(reply.get("result", "")))
+                self.replies.on_done(n, str(reply.get("result", "")))
             else:
-                self.job.on_failed(n, str(reply.get("error", "evaluation failed")))
+                self.replies.on_failed(n, str(reply.get("error", "evaluation failed")))
 
     def finish(self) -> None:
         """No more work: close stdin; the worker exits by itself."""
@@ -81,11 +98,11 @@ class WarmEvaluator:
         self.finish()
         if self.worker is None:
             return
-        owner, name = self.job.owner, self.job.name
+        stop_worker, name = self.stop_worker, self.name
         if busy:
-            owner.stop_worker(name, "eval", reason)
+            stop_worker(name, "eval", reason)
         else:
-            owner.loop.call_later(FINISH_GRACE_SECONDS, lambda: owner.stop_worker(name, "eval", reason))
+            self.loop.call_later(FINISH_GRACE_SECONDS, lambda: stop_worker(name, "eval", reason))
 
     def close(self) -> None:
         """After the process exited: take the replies it sent before dying, then release our ends."""

@@ -27,10 +27,10 @@ from collections.abc import Callable
 
 from inotify_simple import flags
 
-from oddaemon.core.checkpoints import is_checkpoint_event
-from oddaemon.core.errors import OperationError
 from oddaemon.adapters.inotify import InotifyHub
 from oddaemon.adapters.loop import Loop
+from oddaemon.core.checkpoints import is_checkpoint_event
+from oddaemon.core.errors import OperationError
 
 MODEL_DIR_MASK = (flags.CLOSE_WRITE | flags.MOVED_TO | flags.MOVED_FROM | flags.CREATE | flags.DELETE
                   | flags.DELETE_SELF | flags.MOVE_SELF)

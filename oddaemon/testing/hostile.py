@@ -15,7 +15,8 @@ import os
 import random
 from dataclasses import dataclass
 
-from oddaemon.core.jobspec import ALLOWED_KEYS, CHECKPOINT_TYPES, EVAL_DEVICES, TABLES, WHEN_BEHIND, ValidationContext
+from oddaemon.core.job_validation import ValidationContext
+from oddaemon.core.jobspec import ALLOWED_KEYS, CHECKPOINT_TYPES, EVAL_DEVICES, TABLES, WHEN_BEHIND
 
 KINDS = ("random_bytes", "token_soup", "toml_doc", "valid_job", "mutated", "deep_nesting", "huge_array",
          "long_values")
@@ -186,7 +187,8 @@ class _Gen:
         t, r = self.tree, self.rng
         word = "".join(r.choice(NAME_CHARS[:26]) for _ in range(r.randint(1, 8)))
         return r.choice([
-            t.pipeline, t.label_map, t.data_file, t.data_glob, t.checkpoint, t.root, t.root + "/", f"{t.root}/runs/{word}",
+            t.pipeline, t.label_map, t.data_file, t.data_glob, t.checkpoint, t.root, t.root + "/",
+            f"{t.root}/runs/{word}",
             f"{t.root}/runs/{word}/deeper/{word}", t.outside, f"{t.outside}/secret.config", "/etc/passwd", "/", "/tmp",
             f"{t.root}/../{os.path.basename(t.outside)}/secret.config", f"{t.root}/runs/../../../etc/passwd",
             f"{t.root}/{'../' * r.randint(1, 40)}etc", f"{t.escape_link}/secret.config", t.escape_link,
@@ -206,15 +208,18 @@ class _Gen:
             "num_classes": lambda: str(r.randint(1, 100_000)), "batch_size": lambda: str(r.randint(1, 64)),
             "num_steps": lambda: str(r.randint(1, 10**6)), "learning_rate_base": lambda: repr(r.uniform(0.01, 1)),
             "warmup_learning_rate": lambda: repr(r.uniform(0, 0.01)), "warmup_steps": lambda: str(r.randint(0, 100)),
-            "total_steps": lambda: str(r.randint(100, 10**6)), "fine_tune_checkpoint": lambda: basic_string(t.checkpoint),
+            "total_steps": lambda: str(r.randint(100, 10**6)),
+            "fine_tune_checkpoint": lambda: basic_string(t.checkpoint),
             "fine_tune_checkpoint_type": lambda: basic_string(r.choice(CHECKPOINT_TYPES)),
             "label_map_path": lambda: basic_string(t.label_map),
             "train_input_path": lambda: r.choice([basic_string(t.data_glob), f"[{basic_string(t.data_file)}]"]),
             "eval_input_path": lambda: basic_string(t.data_file),
             "gpus": lambda: r.choice(['"auto"', "0"]), "checkpoint_every_n": lambda: str(r.randint(1, 10**9)),
-            "checkpoint_max_to_keep": lambda: str(r.randint(1, 10_000)), "max_restarts": lambda: str(r.randint(0, 1000)),
+            "checkpoint_max_to_keep": lambda: str(r.randint(1, 10_000)),
+            "max_restarts": lambda: str(r.randint(0, 1000)),
             "hang_timeout_seconds": lambda: r.choice(["0", "600", "1.5e3"]),
-            "oom_retry_halve_batch": lambda: r.choice(["true", "false"]), "min_batch_size": lambda: str(r.randint(1, 8)),
+            "oom_retry_halve_batch": lambda: r.choice(["true", "false"]),
+            "min_batch_size": lambda: str(r.randint(1, 8)),
             "enabled": lambda: r.choice(["true", "false"]), "device": lambda: basic_string(r.choice(EVAL_DEVICES)),
             "sample_1_of_n_eval_examples": lambda: str(r.randint(1, 100)),
             "metric": lambda: basic_string(r.choice(["DetectionBoxes_Precision/mAP", "DetectionBoxes_Recall/AR@100"])),
@@ -247,7 +252,8 @@ class _Gen:
             else:
                 lines.append(f"{section} = {{" + ", ".join(f"{self.key(k)} = {v}" for k, v in items) + "}")
         if self.rng.random() < 0.3:
-            lines.insert(self.rng.randint(0, len(lines)), "# " + "".join(c for c in self.text(30) if c >= " " and c != "\x7f"))
+            comment = "".join(c for c in self.text(30) if c >= " " and c != "\x7f")
+            lines.insert(self.rng.randint(0, len(lines)), "# " + comment)
         text = "\n".join(lines) + "\n"
         return text.replace("\n", "\r\n") if self.rng.random() < 0.1 else text
 

@@ -23,7 +23,7 @@ import sys
 MARK = "oddaemon.testing.stall: SIGUSR2: the main loop now spins in Python"
 
 
-def stall_the_main_loop(signum, frame) -> None:  # noqa: ARG001 - a signal handler
+def stall_the_main_loop(signum, frame) -> None:  # a signal handler (both arguments unused)
     print(MARK, file=sys.stderr, flush=True)
     spin_forever()
 

@@ -36,12 +36,25 @@ import signal
 import sys
 import time
 
-from oddaemon.testing.standin_core import (CRASH_MARKER, DEFAULT_BATCH_SIZE, DEFAULT_NUM_STEPS,  # noqa: F401
-                                           DIRECTIVE_DEFAULTS, TERMINATED, TRAIN_TAGS, Setup, SetupError,
-                                           Terminated, checkpoint_step, effective_pipeline, err, eval_metrics,
-                                           learning_rate, load_setup, log_tf, on_sigterm, parse_directives,
-                                           print_traceback, read_checkpoint_state, setting, sleep,
-                                           take_failure_budget, train_scalars)
+from oddaemon.testing import standin_eval
+from oddaemon.testing.standin_core import (
+    CRASH_MARKER,
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_NUM_STEPS,
+    Setup,
+    SetupError,
+    Terminated,
+    checkpoint_step,
+    err,
+    load_setup,
+    log_tf,
+    on_sigterm,
+    print_traceback,
+    setting,
+    sleep,
+    take_failure_budget,
+    train_scalars,
+)
 from oddaemon.testing.standin_files import CheckpointManager, InputError, SummaryWriter, check_inputs
 from oddaemon.workers.diagnose import corrupt_input_marker, oom_marker
 from oddaemon.workers.train import plan_phases
@@ -282,8 +295,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "preflight":
         preflight(setup, args.result)
         return 0
-    from oddaemon.testing import standin_eval  # noqa: PLC0415
-
     if args.command == "eval":
         return standin_eval.evaluate(setup, args.checkpoint, args.result)
     if args.command == "eval-serve":

@@ -28,7 +28,8 @@ DIRECTIVE_DEFAULTS: dict[str, float | int | None] = {
     "eval_ready_seconds": 0.5,  # the real evaluator builds its model before it is ready
     "eval_input_name": None,  # eval_input_reader.name: the real evaluator writes to eval/<name>
 }
-_DIRECTIVE_TYPES = {key: float if key.endswith("_seconds") else str if key.endswith(("_problem", "_text", "_log", "_name"))
+_DIRECTIVE_TYPES = {key: float if key.endswith("_seconds")
+                    else str if key.endswith(("_problem", "_text", "_log", "_name"))
                     else int for key in DIRECTIVE_DEFAULTS}
 _PIPELINE_NUMBERS = {"num_steps": int, "batch_size": int, "learning_rate_base": float,
                      "warmup_learning_rate": float, "warmup_steps": int, "total_steps": int}

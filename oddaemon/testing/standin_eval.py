@@ -18,10 +18,20 @@ import sys
 import time
 import zlib
 
-from oddaemon.testing.standin_core import (Setup, Terminated, checkpoint_step, err, eval_metrics, log_tf,
-                                           print_traceback, read_index, sleep, take_failure_budget)
+from oddaemon.formats.tfevents_writer import EventFileWriter
+from oddaemon.testing.standin_core import (
+    Setup,
+    Terminated,
+    checkpoint_step,
+    err,
+    eval_metrics,
+    log_tf,
+    print_traceback,
+    read_index,
+    sleep,
+    take_failure_budget,
+)
 from oddaemon.testing.standin_files import shard_names
-from oddaemon.formats.tfevents import EventFileWriter
 
 EVAL_CRASH_MARKER = ".standin-eval-crashes"
 DATA_SHARD = ".data-00000-of-00001"

@@ -20,9 +20,9 @@ import shutil
 import struct
 import time
 
-from oddaemon.testing.standin_core import STATE_FILE, parse_state
-from oddaemon.formats.tfevents import EventFileWriter
+from oddaemon.formats.tfevents_writer import EventFileWriter
 from oddaemon.formats.tfrecord import masked_crc32c
+from oddaemon.testing.standin_core import STATE_FILE, parse_state
 
 
 def shard_names(name: str, shards: int) -> list[str]:

@@ -26,7 +26,8 @@ def main(argv: list[str]) -> int:
     count = torch.cuda.device_count()
     uuids = [str(torch.cuda.get_device_properties(i).uuid) for i in range(count)]
     tensors = [torch.ones(1024, 1024, device=f"cuda:{i}") for i in range(count)]
-    print(f"probe: CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r} devices={count} uuids={uuids}", flush=True)
+    print(f"probe: CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r} devices={count} uuids={uuids}",
+          flush=True)
     time.sleep(2.0)
     result = {"cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"), "device_count": count, "uuids": uuids,
               "sum": [float(t.sum()) for t in tensors], "started": started, "ended": time.time(),

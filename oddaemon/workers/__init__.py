@@ -9,8 +9,9 @@
     python -m oddaemon.workers generate-demo --out DIR [--model effdet_d0|ssd_mobilenet_tiny]
 
 This package is the only one that imports tensorflow / object_detection, and only inside the
-worker modules' functions: importing ``oddaemon.workers`` itself costs nothing (stdlib only), so the
-daemon and the tests may import the helpers below.
+worker modules' functions: importing ``oddaemon.workers`` itself costs nothing (the stdlib and
+oddaemon's pure core), so the tests may import the helpers below. Of oddaemon, the workers may
+import only core, formats and workers.
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ import os
 import signal
 import sys
 import threading
-from typing import Callable
+from collections.abc import Callable
+
+from oddaemon.core.jobspec import gpu_count
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -72,17 +75,13 @@ def setting(table: dict, key: str, default):
 def gpu_count_for(job: dict) -> int | None:
     """GPUs this job gets: the daemon's allocation ("gpus" in JOB.json), else [train] gpus, else
     None (auto: not known until the daemon allocates)."""
-    gpus = job.get("gpus")
-    if isinstance(gpus, list):
-        return len(gpus)
+    allocated = job.get("gpus")
+    if isinstance(allocated, list):
+        return gpu_count(allocated)
     wanted = job["spec"]["train"].get("gpus")
-    if isinstance(wanted, bool):
-        return None
-    if isinstance(wanted, int):
-        return wanted
-    if isinstance(wanted, list):
-        return len(wanted)
-    return None
+    if isinstance(wanted, bool) or not isinstance(wanted, (int, list)):
+        return None  # auto (or no gpus value at all)
+    return gpu_count(wanted)
 
 
 def write_json_atomic(path: str, data: dict) -> None:

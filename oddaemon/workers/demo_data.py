@@ -318,7 +318,7 @@ def make_image(rng, size: int):
             draw.polygon([(left + side_w // 2, top), (left, bottom - 1), (right - 1, bottom - 1)], fill=colour)
         boxes.append(box)
         labels.append(label)
-    normalized = [(t / size, l / size, b / size, r / size) for t, l, b, r in boxes]
+    normalized = [(y0 / size, x0 / size, y1 / size, x1 / size) for y0, x0, y1, x1 in boxes]
     return np.asarray(image), normalized, labels
 
 
@@ -326,7 +326,8 @@ def encode(image, fmt: str) -> bytes:
     from PIL import Image
 
     out = io.BytesIO()
-    Image.fromarray(image).save(out, format="JPEG" if fmt == "jpeg" else "PNG", **({"quality": 92} if fmt == "jpeg" else {}))
+    options = {"format": "JPEG", "quality": 92} if fmt == "jpeg" else {"format": "PNG"}
+    Image.fromarray(image).save(out, **options)
     return out.getvalue()
 
 

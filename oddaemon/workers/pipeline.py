@@ -263,10 +263,3 @@ def prepare(spec: dict) -> tuple[str, Any]:
     edits set values, they never accumulate."""
     proto = effective_pipeline(spec)
     return write_effective(proto, spec["model_dir"], spec["pipeline_config"]), proto
-
-
-def configs_dict(proto) -> dict:
-    """The configs dictionary model_lib_v2 works with (config_util.create_configs_from_pipeline_proto)."""
-    from object_detection.utils import config_util
-
-    return config_util.create_configs_from_pipeline_proto(proto)

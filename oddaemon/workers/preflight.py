@@ -303,7 +303,8 @@ def _check_files(spec: dict, job: dict, proto, num_classes, report: Report) -> N
         report.problem("[eval] is enabled but the pipeline.config has no eval_input_reader; set [pipeline] "
                        "eval_input_path or [eval] enabled = false")
     for reader in proto.eval_input_reader:
-        if reader.WhichOneof("input_reader") != "tf_record_input_reader" or not reader.tf_record_input_reader.input_path:
+        if (reader.WhichOneof("input_reader") != "tf_record_input_reader"
+                or not reader.tf_record_input_reader.input_path):
             if eval_enabled:
                 report.problem("eval_input_reader has no tf_record_input_reader input_path; set [pipeline] "
                                "eval_input_path or [eval] enabled = false")
@@ -359,8 +360,9 @@ def check_one(job: dict, result_path: str, command: str = "preflight") -> None:
         print(f"{name}: problem: {message}", flush=True)
     for message in result["warnings"]:
         print(f"{name}: warning: {message}", flush=True)
-    print(f"oddaemon.workers {command}: {name}: {'ok' if result['ok'] else str(len(result['problems'])) + ' problem(s)'}"
-          f" in {result['duration_seconds']:.2f}s -> {result_path}", flush=True)
+    verdict = "ok" if result["ok"] else f"{len(result['problems'])} problem(s)"
+    print(f"oddaemon.workers {command}: {name}: {verdict} in {result['duration_seconds']:.2f}s -> {result_path}",
+          flush=True)
 
 
 def run(args) -> int:

@@ -5,8 +5,6 @@ the job at once, each read back from GetJob and from the signals, against the co
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 
 import pytest
@@ -19,13 +17,11 @@ try:
 except (ImportError, ValueError):
     pytest.skip("PyGObject and pydbus are needed for the D-Bus tests", allow_module_level=True)
 
-from gi.repository import Gio, GLib  # noqa: E402
+from gi.repository import Gio, GLib
 
-from oddaemon.cli import dbus_client as dc  # noqa: E402
-from oddaemon.service import dbus_service as ds  # noqa: E402
-
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "integration"))
-from harness import DaemonEnv  # noqa: E402
+from oddaemon.adapters import dbus_bus as bus
+from oddaemon.cli import dbus_client as dc
+from tests.support.harness import DaemonEnv
 
 # TF's own texts (the last line of the traceback the worker prints)
 GPU_ERROR = "tensorflow.python.framework.errors_impl.InternalError: CUDA_ERROR_ILLEGAL_ADDRESS: an illegal memory access"
@@ -39,9 +35,9 @@ class Signals:
         self.ctx = GLib.MainContext.new()
         self.ctx.push_thread_default()
         try:
-            self.con = ds.open_connection(address)
+            self.con = bus.open_connection(address)
             self.received: list[tuple] = []
-            self.con.signal_subscribe(None, ds.INTERFACE, "JobStateChanged", ds.OBJECT_PATH, None,
+            self.con.signal_subscribe(None, bus.INTERFACE, "JobStateChanged", bus.OBJECT_PATH, None,
                                       Gio.DBusSignalFlags.NONE, self._on)
         finally:
             self.ctx.pop_thread_default()
@@ -73,9 +69,9 @@ class Signals:
 
 def get_job_raw(address: str, name: str) -> dict:
     """GetJob as any D-Bus client sees it (no Client: a None is a missing key, listed in null_keys)."""
-    con = ds.open_connection(address)
+    con = bus.open_connection(address)
     try:
-        return con.call_sync(ds.BUS_NAME, ds.OBJECT_PATH, ds.INTERFACE, "GetJob", GLib.Variant("(s)", (name,)),
+        return con.call_sync(bus.BUS_NAME, bus.OBJECT_PATH, bus.INTERFACE, "GetJob", GLib.Variant("(s)", (name,)),
                              None, 0, 10000, None).unpack()[0]
     finally:
         con.close_sync(None)

@@ -8,7 +8,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 import threading
 import time
 
@@ -22,13 +21,12 @@ try:
 except (ImportError, ValueError):
     pytest.skip("PyGObject and pydbus are needed for the D-Bus tests", allow_module_level=True)
 
-from gi.repository import Gio, GLib  # noqa: E402
+from gi.repository import Gio, GLib
 
-from oddaemon.cli import dbus_client as dc  # noqa: E402
-from oddaemon.service import dbus_service as ds  # noqa: E402
-from oddaemon.service.commands import CommandError  # noqa: E402
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from oddaemon.adapters import dbus_bus as bus
+from oddaemon.cli import dbus_client as dc
+from oddaemon.core.errors import CommandError, ErrorKind
+from oddaemon.service import dbus_service as ds
 
 
 def view(name, state, **extra):
@@ -75,14 +73,15 @@ class FakeCommands:
     def get_job(self, name):
         self._record("get_job", name)
         if name not in self.jobs:
-            raise CommandError(f"no job named '{name}'")
+            raise CommandError(ErrorKind.NOT_FOUND, f"no job named '{name}'")
         return dict(self.jobs[name])
 
     def submit_text(self, text, filename="submitted.toml"):
         self._record("submit_text", text if isinstance(text, str) else text.decode(), filename)
         text = text if isinstance(text, str) else text.decode()
         if "num_clases" in text:
-            raise CommandError(f"Job file '{filename}' was rejected because it is not a valid oddaemon job spec; "
+            raise CommandError(ErrorKind.INVALID,
+                               f"Job file '{filename}' was rejected because it is not a valid oddaemon job spec; "
                                "nothing was queued.\n1 problem:\n  - unknown key 'num_clases' in [pipeline]; "
                                "did you mean 'num_classes'?")
         name = filename.removesuffix(".toml")
@@ -95,23 +94,24 @@ class FakeCommands:
             with open(path, "rb") as f:
                 data = f.read()
         except OSError as exc:
-            raise CommandError(f"cannot read {path}: {exc.strerror}") from None
+            raise CommandError(ErrorKind.INVALID, f"cannot read {path}: {exc.strerror}") from None
         return self.submit_text(data, os.path.basename(path))
 
     def cancel(self, name):
         self._record("cancel", name)
         if name not in self.jobs:
-            raise CommandError(f"no job named '{name}'")
+            raise CommandError(ErrorKind.NOT_FOUND, f"no job named '{name}'")
         if self.jobs[name]["state"] == "succeeded":
-            raise CommandError(f"job '{name}' is already succeeded")
+            raise CommandError(ErrorKind.REFUSED, f"job '{name}' is already succeeded")
         self.jobs[name]["state"] = "stopping"
         return "stopping"
 
     def retry(self, name):
         self._record("retry", name)
         if name not in self.jobs:
-            raise CommandError(f"no job named '{name}'")
-        raise CommandError(f"job '{name}' is {self.jobs[name]['state']}; only failed or cancelled jobs can be retried")
+            raise CommandError(ErrorKind.NOT_FOUND, f"no job named '{name}'")
+        raise CommandError(ErrorKind.REFUSED,
+                           f"job '{name}' is {self.jobs[name]['state']}; only failed or cancelled jobs can be retried")
 
     def reload(self):
         self._record("reload")
@@ -130,9 +130,9 @@ class SignalRecorder:
         self.ctx = GLib.MainContext.new()
         self.ctx.push_thread_default()
         try:
-            self.con = ds.open_connection(address)
+            self.con = bus.open_connection(address)
             self.received: list[tuple[str, str, tuple]] = []
-            self.con.signal_subscribe(None, None, None, ds.OBJECT_PATH, None, Gio.DBusSignalFlags.NONE, self._on)
+            self.con.signal_subscribe(None, None, None, bus.OBJECT_PATH, None, Gio.DBusSignalFlags.NONE, self._on)
         finally:
             self.ctx.pop_thread_default()
         # A round trip after AddMatch: the bus has installed the match rule when it returns.
@@ -175,10 +175,10 @@ def served(bus_address):
 
 def raw_call(address, method, args=None, signature=None):
     """A call without the Client, to see the D-Bus error exactly as other clients do."""
-    con = ds.open_connection(address)
+    con = bus.open_connection(address)
     try:
         params = GLib.Variant(signature, args) if signature else None
-        return con.call_sync(ds.BUS_NAME, ds.OBJECT_PATH, ds.INTERFACE, method, params, None, 0, 10000, None).unpack()
+        return con.call_sync(bus.BUS_NAME, bus.OBJECT_PATH, bus.INTERFACE, method, params, None, 0, 10000, None).unpack()
     finally:
         con.close_sync(None)
 
@@ -194,8 +194,8 @@ def dbus_error(address, method, args=None, signature=None) -> tuple[str, str]:
 
 # ---- introspection ------------------------------------------------------------------------------
 def test_busctl_introspect_shows_the_interface(served, bus_address):
-    result = subprocess.run(["busctl", f"--address={bus_address}", "introspect", ds.BUS_NAME, ds.OBJECT_PATH,
-                             ds.INTERFACE], capture_output=True, text=True, timeout=30)
+    result = subprocess.run(["busctl", f"--address={bus_address}", "introspect", bus.BUS_NAME, bus.OBJECT_PATH,
+                             bus.INTERFACE], capture_output=True, text=True, timeout=30)
     if result.returncode != 0 and "Failed to" in result.stderr and "address" in result.stderr:
         pytest.skip(f"busctl cannot use --address here: {result.stderr}")
     assert result.returncode == 0, result.stderr
@@ -231,7 +231,7 @@ def test_get_job_and_not_found(served, bus_address):
     assert (name, message) == ("io.github.oddaemon1.Error.NotFound", "no job named 'nope'")
     with pytest.raises(dc.ClientError) as info:
         client.get_job("nope")
-    assert info.value.kind == "NotFound" and str(info.value) == "no job named 'nope'"
+    assert info.value.kind is ErrorKind.NOT_FOUND and str(info.value) == "no job named 'nope'"
 
 
 def test_properties_and_get_all(served, bus_address):
@@ -239,10 +239,10 @@ def test_properties_and_get_all(served, bus_address):
     assert client.version() == "9.8.7"
     assert client.queue_length() == 1
     assert client.gpus() == {"total": [0, 1], "free": [1], "holders": {0: "effdet"}}
-    con = ds.open_connection(bus_address)
+    con = bus.open_connection(bus_address)
     try:
-        everything = con.call_sync(ds.BUS_NAME, ds.OBJECT_PATH, "org.freedesktop.DBus.Properties", "GetAll",
-                                   GLib.Variant("(s)", (ds.INTERFACE,)), None, 0, 5000, None).unpack()[0]
+        everything = con.call_sync(bus.BUS_NAME, bus.OBJECT_PATH, "org.freedesktop.DBus.Properties", "GetAll",
+                                   GLib.Variant("(s)", (bus.INTERFACE,)), None, 0, 5000, None).unpack()[0]
     finally:
         con.close_sync(None)
     assert everything == {"Version": "9.8.7", "QueueLength": 1, "GPUs": [(0, "effdet"), (1, "")]}
@@ -259,7 +259,7 @@ def test_submit_text_accepted_and_rejected(served, bus_address):
     assert client.submit_text("x = 1\n", "b.toml") == {"name": "b", "state": "queued", "queue_position": 2}
     with pytest.raises(dc.ClientError) as info:
         client.submit_text("nul\0byte", "c.toml")
-    assert info.value.kind == "Invalid" and "NUL" in str(info.value)
+    assert info.value.kind is ErrorKind.INVALID and "NUL" in str(info.value)
 
 
 def test_submit_path_and_client_side_file_reading(served, bus_address, tmp_path):
@@ -292,7 +292,7 @@ def test_cancel_retry_reload_and_their_errors(served, bus_address):
     assert dbus_error(bus_address, "Retry", ("ghost",), "(s)")[0] == "io.github.oddaemon1.Error.NotFound"
     with pytest.raises(dc.ClientError) as info:
         client.retry("waiting")
-    assert info.value.kind == "Refused"
+    assert info.value.kind is ErrorKind.REFUSED
     client.reload()
     assert fake.calls[-1] == ("reload",)
     assert ("cancel", "effdet") in fake.calls
@@ -343,8 +343,8 @@ def test_properties_changed_only_when_values_change(served, bus_address):
         service.refresh_properties()
         recorder.wait("PropertiesChanged", 2)
         changes = recorder.wait("PropertiesChanged", 3, timeout=0.5)  # and no third one comes
-        assert changes == [(ds.INTERFACE, {"QueueLength": 2}, []),
-                           (ds.INTERFACE, {"GPUs": [(0, "effdet"), (1, "waiting")]}, [])]
+        assert changes == [(bus.INTERFACE, {"QueueLength": 2}, []),
+                           (bus.INTERFACE, {"GPUs": [(0, "effdet"), (1, "waiting")]}, [])]
     finally:
         recorder.close()
 
@@ -366,8 +366,8 @@ def test_caller_check_denies_non_members_of_the_submit_group(served, bus_address
 def test_submit_path_reads_only_files_the_caller_may_read(served, bus_address, tmp_path):
     fake, service, _client = served
     # uid 65534 (nobody) is a member of its primary group, so the group check lets it through.
-    import grp
-    import pwd
+    import grp  # noqa: PLC0415 - only this test looks up users and groups
+    import pwd  # noqa: PLC0415 - only this test looks up users and groups
 
     nobody = pwd.getpwuid(65534)
     service.caller_check = ds.CallerCheck(grp.getgrgid(nobody.pw_gid).gr_name, lambda sender: 65534)
@@ -385,7 +385,7 @@ def test_submit_path_reads_only_files_the_caller_may_read(served, bus_address, t
 def test_the_real_caller_uid_comes_from_the_bus(served, bus_address):
     _fake, service, client = served
     asked = []
-    con = ds.open_connection(bus_address)
+    con = bus.open_connection(bus_address)
     try:
         def uid_of(sender):
             asked.append(sender)
@@ -417,7 +417,7 @@ def test_publish_with_the_select_loop_returns_none(caplog, bus_address):
 def test_a_second_daemon_cannot_take_the_name(served, bus_address, caplog):
     with caplog.at_level(logging.WARNING, logger="oddaemon.dbus"):
         assert ds.publish(FakeCommands(), bus=bus_address) is None
-    assert f"cannot own {ds.BUS_NAME}" in caplog.text
+    assert f"cannot own {bus.BUS_NAME}" in caplog.text
 
 
 def test_client_says_clearly_when_unreachable(bus_address, tmp_path):
@@ -431,17 +431,16 @@ def test_client_says_clearly_when_unreachable(bus_address, tmp_path):
 
 
 def test_resolve_bus(monkeypatch):
-    monkeypatch.delenv(ds.BUS_ENV, raising=False)
-    assert ds.resolve_bus(None) == "system"
-    monkeypatch.setenv(ds.BUS_ENV, "session")
-    assert ds.resolve_bus(None) == "session"
-    assert ds.resolve_bus("unix:path=/x") == "unix:path=/x"
+    monkeypatch.delenv(bus.BUS_ENV, raising=False)
+    assert bus.resolve_bus(None) == "system"
+    monkeypatch.setenv(bus.BUS_ENV, "session")
+    assert bus.resolve_bus(None) == "session"
+    assert bus.resolve_bus("unix:path=/x") == "unix:path=/x"
 
 
 # ---- end to end: the real daemon ----------------------------------------------------------------
 def test_end_to_end_with_the_real_daemon(bus_env, tmp_path):
-    sys.path.insert(0, os.path.join(REPO, "tests", "integration"))
-    from harness import DaemonEnv, wait_for  # noqa: PLC0415
+    from tests.support.harness import DaemonEnv, wait_for  # noqa: PLC0415
 
     env = DaemonEnv(str(tmp_path))
     recorder = SignalRecorder(bus_env)
@@ -455,7 +454,7 @@ def test_end_to_end_with_the_real_daemon(bus_env, tmp_path):
         assert result["state"] == "validating" and result["name"] in ("e2e", "")
         with pytest.raises(dc.ClientError) as info:
             client.submit_text("[pipeline]\nnum_clases = 3\n", "bad.toml")
-        assert info.value.kind == "Invalid" and "did you mean 'num_classes'?" in str(info.value)
+        assert info.value.kind is ErrorKind.INVALID and "did you mean 'num_classes'?" in str(info.value)
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             changes = recorder.wait("JobStateChanged", 99, timeout=0.5)
@@ -471,7 +470,7 @@ def test_end_to_end_with_the_real_daemon(bus_env, tmp_path):
         assert [v["name"] for v in client.list_jobs()] == ["e2e"]
         with pytest.raises(dc.ClientError) as info:
             client.cancel("ghost")
-        assert info.value.kind == "NotFound" and str(info.value) == "no job named 'ghost'"
+        assert info.value.kind is ErrorKind.NOT_FOUND and str(info.value) == "no job named 'ghost'"
         # Reload over D-Bus re-reads the configuration: with one CPU slot a second long job waits;
         # once the file says two and Reload is called, it starts (nothing else would start it)
         for name in ("r1", "r2"):
@@ -498,8 +497,7 @@ def test_end_to_end_with_the_real_daemon(bus_env, tmp_path):
 
 
 def test_cli_talks_over_dbus_and_falls_back_to_the_control_socket(bus_env, tmp_path):
-    sys.path.insert(0, os.path.join(REPO, "tests", "integration"))
-    from harness import DaemonEnv, train_marker, wait_for, worker_pids  # noqa: PLC0415
+    from tests.support.harness import DaemonEnv, train_marker, wait_for, worker_pids  # noqa: PLC0415
 
     env = DaemonEnv(str(tmp_path))
     try:

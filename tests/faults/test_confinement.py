@@ -23,7 +23,7 @@ import uuid
 
 import pytest
 
-from harness import DaemonEnv, train_marker, wait_for, worker_pids
+from tests.support.harness import DaemonEnv, train_marker, wait_for, worker_pids
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SYSTEM_PYTHON = "/usr/bin/python3"

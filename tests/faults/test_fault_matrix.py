@@ -20,12 +20,12 @@ import tempfile
 import time
 
 import pytest
-from harness import assert_evaluated_in_order, train_marker, wait_for, worker_pids
 
 from oddaemon.adapters import store as store_module
 from oddaemon.adapters.store import TEMP_PREFIX, Store
-from oddaemon.testing.standin import checkpoint_step, read_checkpoint_state
 from oddaemon.formats.tfevents import EventDirReader
+from oddaemon.testing.standin_core import checkpoint_step, read_checkpoint_state
+from tests.support.harness import assert_evaluated_in_order, train_marker, wait_for, worker_pids
 
 MAP = "DetectionBoxes_Precision/mAP"
 BAD_JOB = b'name = "broken"\nmodel_dir = \n'  # a TOML syntax error: always rejected
@@ -121,7 +121,7 @@ def test_worker_sigkill_resumes_from_the_last_checkpoint_and_loses_nothing(daemo
     env.drop("victim.toml", env.job_text("victim", num_steps=90, every=5, keep=3, step_seconds=0.04))
     marker = train_marker(env, "victim")
     for n, at in enumerate((15, 40, 65), start=1):
-        wait_for(lambda at=at: (env.job("victim") or {}).get("attempt") == n and (env.job("victim")["step"] or 0) >= at
+        wait_for(lambda at=at, n=n: (env.job("victim") or {}).get("attempt") == n and (env.job("victim")["step"] or 0) >= at
                  and worker_pids(marker), 60, 0.02, what=f"attempt {n} past step {at}")
         for pid in worker_pids(marker):
             os.kill(pid, signal.SIGKILL)

@@ -15,13 +15,21 @@ import subprocess
 import time
 
 import pytest
-from harness import mount, train_marker, wait_for, worker_pids
-from test_fault_matrix import (BAD_JOB, assert_every_checkpoint_evaluated, assert_jobs_listed, assert_no_file_lost,
-                               assert_still_serving, book, evaluated_steps)
+from test_fault_matrix import (
+    BAD_JOB,
+    assert_every_checkpoint_evaluated,
+    assert_jobs_listed,
+    assert_no_file_lost,
+    assert_still_serving,
+    book,
+    evaluated_steps,
+)
 
-from oddaemon.testing.standin_eval import DATA_SHARD, EvalFailure, restore_step
-from oddaemon.formats.tfevents import FILE_PREFIX, encode_scalar_event
+from oddaemon.formats.tfevents import FILE_PREFIX
+from oddaemon.formats.tfevents_writer import encode_scalar_event
 from oddaemon.formats.tfrecord import encode_record
+from oddaemon.testing.standin_eval import DATA_SHARD, EvalFailure, restore_step
+from tests.support.harness import mount, train_marker, wait_for, worker_pids
 
 MAX_QUEUED_EVENTS = "/proc/sys/fs/inotify/max_queued_events"
 

@@ -9,7 +9,8 @@ import os
 import threading
 
 import pytest
-from harness import wait_for
+
+from tests.support.harness import wait_for
 
 
 def rss_kib(pid: int) -> int:

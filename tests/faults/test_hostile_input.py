@@ -20,17 +20,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
-from harness import wait_for
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from oddaemon.core import scheduler as sch
-from oddaemon.core.config import Config
-from oddaemon.service.intake import SpoolIntake
-from oddaemon.core.jobspec import ALLOWED_KEYS, MAX_PROBLEMS, TABLES, JobSpec, Problem, parse_job, render_error_file
-from oddaemon.core.printable import printable
 from oddaemon.adapters.spool import NotARegularFile, Spool
+from oddaemon.core import scheduler as sch
+from oddaemon.core.checks import Problem, render_error_file
+from oddaemon.core.config import Config
+from oddaemon.core.job_validation import parse_job
+from oddaemon.core.jobspec import ALLOWED_KEYS, MAX_PROBLEMS, TABLES, JobSpec
+from oddaemon.core.printable import printable
+from oddaemon.service.intake import SpoolIntake
 from oddaemon.testing import hostile
+from tests.support.harness import wait_for
 
 CI_MAX_ARRAY = 5_000  # huge arrays here have 500 to 5,000 entries; the daemon case and the bench go to 200,000
 MAX_ERROR_BYTES = 256 * 1024  # MAX_PROBLEMS messages, each naming at most a PATH_MAX path

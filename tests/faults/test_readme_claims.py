@@ -37,10 +37,10 @@ import time
 import urllib.request
 
 import pytest
-from harness import DaemonEnv, mount, train_marker, wait_for, worker_pids
 from prometheus_client.parser import text_string_to_metric_families
 
 from oddaemon.adapters.control import DaemonUnreachable, request
+from tests.support.harness import DaemonEnv, mount, train_marker, wait_for, worker_pids
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, other users and groups)")
@@ -438,7 +438,7 @@ class GroupDaemon(DaemonEnv):
 
     gid: int = 0
 
-    def start(self) -> "GroupDaemon":
+    def start(self) -> GroupDaemon:
         self.stderr_path = os.path.join(self.root, f"daemon-{time.monotonic_ns()}.log")
         with open(self.stderr_path, "wb") as err:
             child_env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}

@@ -12,7 +12,7 @@ import socket
 import stat
 import urllib.request
 
-from harness import train_marker, wait_for, worker_pids
+from tests.support.harness import train_marker, wait_for, worker_pids
 
 
 def train_keys(text: str, keys: str) -> str:
@@ -110,7 +110,8 @@ def test_failures_a_restart_cannot_fix_fail_at_once_and_say_what_to_fix(daemon_e
         job = env.wait_state(name, "failed", 60)
         assert job["restarts"] == 0 and job["failure"]["kind"] == kind, job
         assert advice in job["reason"] and "not restarted" in job["reason"]
-        wait_for(lambda: f'oddaemon_job_failure{{job_name="{name}",kind="{kind}"}} 1.0' in scrape(port), 10,
+        wait_for(lambda name=name, kind=kind: f'oddaemon_job_failure{{job_name="{name}",kind="{kind}"}} 1.0'
+                 in scrape(port), 10,
                  what=f"the failure of {name} in the metrics")
     # the reason is kept in the job record on disk too
     record = json.load(open(os.path.join(env.state, "jobs", "corrupt.json")))

@@ -10,9 +10,9 @@ import signal
 import time
 
 import pytest
-from harness import train_marker, wait_for, worker_pids
 
-from oddaemon.testing.standin import checkpoint_step, read_checkpoint_state, train_scalars
+from oddaemon.testing.standin_core import checkpoint_step, read_checkpoint_state, train_scalars
+from tests.support.harness import train_marker, wait_for, worker_pids
 
 
 def test_drop_run_checkpoints_succeed(daemon_env):

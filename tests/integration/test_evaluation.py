@@ -7,10 +7,9 @@ import os
 import re
 import signal
 
-from harness import assert_evaluated_in_order, wait_for, worker_pids
-
 from oddaemon.formats.tfevents import EventDirReader
-from oddaemon.testing.standin import eval_metrics, train_scalars
+from oddaemon.testing.standin_core import eval_metrics, train_scalars
+from tests.support.harness import assert_evaluated_in_order, wait_for, worker_pids
 
 MAP = "DetectionBoxes_Precision/mAP"
 

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 
-from harness import wait_for
+from tests.support.harness import wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -6,7 +6,7 @@ with matplotlib from the panel's own queries, answered by a real Prometheus that
 running stand-in jobs (the scenario of test_prometheus_live.py, stretched to a few minutes). Layout
 (gridPos), titles, legends (legendFormat), units, min/max, thresholds and the table transformations
 used by the dashboard (merge, groupBy, organize) are honoured; styling is only Grafana-like.
-    .venv/bin/python tests/metrics/render_dashboard.py [--out etc/grafana/oddaemon-dashboard-preview.png]
+    .venv/bin/python -m tests.metrics.render_dashboard [--out etc/grafana/oddaemon-dashboard-preview.png]
         [--minutes 3]
 """
 
@@ -21,12 +21,8 @@ import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
-sys.path.insert(0, os.path.join(os.path.dirname(HERE), "integration"))
-
-from harness import DaemonEnv, wait_for  # noqa: E402
-from prom import REPO, Prometheus, all_panels, free_port, load_dashboard, substitute  # noqa: E402
+from tests.support.harness import DaemonEnv, wait_for
+from tests.support.prom import REPO, Prometheus, all_panels, free_port, load_dashboard, substitute
 
 BG, PANEL, TEXT, GRID = "#111217", "#181b1f", "#ccccdc", "#2c3235"
 COLORS = {"green": "#73bf69", "red": "#f2495c", "yellow": "#fade2a", "orange": "#ff9830", "blue": "#5794f2",
@@ -313,10 +309,10 @@ class Renderer:
 
 
 def render(prom: Prometheus, start: float, end: float, out: str) -> None:
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - optional dependency, only for the picture
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - after matplotlib.use("Agg")
 
     dashboard = load_dashboard()
     panels = all_panels(dashboard)

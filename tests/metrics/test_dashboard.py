@@ -9,9 +9,9 @@ import re
 import subprocess
 
 import pytest
-from prom import PROMTOOL, REPO, all_panels, dashboard_expressions, dashboard_targets, load_dashboard
 
 from oddaemon.adapters.metrics import SnapshotCollector, build_snapshot
+from tests.support.prom import PROMTOOL, REPO, all_panels, dashboard_expressions, dashboard_targets, load_dashboard
 
 DS = {"type": "prometheus", "uid": "${datasource}"}
 PANEL_TYPES = {"row", "timeseries", "stat", "bargauge", "table"}

@@ -17,10 +17,10 @@ import subprocess
 import time
 
 import pytest
-from harness import DaemonEnv, wait_for
-from prom import PROMETHEUS, PROMTOOL, Prometheus, dashboard_expressions, free_port, http_get
 
-from oddaemon.testing.standin import effective_pipeline, eval_metrics, train_scalars
+from oddaemon.testing.standin_core import effective_pipeline, eval_metrics, train_scalars
+from tests.support.harness import DaemonEnv, wait_for
+from tests.support.prom import PROMETHEUS, PROMTOOL, Prometheus, dashboard_expressions, free_port, http_get
 
 pytestmark = [
     pytest.mark.slow,

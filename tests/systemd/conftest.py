@@ -14,9 +14,8 @@ import subprocess
 import sys
 import time
 
-import pytest
-
 import nspawn
+import pytest
 from nspawn import REPO
 
 GUEST_SRC = "/root/oddaemon-src"
@@ -219,8 +218,6 @@ class Installed:
         return self.c.run(["/opt/oddaemon/.venv/bin/oddaemon", *args], check=check)
 
     def job(self, name: str) -> dict | None:
-        import json
-
         result = self.oddaemon("status", "--json", name, check=False)
         return json.loads(result.stdout) if result.returncode == 0 else None
 

@@ -220,6 +220,6 @@ class Container:
 if __name__ == "__main__":
     if sys.argv[1:] == ["build"]:
         spent = build_rootfs()
-        print(f"rootfs {ROOTFS}: {'built in %.0fs' % spent if spent else 'cached'}")
+        print(f"rootfs {ROOTFS}: {f'built in {spent:.0f}s' if spent else 'cached'}")
     else:
         print(__doc__)

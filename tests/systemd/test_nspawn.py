@@ -159,7 +159,7 @@ def test_reload_sends_reloading_then_ready_and_rereads_the_configuration(install
                 cursor = inst.cursor()
                 result = inst.sh("systemctl reload oddaemon.service", check=False)
                 assert result.returncode == 0, result.stderr
-                got = inst.wait(lambda: reloading_then_ready(inst.notifications(cursor), pid), 30,
+                got = inst.wait(lambda cursor=cursor: reloading_then_ready(inst.notifications(cursor), pid), 30,
                                 "RELOADING=1 then READY=1 in systemd's debug log")
                 assert len(got) == 2 and got[0].startswith("RELOADING=1, MONOTONIC_USEC="), got
                 assert got[1].startswith("READY=1, STATUS="), got

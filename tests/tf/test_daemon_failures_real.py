@@ -6,14 +6,11 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "integration"))
-from harness import damage_record, wait_for, worker_pids  # noqa: E402
-from test_daemon_real import REAL_TF, real_env, tiny_job  # noqa: E402,F401
+from tests.support.harness import damage_record, wait_for, worker_pids
+from tests.support.realtf import REAL_TF, tiny_job
 
 pytestmark = [*REAL_TF, pytest.mark.timeout(1200)]
 

@@ -14,10 +14,9 @@ import subprocess
 import sys
 
 import pytest
-from test_daemon_real import REAL_TF, detect
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "integration"))
-from harness import DaemonEnv  # noqa: E402
+from tests.support.harness import DaemonEnv
+from tests.support.realtf import REAL_TF, detect
 
 pytestmark = [*REAL_TF, pytest.mark.timeout(1500)]
 

@@ -8,11 +8,11 @@ import signal
 
 import pytest
 
-from oddaemon.core.errors import OperationError
 from oddaemon.adapters.logs import LogPump, RotatingLog
 from oddaemon.adapters.loop import GLibLoop, SelectLoop
 from oddaemon.adapters.spool import NotARegularFile, Spool, is_candidate
 from oddaemon.adapters.store import Store, atomic_write, rename_noreplace
+from oddaemon.core.errors import OperationError
 
 LOOPS = [SelectLoop, GLibLoop]
 

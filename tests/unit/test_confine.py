@@ -15,12 +15,11 @@ import time
 
 import pytest
 
-from oddaemon.adapters import confine
-
-from oddaemon.adapters import procs
+from oddaemon.adapters import confine, procs
 from oddaemon.core.config import Config, load_config, parse_config
 from oddaemon.core.errors import OperationError
-from oddaemon.core.jobspec import JobSpec, PipelineEdits, ValidationContext, parse_job
+from oddaemon.core.job_validation import ValidationContext, parse_job
+from oddaemon.core.jobspec import JobSpec, PipelineEdits
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 PATH = "/etc/oddaemon/oddaemon.toml"

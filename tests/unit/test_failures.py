@@ -3,20 +3,19 @@ how the pure scheduler acts on each. No processes, no clocks."""
 
 from __future__ import annotations
 
-import os
-
 import math
+import os
 from dataclasses import replace
 
 import pytest
 
+from oddaemon.adapters.gpus import Discovery, check_listed, discover
 from oddaemon.core import scheduler as sch
 from oddaemon.core.failures import Failure, classify_failure, marker_line, parse_marker
-from oddaemon.adapters.gpus import Discovery, check_listed, discover
 from oddaemon.core.jobspec import JobSpec, PipelineEdits, TrainOptions
-from oddaemon.formats.pipeline_numbers import read_pipeline_numbers
 from oddaemon.core.remedies import explain_oom, halve_batch
 from oddaemon.core.states import JobState
+from oddaemon.formats.pipeline_numbers import read_pipeline_numbers
 from oddaemon.service.trainguard import TrainGuard, first_bad_loss, overdue
 
 # What TF 2.15 and the Object Detection API print for each failure (from real logs and TF's source).
@@ -332,7 +331,7 @@ def _raised_in_load_fine_tune_checkpoint(exc: Exception) -> Exception:
 
 
 def test_a_fine_tune_failure_is_told_apart_config_or_checkpoint():
-    from oddaemon.workers.diagnose import fine_tune_failure
+    from oddaemon.workers.diagnose import fine_tune_failure  # noqa: PLC0415 - the workers' package, only here
 
     job = {"spec": {"pipeline": {"fine_tune_checkpoint": "/zoo/ckpt-0"}}}
     version = fine_tune_failure(job, _raised_in_load_fine_tune_checkpoint(ValueError("Checkpoint version should be V2")))

@@ -7,12 +7,13 @@ from __future__ import annotations
 import os
 import time
 
-
-from oddaemon.core.jobspec import JobSpec, PipelineEdits, ValidationContext, parse_job, render_error_file
-from oddaemon.formats.pipeline_paths import effective_paths, scan
+from oddaemon.adapters.spool import NAME_MAX, short_stem
+from oddaemon.core.checks import render_error_file
+from oddaemon.core.job_validation import ValidationContext, parse_job
+from oddaemon.core.jobspec import JobSpec, PipelineEdits
 from oddaemon.core.prescan import MAX_KEY_PARTS, prescan
 from oddaemon.core.printable import printable
-from oddaemon.adapters.spool import NAME_MAX, short_stem
+from oddaemon.formats.pipeline_paths import effective_paths, scan
 
 
 def test_the_prescan_refuses_long_dotted_keys_and_headers_at_once_with_the_line():

@@ -11,8 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from oddaemon.core.jobspec import (ALLOWED_KEYS, EvalOptions, JobSpec, PipelineEdits, Problem, TrainOptions,
-                              ValidationContext, parse_job, render_error_file)
+from oddaemon.core.checks import Problem, render_error_file
+from oddaemon.core.job_validation import ValidationContext, parse_job
+from oddaemon.core.jobspec import ALLOWED_KEYS, EvalOptions, JobSpec, PipelineEdits, TrainOptions, gpu_count
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -315,11 +316,13 @@ def test_gpus_forms_and_gpu_count(tree, ctx):
         return parse(BASE + f"[train]\ngpus = {gpus}\n", tree, ctx)
     assert spec('"auto"').train.gpus is None
     assert spec("0").train.gpus == 0 and spec("[2, 0]").train.gpus == (2, 0)
-    assert parse(BASE, tree, ctx).gpu_count(available=4) == 1
-    assert parse(BASE, tree, ctx).gpu_count(available=0) == 0
-    assert spec("3").gpu_count(available=8) == 3
-    assert spec("0").gpu_count(available=8) == 0
-    assert spec("[5, 7]").gpu_count(available=8) == 2
+    assert gpu_count(parse(BASE, tree, ctx).train.gpus, available=4) == 1
+    assert gpu_count(parse(BASE, tree, ctx).train.gpus, available=0) == 0
+    assert gpu_count(parse(BASE, tree, ctx).train.gpus) is None  # auto, before the daemon allocates
+    assert gpu_count(spec("3").train.gpus, available=8) == 3
+    assert gpu_count(spec("0").train.gpus, available=8) == 0
+    assert gpu_count(spec("[5, 7]").train.gpus, available=8) == 2
+    assert gpu_count([5, 7]) == 2  # a job.json's list (JobSpec.to_dict)
 
 
 def test_shipped_example_parses(tree):
@@ -445,3 +448,13 @@ def test_property_generator_emits_valid_toml():
     doc = {"name": "a\x7f\n", "pipeline": {"gpus": [1, 2.5, -1e300, True], "x": {"y": math.inf}}}
     text = "\n".join(f"{toml_string(k)} = {toml_value(v)}" for k, v in doc.items())
     assert tomllib.loads(text) == doc
+
+
+def test_workers_count_gpus_by_the_same_rule():
+    from oddaemon.workers import gpu_count_for  # noqa: PLC0415  (the workers' package, only here)
+
+    def job(wanted, allocated=None):
+        return {"spec": {"train": {"gpus": wanted}}, **({"gpus": allocated} if allocated is not None else {})}
+    assert gpu_count_for(job(None, allocated=[3])) == 1  # the daemon's allocation wins
+    assert gpu_count_for(job([1, 2, 3])) == 3 and gpu_count_for(job(2)) == 2 and gpu_count_for(job(0)) == 0
+    assert gpu_count_for(job(None)) is None and gpu_count_for(job(True)) is None  # not known before allocation

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import os
 
-from oddaemon.core.failures import classify_failure
 from oddaemon.adapters.logs import LogPump, RotatingLog
+from oddaemon.core.failures import classify_failure
 
 
 def pumped(tmp_path, chunks: list[bytes]) -> LogPump:

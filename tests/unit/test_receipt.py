@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from oddaemon.cli.receipt import locate
 from oddaemon.adapters.spool import Spool
+from oddaemon.cli.receipt import locate
 
 
 def spool_at(tmp_path) -> Spool:

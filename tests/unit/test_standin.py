@@ -11,8 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from oddaemon.testing import standin
 from oddaemon.formats.tfevents import EventDirReader
+from oddaemon.formats.tfrecord import encode_record
+from oddaemon.testing import standin_core
+from oddaemon.testing.standin_files import SummaryWriter
+from tests.support.harness import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = """\
@@ -61,15 +64,8 @@ def start(tmp_path, *args):
         return subprocess.Popen(command(*args), stdout=out, stderr=err, env=env)
 
 
-def wait_for(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 def steps_of(model_dir):
-    return {name: standin.checkpoint_step(prefix) for prefix in standin.read_checkpoint_state(model_dir)
+    return {name: standin_core.checkpoint_step(prefix) for prefix in standin_core.read_checkpoint_state(model_dir)
             for name in [os.path.basename(prefix)]}
 
 
@@ -84,40 +80,40 @@ def train_events(model_dir):
 
 def test_parse_directives():
     text = "num_steps: 5\n# standin: crash_at_step = 7\n  #standin:step_seconds=0.5\n# plain comment\n"
-    directives = standin.parse_directives(text)
+    directives = standin_core.parse_directives(text)
     assert directives["crash_at_step"] == 7 and directives["step_seconds"] == 0.5
     assert directives["log_lines_per_step"] == 0 and directives["hang_at_step"] is None
     assert directives["summary_max_queue"] == 10 and directives["summary_flush_seconds"] == 120  # TF's writer
     assert directives["log_every_n"] == 100 and directives["summary_every_n"] is None
-    assert set(directives) == set(standin.DIRECTIVE_DEFAULTS)
+    assert set(directives) == set(standin_core.DIRECTIVE_DEFAULTS)
     with pytest.raises(ValueError, match="crash_at_sep"):
-        standin.parse_directives("# standin: crash_at_sep = 7")
+        standin_core.parse_directives("# standin: crash_at_sep = 7")
     with pytest.raises(ValueError, match="is not int"):
-        standin.parse_directives("# standin: crash_at_step = soon")
+        standin_core.parse_directives("# standin: crash_at_step = soon")
 
 
 def test_effective_pipeline():
     text = CONFIG % {"num_steps": 12} + "# num_steps: 999\n"
-    assert standin.effective_pipeline(text, {"batch_size": 16, "num_steps": None}) == {
+    assert standin_core.effective_pipeline(text, {"batch_size": 16, "num_steps": None}) == {
         "num_steps": 12, "batch_size": 16, "learning_rate_base": 0.04, "warmup_learning_rate": 0.01,
         "warmup_steps": 3, "total_steps": 20}
 
 
 def test_learning_rate_warms_up_then_decays():
     pipeline = {"learning_rate_base": 0.04, "warmup_learning_rate": 0.01, "warmup_steps": 3, "total_steps": 20}
-    rates = [standin.learning_rate(step, pipeline) for step in range(22)]
+    rates = [standin_core.learning_rate(step, pipeline) for step in range(22)]
     assert rates[0] == 0.01 and rates[3] == pytest.approx(0.04)
     assert rates[:4] == sorted(rates[:4]) and rates[3:21] == sorted(rates[3:21], reverse=True)
     assert rates[20] == pytest.approx(0.0) and rates[21] == 0.0
-    assert standin.learning_rate(0, None) == 0.001  # defaults: 0.08 / 0.001 / 10 / num_steps 100
+    assert standin_core.learning_rate(0, None) == 0.001  # defaults: 0.08 / 0.001 / 10 / num_steps 100
 
 
 def test_eval_metrics_rise_and_peak():
-    keys = set(standin.eval_metrics(0))
+    keys = set(standin_core.eval_metrics(0))
     assert len(keys) == 16 and "DetectionBoxes_Recall/AR@100 (large)" in keys and "Loss/total_loss" in keys
-    rising = [standin.eval_metrics(step)["DetectionBoxes_Precision/mAP"] for step in (0, 10, 50, 200)]
+    rising = [standin_core.eval_metrics(step)["DetectionBoxes_Precision/mAP"] for step in (0, 10, 50, 200)]
     assert rising == sorted(rising) and rising[0] == 0.0
-    peaked = [standin.eval_metrics(step, map_peak_step=20)["DetectionBoxes_Precision/mAP"] for step in (10, 20, 30)]
+    peaked = [standin_core.eval_metrics(step, map_peak_step=20)["DetectionBoxes_Precision/mAP"] for step in (10, 20, 30)]
     assert peaked[1] > peaked[0] and peaked[1] > peaked[2]
 
 
@@ -139,14 +135,14 @@ def test_train_checkpoints_state_and_events(tmp_path):
         "last_preserved_timestamp"]
     assert json.loads((model_dir / "ckpt-4.index").read_text()) == {"step": 12, "standin": True, "shards": 1}
 
-    pipeline = standin.effective_pipeline((tmp_path / "pipeline.config").read_text(), {"num_steps": None})
+    pipeline = standin_core.effective_pipeline((tmp_path / "pipeline.config").read_text(), {"num_steps": None})
     events = train_events(model_dir)
     # as the real worker's train_loop records them: once per iteration of num_steps_per_iteration
     # steps (5, the cadence, up to step 10; then 2 for the remainder 10 -> 12)
     assert sorted(events) == [5, 10, 12]
     for step, values in events.items():
-        assert set(values) == set(standin.TRAIN_TAGS)
-        assert values == standin.train_scalars(step, pipeline, STEP_SECONDS)
+        assert set(values) == set(standin_core.TRAIN_TAGS)
+        assert values == standin_core.train_scalars(step, pipeline, STEP_SECONDS)
 
     assert re.findall(r"standin line (\d+)", result.stdout) == [str(n) for n in range(1, 25)]
     assert "per-step time" not in result.stderr  # TF logs every 100 steps
@@ -171,8 +167,6 @@ def test_log_cadence_shards_and_dense_summaries_on_request(tmp_path):
 
 
 def test_summary_writer_flushes_like_tfs(tmp_path):
-    from oddaemon.testing.standin_files import SummaryWriter
-
     writer = SummaryWriter(str(tmp_path), max_queue=10, flush_seconds=120)
     version_only = os.path.getsize(writer.path)
     assert version_only > 0  # the file and its file-version record exist from the start
@@ -247,7 +241,7 @@ def test_bad_directive_is_a_setup_error(tmp_path):
 def test_hang_stays_alive_until_sigterm(tmp_path):
     proc = start(tmp_path, "train", "--job", make_job(tmp_path, "# standin: hang_at_step = 3\n"))
     try:
-        wait_for(lambda: "hanging at step 3" in (tmp_path / "err.log").read_text())
+        wait_for(lambda: "hanging at step 3" in (tmp_path / "err.log").read_text(), what="the stand-in to hang at step 3")
         time.sleep(0.3)
         assert proc.poll() is None
         proc.send_signal(signal.SIGTERM)
@@ -262,7 +256,7 @@ def test_sigterm_while_training(tmp_path):
     job = make_job(tmp_path, "# standin: step_seconds = 0.01\n", num_steps=100000, every_n=10)
     proc = start(tmp_path, "train", "--job", job)
     try:
-        wait_for(lambda: len(standin.read_checkpoint_state(str(tmp_path / "model"))) >= 2)
+        wait_for(lambda: len(standin_core.read_checkpoint_state(str(tmp_path / "model"))) >= 2, what="two checkpoints")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 143
     finally:
@@ -283,7 +277,7 @@ def test_eval_writes_result_and_events(tmp_path):
     assert result.returncode == 0, result.stderr
     data = json.loads(out.read_text())
     assert data["checkpoint"] == str(model_dir / "ckpt-3") and data["step"] == 10
-    assert data["metrics"] == standin.eval_metrics(10, map_peak_step=6)
+    assert data["metrics"] == standin_core.eval_metrics(10, map_peak_step=6)
     assert data["duration_seconds"] >= 0.05 and data["wall_time"] > 0
     assert "Eval metrics at step 10" in result.stderr
     events = EventDirReader(str(model_dir / "eval")).read_new()
@@ -313,8 +307,6 @@ def test_eval_crash_directive(tmp_path):
 
 
 def test_train_reads_its_inputs_and_fails_on_a_damaged_record_as_the_real_worker(tmp_path):
-    from oddaemon.formats.tfrecord import encode_record
-
     records = tmp_path / "train-00000-of-00001.tfrecord"
     records.write_bytes(b"".join(encode_record(b"example %d" % i * 30) for i in range(4)))
     job = make_job(tmp_path, pipeline={"train_input_path": [str(tmp_path / "train-*.tfrecord")]})

@@ -7,13 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from oddaemon.formats import tfevents
-
-from oddaemon.formats import tfrecord
-from oddaemon.formats.tfevents import (
-    DecodeError, EventDirReader, EventFileReader, EventFileWriter, ScalarEvent, decode_event,
-    encode_file_version_event, encode_scalar_event,
-)
+from oddaemon.formats import tfevents, tfrecord
+from oddaemon.formats.tfevents import DecodeError, EventDirReader, EventFileReader, ScalarEvent, decode_event
+from oddaemon.formats.tfevents_writer import EventFileWriter, encode_file_version_event, encode_scalar_event
 from oddaemon.formats.tfrecord import encode_record, masked_crc32c
 
 

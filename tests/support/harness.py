@@ -40,7 +40,7 @@ def write_pipeline(path: str, num_steps: int = 20, batch_size: int = 4, **direct
     return path
 
 
-def train_marker(env: "DaemonEnv", name: str) -> str:
+def train_marker(env: DaemonEnv, name: str) -> str:
     return f"train --job {env.state}/work/{name}/job.json"
 
 
@@ -94,7 +94,8 @@ class DaemonEnv:
                      "stop_grace_seconds": o.get("stop_grace", 2.0), "submit_group": o.get("submit_group")},
             # Tests run the daemon as root: its workers may run as root only when the config says so.
             "worker": {"python": o.get("worker_python", sys.executable), "module": o.get("worker_module", STANDIN),
-                       "user": o.get("worker_user"), "allow_root": o.get("allow_root", os.geteuid() == 0 or None)},
+                       "user": o.get("worker_user"), "allow_root": o.get("allow_root", os.geteuid() == 0 or None),
+                       "preflight": o.get("worker_preflight")},
             "daemon": {"event_loop": o.get("event_loop", "auto"), "dbus": o.get("dbus", "none")},
             # no free-space floor for the pins unless a test sets one: a nearly full CI disk must not
             # turn "every checkpoint evaluated" into "released to keep 5 GiB free"
@@ -110,7 +111,7 @@ class DaemonEnv:
             f.write("\n".join(text) + "\n")
 
     # ---- daemon process
-    def start(self) -> "DaemonEnv":
+    def start(self) -> DaemonEnv:
         self.stderr_path = os.path.join(self.root, f"daemon-{time.monotonic_ns()}.log")
         err = open(self.stderr_path, "wb")
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")}
@@ -141,7 +142,7 @@ class DaemonEnv:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
-            raise AssertionError(f"daemon did not stop within {timeout}s:\n{self.daemon_log()}")
+            raise AssertionError(f"daemon did not stop within {timeout}s:\n{self.daemon_log()}") from None
 
     def close(self, timeout: float = 30) -> None:
         """Stop the daemon and kill any worker process left under this root (every test's teardown)."""

@@ -1,32 +1,31 @@
-"""Runs and watches worker processes on the event loop.
+"""The local-process executor: runs and watches a job's workers as processes on this host, on the
+event loop (``service/executor.py`` is the interface; a cluster backend implements it again).
 
-The supervisor owns the live ``Worker`` objects, their log pumps and their timers. It reports
-each exit through ``on_exit(worker, returncode, failure)`` (a ``Failure`` read from the exit status
-and the log tail, or the one given to ``stop`` when the daemon stopped a hung or diverging worker)
-and never decides anything about jobs: that is the scheduler's job. ``on_output(name, role)`` is
+It owns the live ``Worker`` objects, their log pumps and their timers. It reports each exit
+through ``on_exit(worker, returncode, failure)`` (a ``Failure`` read from the exit status and the
+log tail, or the one given to ``stop`` when the daemon stopped a hung or diverging worker) and
+never decides anything about jobs: that is the scheduler's job. ``on_output(name, role)`` is
 called when a worker writes to its log (activity, for hang detection).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import time
 from collections.abc import Callable
 
 from oddaemon.adapters.confine import Identity
-from oddaemon.core.failures import Failure, classify_failure
 from oddaemon.adapters.logs import LogPump, RotatingLog
 from oddaemon.adapters.loop import Loop
 from oddaemon.adapters.procs import Worker, process_start_time, spawn
+from oddaemon.core import layout
+from oddaemon.core.failures import Failure, classify_failure, describe_returncode
+from oddaemon.service.executor import ExitCallback, WorkerLaunch
 
-log = logging.getLogger("oddaemon.service.supervisor")
+log = logging.getLogger("oddaemon.service.local_executor")
 
-ExitCallback = Callable[[Worker, int, "Failure | None"], None]
-
-
-class Supervisor:
+class LocalExecutor:
     def __init__(self, loop: Loop, log_dir: str, log_max_bytes: int, log_backups: int,
                  stop_grace: float, on_exit: ExitCallback, clock: Callable[[], float] = time.time,
                  on_output: Callable[[str, str], None] | None = None):
@@ -44,27 +43,27 @@ class Supervisor:
         self._logs: dict[tuple[str, str], RotatingLog] = {}
         self._handles: dict[int, list[object]] = {}
 
-    @staticmethod
-    def log_name(role: str) -> str:
-        """train.log, eval.log (the warm evaluator and one-shot evaluations), export.log, preflight.log."""
-        return role if role in ("train", "preflight", "export") else "eval"
-
     def log_path(self, name: str, role: str) -> str:
-        return os.path.join(self.log_dir, name, f"{self.log_name(role)}.log")
+        return layout.log_file(self.log_dir, name, role)
 
     def _log_for(self, name: str, role: str) -> RotatingLog:
-        key = (name, self.log_name(role))
+        key = (name, layout.log_name(role))
         if key not in self._logs:
             self._logs[key] = RotatingLog(self.log_path(name, role), self.log_max_bytes, self.log_backups)
         return self._logs[key]
 
-    def start(self, name: str, role: str, attempt: int, argv: list[str], env: dict[str, str], cwd: str,
-              stdin: int | None = None, pass_fds: tuple[int, ...] = ()) -> Worker:
+    def configure(self, log_max_bytes: int, log_backups: int, stop_grace: float) -> None:
+        """A reload's new log rotation and stop grace (open logs take the rotation at ``reopen_logs``)."""
+        self.log_max_bytes, self.log_backups, self.stop_grace = log_max_bytes, log_backups, stop_grace
+
+    def start(self, launch: WorkerLaunch) -> Worker:
+        name, role, env = launch.name, launch.role, launch.env
         rlog = self._log_for(name, role)
-        rlog.write(f"==== oddaemon: starting {role} attempt {attempt} at "
-                   f"{time.strftime('%Y-%m-%d %H:%M:%S')} (CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')!r})\n".encode())
-        worker = spawn(name, role, attempt, argv, env, cwd, self.clock(), stdin=stdin, pass_fds=pass_fds,
-                       identity=self.identity)
+        rlog.write(f"==== oddaemon: starting {role} attempt {launch.attempt} at "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S')} "
+                   f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')!r})\n".encode())
+        worker = spawn(name, role, launch.attempt, launch.argv, env, launch.cwd, self.clock(), stdin=launch.stdin,
+                       pass_fds=launch.pass_fds, identity=self.identity)
         pump = LogPump(worker.output_fd, rlog)
         handles = [
             self.loop.add_reader(worker.output_fd, lambda: self._pump(worker, pump)),
@@ -114,7 +113,7 @@ class Supervisor:
             failure = classify_failure(returncode, pump.explaining_tail(), worker.role)
         self._log_for(worker.name, worker.role).write(
             f"==== oddaemon: {worker.role} attempt {worker.attempt} ended: "
-            f"{'exit status ' + str(returncode) if returncode >= 0 else 'signal ' + str(-returncode)}"
+            f"{describe_returncode(returncode)}"
             f"{' (' + failure.message + ')' if failure else ''}\n".encode())
         self.on_exit(worker, returncode, failure)
 

@@ -98,7 +98,7 @@ class Prometheus:
             json.dump(config, f, indent=2)  # JSON is YAML
         self.proc: subprocess.Popen | None = None
 
-    def start(self, timeout: float = 30) -> "Prometheus":
+    def start(self, timeout: float = 30) -> Prometheus:
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [PROMETHEUS, f"--config.file={self.config_path}", f"--storage.tsdb.path={os.path.join(self.root, 'data')}",
@@ -130,7 +130,7 @@ class Prometheus:
             self.proc.kill()
             self.proc.wait()
 
-    def __enter__(self) -> "Prometheus":
+    def __enter__(self) -> Prometheus:
         return self.start()
 
     def __exit__(self, *exc) -> None:

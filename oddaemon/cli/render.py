@@ -1,0 +1,88 @@
+"""What ``oddaemon list`` and ``oddaemon status`` print: tables and status text from the daemon's job views."""
+
+from __future__ import annotations
+
+import time
+
+from oddaemon.core.views import format_duration, progress_bar, sparkline
+
+
+def shown(value: object) -> str:
+    """A value for a person: ``-`` when it is not known (never ``None``)."""
+    return "-" if value is None else str(value)
+
+
+def format_list(reply: dict) -> str:
+    rows = [f"{'NAME':<24} {'STATE':<10} {'GPUS':<6} {'STEP':>13} {'PROGRESS':<22} {'ETA':>7}  REASON"]
+    for job in reply["jobs"]:
+        gpus = ",".join(map(str, job["gpus"])) or ("cpu" if job["wants_gpus"] in (0, []) else "-")
+        step, target = shown(job["step"]), shown(job["target_steps"])
+        state = job["state"] + (f" #{job['queue_position']}" if job["queue_position"] else "")
+        rows.append(f"{job['name']:<24} {state:<10} {gpus:<6} {step + '/' + target:>13} "
+                    f"{progress_bar(job['progress']):<22} {format_duration(job['eta_seconds']):>7}  {job['reason']}")
+    total, free = len(reply["gpus"]), len(reply["free_gpus"])
+    rows.append(f"-- {len(reply['queue'])} queued; GPUs in use {total - free}/{total}")
+    return "\n".join(rows)
+
+
+def format_status(job: dict) -> str:
+    lines = [f"{job['name']}: {job['state']} — {job['reason']}",
+             f"  progress   {progress_bar(job['progress'], 30)} step {shown(job['step'])}/{shown(job['target_steps'])}"
+             f"  ETA {format_duration(job['eta_seconds'])}",
+             f"  gpus       {','.join(map(str, job['gpus'])) or 'none (CPU)'}   "
+             f"attempt {job['attempt']}, restarts {job['restarts']}"]
+    if job["losses"]:
+        lines.append("  losses     " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(job["losses"].items())))
+    if job["learning_rate"] is not None:
+        lines.append(f"  lr         {job['learning_rate']:.4g}   steps/s {job['steps_per_second'] or 0:.3g}")
+    history = job.get("loss_history") or []
+    if len(history) > 1:
+        losses = [v for _, v in history]
+        lines.append(f"  loss       {sparkline(losses)}  {losses[0]:.3g} -> {losses[-1]:.3g} "
+                     f"(steps {history[0][0]}-{history[-1][0]})")
+    lines += format_evaluation(job["evaluation"])
+    lines += [f"  model_dir  {job['model_dir']}", f"  log        {job['train_log']}"]
+    if job["last_exit"]:
+        lines.append(f"  last exit  {job['last_exit']}")
+    if job.get("failure"):
+        lines.append(f"  failure    {job['failure']['kind']}: {job['failure']['message']}")
+    for change in job.get("adjustments") or ():
+        lines.append(f"  adjusted   {change}")
+    lines.append("  history:")
+    for h in job["history"][-8:]:
+        lines.append(f"    {time.strftime('%H:%M:%S', time.localtime(h['time']))} {h['state']:<10} {h['reason']}")
+    return "\n".join(lines)
+
+
+def format_evaluation(ev: dict) -> list[str]:
+    if not ev["enabled"]:
+        return ["  eval       disabled"]
+    checkpoints = ev["checkpoints"]
+    if not checkpoints:
+        return ["  eval       no checkpoint yet"]
+    metric = ev["metric"]
+    short = "mAP" if metric == "DetectionBoxes_Precision/mAP" else metric
+    done = [c for c in checkpoints if c["value"] is not None]
+    lines = []
+    if len(done) > 1:
+        values = [c["value"] for c in done]
+        lines.append(f"  {short:<10} {sparkline(values)}  {values[0]:.3g} -> {values[-1]:.3g}")
+    if ev["best"]:
+        b = ev["best"]
+        lines.append(f"  best       {b['checkpoint']} step {shown(b['step'])} {short} {b['value']:.4g}")
+    if ev.get("pins", {}).get("released"):
+        lines.append(f"  behind     {ev['pins']['released']} checkpoint(s) {ev['pins']['why']}")
+    counts = ", ".join(f"{n} {state}" for state, n in ev["counts"].items() if n)
+    lines.append(f"  checkpoints ({counts}):")
+    lines.append(f"    {'CKPT':<10} {'STEP':>8} {'STATE':<10} {short:>10} {'LAG':>6} {'TOOK':>6}")
+    for c in checkpoints[-12:]:
+        value = f"{c['value']:.4f}" if c["value"] is not None else "-"
+        mark = "  <- best" if c["best"] else (f"  ({c['error']})" if c["error"] else "")
+        lines.append(f"    {c['checkpoint']:<10} {shown(c['step']):>8} {c['state']:<10} "
+                     f"{value:>10} {format_duration(c['lag_seconds']):>6} "
+                     f"{format_duration(c['duration_seconds']):>6}{mark}")
+    total = ev.get("total", len(checkpoints))
+    if total > 12:
+        lines.append(f"    ... {total - 12} earlier checkpoint(s): "
+                     f"oddaemon status --json lists the newest {len(checkpoints)}")
+    return lines

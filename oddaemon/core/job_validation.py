@@ -1,0 +1,391 @@
+"""Job spec v1: parse and validate a job file dropped into the spool.
+
+Pure: every filesystem lookup goes through a ``ValidationContext`` so tests can inject fakes.
+``parse_job`` never raises; it returns a ``JobSpec`` or every ``Problem`` it found (the first
+``MAX_PROBLEMS`` of them and a count of the rest, so a hostile file cannot make a huge ``.error``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob as globmod
+import math
+import os
+import re
+import stat
+import sys
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from oddaemon.core.checks import (
+    Invalid,
+    Problem,
+    decode,
+    finite_number,
+    one_of,
+    rule,
+    show,
+    size_problem,
+    syntax_problem,
+    whole_number,
+)
+from oddaemon.core.jobspec import (
+    ALLOWED_KEYS,
+    CHECKPOINT_TYPES,
+    EVAL_DEVICES,
+    EXPORT_WHEN,
+    MAX_INPUT_PATHS,
+    MAX_PATH_BYTES,
+    MAX_PROBLEMS,
+    MAX_STEPS,
+    MAX_WILDCARD_PARTS,
+    METRIC_RE,
+    NAME_RULE,
+    TABLES,
+    WHEN_BEHIND,
+    EvalOptions,
+    JobSpec,
+    PipelineEdits,
+    TrainOptions,
+    gpu_count,
+    name_problem,
+    parse_gpus,
+)
+from oddaemon.core.prescan import prescan, strip_bom
+from oddaemon.formats.pipeline_paths import effective_paths, read_config
+
+
+@dataclass(frozen=True)
+class ValidationContext:
+    allowed_roots: tuple[str, ...]
+    max_file_bytes: int = 1_048_576
+    realpath: Callable[[str], str] = os.path.realpath
+    isfile: Callable[[str], bool] = os.path.isfile
+    isdir: Callable[[str], bool] = os.path.isdir
+    glob: Callable[[str], list[str]] = globmod.glob
+    kind: Callable[[str], str | None] = lambda path: file_kind(path)  # what a path is that is no file
+    writable: Callable[[str], bool] = lambda path: os.access(path, os.W_OK | os.X_OK)
+    read_text: Callable[[str], str] = read_config  # a pipeline.config (bounded)
+
+
+def file_kind(path: str) -> str | None:
+    """What ``path`` is, in words ("a FIFO (named pipe)", ...); None if it does not exist."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    for test, words in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
+                        (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                        (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return words
+    return "not a regular file"
+
+
+def parse_job(data: bytes, filename: str, ctx: ValidationContext) -> JobSpec | list[Problem]:
+    """Parse and validate one job file. Returns the spec, or the problems found (never raises)."""
+    if len(data) > ctx.max_file_bytes:
+        return [size_problem(len(data), ctx.max_file_bytes)]
+    text_or_problems = decode(data)
+    if isinstance(text_or_problems, list):
+        return text_or_problems
+    text_or_problems = strip_bom(text_or_problems)
+    refused = prescan(text_or_problems)
+    if refused is not None:
+        return [refused]
+    try:
+        doc = tomllib.loads(text_or_problems)
+    except tomllib.TOMLDecodeError as exc:
+        return [syntax_problem(str(exc), text_or_problems)]
+    except RecursionError:
+        return [Problem("TOML syntax error: arrays or tables are nested too deeply")]
+    except ValueError as exc:  # an integer literal with thousands of digits (or a tomllib surprise)
+        if "digits" in str(exc):
+            limit = sys.get_int_max_str_digits()
+            return [Problem(f"TOML syntax error: a number has more than {limit} digits, which is more than any "
+                            "setting can use")]
+        return [Problem(f"TOML syntax error: {exc}")]
+    result = _Validator(ctx).job(doc, filename)
+    if isinstance(result, list) and len(result) > MAX_PROBLEMS:
+        more = len(result) - MAX_PROBLEMS
+        result = result[:MAX_PROBLEMS] + [Problem(f"... and {more} more problem{'s' if more > 1 else ''} not listed "
+                                                  f"here (at most {MAX_PROBLEMS} are); fix the ones above and "
+                                                  "submit the file again to see the rest", count=more)]
+    return result
+
+
+def under_roots(real: str, roots: tuple[str, ...]) -> bool:
+    """``real`` (a resolved path) is one of ``roots`` (resolved) or lies below one."""
+    return any(real == root or real.startswith(root.rstrip("/") + "/") for root in roots)
+
+
+
+
+_boolean = rule("true or false", lambda v: isinstance(v, bool))
+
+
+
+
+class _Validator:
+    """Collects every problem in one job document."""
+
+    def __init__(self, ctx: ValidationContext):
+        self.ctx = ctx
+        self.problems: list[Problem] = []
+        self.roots = tuple(ctx.realpath(r) for r in ctx.allowed_roots)
+
+    def add(self, section: str, key: str, reason: str, label: str | None = None) -> None:
+        """Record ``reason`` for ``key``; ``label`` names a list entry such as ``train_input_path[2]``."""
+        dotted = f"{section}.{key}" if section else key
+        where = f"[{section}] {label or key}" if section else key
+        self.problems.append(Problem(f"{where}: {reason}", key=dotted))
+
+    def job(self, doc: dict, filename: str) -> JobSpec | list[Problem]:
+        self.reject_unknown("", doc)
+        tables = {name: self.table(doc, name) for name in TABLES}
+        top = self.section("", doc, {
+            "name": self.name, "priority": whole_number(-1000, 1000),
+            "pipeline_config": self.path_checker("file"), "model_dir": self.path_checker("model_dir"),
+        })
+        pipeline = self.section("pipeline", tables["pipeline"], {
+            "num_classes": whole_number(1, 100_000), "batch_size": whole_number(1, 65_536),
+            "num_steps": whole_number(1, MAX_STEPS), "total_steps": whole_number(1, MAX_STEPS),
+            "warmup_steps": whole_number(0, MAX_STEPS),
+            "learning_rate_base": finite_number(0, inclusive=False),
+            "warmup_learning_rate": finite_number(0, inclusive=True),
+            "fine_tune_checkpoint": self.path_checker("checkpoint"),
+            "fine_tune_checkpoint_type": one_of(CHECKPOINT_TYPES),
+            "label_map_path": self.path_checker("file"),
+        })
+        for key in ("train_input_path", "eval_input_path"):
+            if key in tables["pipeline"]:
+                paths = self.input_paths(key, tables["pipeline"][key])
+                if paths is not None:
+                    pipeline[key] = paths
+        train = self.section("train", tables["train"], {
+            "gpus": parse_gpus, "checkpoint_every_n": whole_number(1, 10**9),
+            "checkpoint_max_to_keep": whole_number(1, 10_000), "max_restarts": whole_number(0, 1000),
+            "hang_timeout_seconds": finite_number(0, inclusive=True), "oom_retry_halve_batch": _boolean,
+            "min_batch_size": whole_number(1, 65_536),
+        })
+        evaluation = self.section("eval", tables["eval"], {
+            "enabled": _boolean, "device": one_of(EVAL_DEVICES),
+            "sample_1_of_n_eval_examples": whole_number(1, MAX_STEPS),
+            "metric": rule("a metric name such as 'DetectionBoxes_Precision/mAP' (letters, digits, _ . / @ ( ) - "
+                           "and spaces, at most 100)",
+                           lambda v: isinstance(v, str) and METRIC_RE.fullmatch(v) is not None),
+            "higher_is_better": _boolean, "export_best": _boolean, "export_when": one_of(EXPORT_WHEN),
+            "patience": whole_number(1, 10_000),
+            "min_delta": finite_number(0.0, True), "when_behind": one_of(WHEN_BEHIND),
+            "max_behind": whole_number(1, 10_000), "max_pinned_bytes": whole_number(1),
+        })
+        self.cross_checks(pipeline, train)
+        if "name" not in doc:
+            top["name"] = self.default_name(filename)
+        for required in ("pipeline_config", "model_dir"):
+            if required not in doc:
+                self.problems.append(Problem(f"missing required key '{required}' (an absolute path)", key=required))
+        if self.problems:
+            return self.problems
+        spec = JobSpec(**top, pipeline=PipelineEdits(**pipeline), train=TrainOptions(**train),
+                       eval=EvalOptions(**evaluation))
+        self.config_paths(spec)
+        return self.problems or spec
+
+    def config_paths(self, spec: JobSpec) -> None:
+        """What pipeline.config itself names (and no [pipeline] key replaces) is confined too."""
+        try:
+            text = self.ctx.read_text(spec.pipeline_config)
+        except OSError:
+            return  # (it was checked as a file: a read error here is the preflight's to report)
+        for found in effective_paths(spec.pipeline_config, text, spec.pipeline):
+            try:
+                if not os.path.isabs(found.path):
+                    raise Invalid(f"{show(found.path)} is a relative path; the workers need absolute paths")
+                self.inside_roots(found.path)
+                if found.kind == "checkpoint":
+                    self.inside_roots(found.path + ".index")
+                elif found.kind == "glob":
+                    for match in self.ctx.glob(found.path):
+                        real = self.ctx.realpath(match)
+                        if not self.under_roots(real):
+                            raise Invalid(f"{found.path} matches {match}, which resolves to {real}, outside the "
+                                          f"allowed roots {self.roots_text()}")
+            except Invalid as exc:
+                self.problems.append(Problem(f"{found.label}: {exc}; set the [pipeline] key that replaces it, "
+                                             "or fix the pipeline.config", key="pipeline_config"))
+
+    def reject_unknown(self, section: str, table: dict) -> None:
+        allowed = ALLOWED_KEYS[section]
+        for key, value in table.items():
+            if key in allowed:
+                continue
+            # No "did you mean" past the listed problems: difflib on 100,000 keys would take seconds.
+            close = difflib.get_close_matches(key, allowed, n=1) if len(self.problems) < MAX_PROBLEMS else []
+            if not section and isinstance(value, dict):
+                hint = f"; did you mean [{close[0]}]?" if close else "."
+                message = f"unknown table [{key}]{hint} Allowed tables: {', '.join(f'[{t}]' for t in TABLES)}"
+            else:
+                where = f"in [{section}]" if section else "at the top level"
+                hint = f"; did you mean '{close[0]}'?" if close else "."
+                listed = ", ".join(k for k in allowed if section or k not in TABLES)
+                tables = f"; tables: {', '.join(f'[{t}]' for t in TABLES)}" if not section else ""
+                message = f"unknown key {show(key)} {where}{hint} Allowed keys: {listed}{tables}"
+            self.problems.append(Problem(message, key=f"{section}.{key}" if section else key))
+
+    def table(self, doc: dict, name: str) -> dict:
+        value = doc.get(name, {})
+        if not isinstance(value, dict):
+            self.add("", name, f"must be a table written as a [{name}] section, got {show(value)}")
+            return {}
+        self.reject_unknown(name, value)
+        return value
+
+    def section(self, section: str, table: dict, checkers: dict[str, Callable[[Any], Any]]) -> dict:
+        values = {}
+        for key, check in checkers.items():
+            if key in table:
+                try:
+                    values[key] = check(table[key])
+                except Invalid as exc:
+                    self.add(section, key, str(exc))
+        return values
+
+    def name(self, value: Any) -> str:
+        if not isinstance(value, str):
+            raise Invalid(f"must be a string, got {show(value)}")
+        reason = name_problem(value)
+        if reason:
+            raise Invalid(f"not a valid job name: {reason}; {NAME_RULE}")
+        return value
+
+    def default_name(self, filename: str) -> str:
+        stem = os.path.basename(filename)
+        stem = stem[:-len(".toml")] if stem.endswith(".toml") else stem
+        reason = name_problem(stem)
+        if reason:
+            self.add("", "name", f"the job name defaults to the file name, which is not a valid job name: "
+                     f"{reason}; set name = \"...\" in the file or rename it; {NAME_RULE}")
+        return stem
+
+    def path_checker(self, kind: str) -> Callable[[Any], str]:
+        return lambda value: self.path(value, kind)
+
+    def path(self, value: Any, kind: str) -> str:
+        real = self.inside_roots(value)
+        if kind == "file" and not self.ctx.isfile(real):
+            if self.ctx.isdir(real):
+                raise Invalid(f"{value} is a directory, not a file")
+            what = self.ctx.kind(real)
+            raise Invalid(f"{value} does not exist" if what is None else f"{value} is {what}, not a regular file")
+        if kind == "checkpoint":
+            index = value + ".index"
+            if not self.ctx.isfile(index):
+                raise Invalid(f"{index} does not exist (give the checkpoint prefix, e.g. .../checkpoint/ckpt-0)")
+            self.inside_roots(index)
+        if kind == "model_dir":
+            return self.model_dir(value, real)
+        return value
+
+    def model_dir(self, value: str, real: str) -> str:
+        """A directory the daemon can create (or has) for this job alone; returned resolved, so that
+        two spellings of one directory are one model_dir to the scheduler."""
+        if self.ctx.isfile(real):
+            raise Invalid(f"{value} exists and is a file; model_dir must be a directory")
+        if real in self.roots:
+            raise Invalid(f"{value} is an allowed root itself; give the job a directory of its own below it "
+                          f"(e.g. {real.rstrip('/')}/<name>)")
+        long = next((part for part in real.split("/") if len(part.encode("utf-8", "surrogatepass")) > 255), None)
+        if long is not None:
+            raise Invalid(f"{value}: the path component {show(long[:40] + '...')} is longer than 255 bytes, "
+                          "which no file system allows")
+        ancestor = real
+        while not self.ctx.isdir(ancestor) and os.path.dirname(ancestor) != ancestor:
+            ancestor = os.path.dirname(ancestor)
+            if self.ctx.isfile(ancestor) or self.ctx.kind(ancestor) not in (None, "a directory"):
+                raise Invalid(f"{value} cannot be created: {ancestor} is {self.ctx.kind(ancestor) or 'a file'}, "
+                              "not a directory")
+        if not self.under_roots(ancestor):
+            raise Invalid(f"{value} does not exist yet and its nearest existing parent directory "
+                          f"{ancestor} is outside the allowed roots {self.roots_text()}; "
+                          "create the allowed root directory first")
+        if not self.ctx.writable(ancestor):
+            raise Invalid(f"{value} cannot be {'written' if ancestor == real else 'created'}: the daemon may not "
+                          f"write in {ancestor} (permissions, or a read-only file system)")
+        return real
+        return value
+
+    def inside_roots(self, value: Any) -> str:
+        """Check the shape of a path and that it resolves under an allowed root; return the real path."""
+        if not isinstance(value, str):
+            raise Invalid(f"must be a string (an absolute path), got {show(value)}")
+        if not value:
+            raise Invalid("must not be empty")
+        if "\0" in value:
+            raise Invalid(f"must not contain a NUL character, got {show(value)}")
+        if not os.path.isabs(value):
+            raise Invalid(f"must be an absolute path, got {show(value)}")
+        size = len(value.encode("utf-8", "surrogatepass"))
+        if size > MAX_PATH_BYTES:
+            raise Invalid(f"{show(value)} is {size} bytes long; a path can be at most {MAX_PATH_BYTES} bytes")
+        real = self.ctx.realpath(value)
+        if not self.under_roots(real):
+            shown = value if real == value else f"{value} resolves to {real}, which"
+            raise Invalid(f"{shown} is outside the allowed roots {self.roots_text()}")
+        return real
+
+    def under_roots(self, real: str) -> bool:
+        return under_roots(real, self.roots)
+
+    def roots_text(self) -> str:
+        return ", ".join(self.ctx.allowed_roots) if self.ctx.allowed_roots else "(none are configured)"
+
+    def input_paths(self, key: str, value: Any) -> tuple[str, ...] | None:
+        if isinstance(value, str):
+            entries = [(key, value)]
+        elif isinstance(value, list) and 0 < len(value) <= MAX_INPUT_PATHS:
+            entries = [(f"{key}[{i}]", v) for i, v in enumerate(value)]
+        else:
+            got = f"a list of {len(value)} entries" if isinstance(value, list) else show(value)
+            self.add("pipeline", key, f"must be a path (glob) or a list of 1 to {MAX_INPUT_PATHS} paths, got {got}")
+            return None
+        before = len(self.problems)
+        for label, pattern in entries:
+            try:
+                self.input_glob(pattern)
+            except Invalid as exc:
+                self.add("pipeline", key, str(exc), label=label)
+        return tuple(v for _, v in entries) if len(self.problems) == before else None
+
+    def input_glob(self, pattern: Any) -> None:
+        self.inside_roots(pattern)
+        wild = sum(1 for part in pattern.split("/") if re.search(r"[*?[]", part))
+        if wild > MAX_WILDCARD_PARTS:
+            raise Invalid(f"{show(pattern)} has {wild} path components with wildcards (* ? [); "
+                          f"at most {MAX_WILDCARD_PARTS} are allowed")
+        matches = self.ctx.glob(pattern)
+        files = [m for m in matches if self.ctx.isfile(m)]
+        if not files:
+            special = [m for m in matches if not self.ctx.isdir(m) and self.ctx.kind(m)]
+            if special:  # a FIFO, a socket, a device: say so, "no file" would send the user looking
+                raise Invalid(f"{pattern} matches no regular file: {special[0]} is {self.ctx.kind(special[0])}")
+            raise Invalid(f"{pattern} matches no file")
+        for match in files:
+            real = self.ctx.realpath(match)
+            if not self.under_roots(real):
+                raise Invalid(f"{pattern} matches {match}, which resolves to {real}, outside the allowed "
+                              f"roots {self.roots_text()}")
+
+    def cross_checks(self, pipeline: dict, train: dict) -> None:
+        if pipeline.get("warmup_steps", 0) > pipeline.get("total_steps", math.inf):
+            self.add("pipeline", "warmup_steps", f"{pipeline['warmup_steps']} is larger than total_steps "
+                     f"{pipeline['total_steps']}; warmup must end before the cosine decay does")
+        if pipeline.get("warmup_learning_rate", 0) > pipeline.get("learning_rate_base", math.inf):
+            self.add("pipeline", "warmup_learning_rate", f"{pipeline['warmup_learning_rate']:g} is larger than "
+                     f"learning_rate_base {pipeline['learning_rate_base']:g}")
+        count = gpu_count(train.get("gpus"))
+        if "batch_size" in pipeline and count and pipeline["batch_size"] % count:
+            self.add("pipeline", "batch_size", f"{pipeline['batch_size']} is not divisible by the {count} GPU(s) "
+                     "given in [train] gpus; each GPU gets an equal share of every batch")

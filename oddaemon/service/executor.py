@@ -1,0 +1,71 @@
+"""How a job's workers run: the one interface through which the daemon starts, stops and observes
+them. ``LocalExecutor`` (``service/local_executor.py``) runs them as processes on this host; a cluster
+backend (Slurm) implements the same interface. The scheduler and the evaluation side never see
+which one runs: they ask ``WorkerLauncher`` (``service/launch.py``) for a worker by job and role.
+
+An executor reports every end of a worker through the ``on_exit(worker, returncode, failure)``
+callback it was built with (``failure``: why it failed, read from its exit and log, or the one the
+daemon stopped it for), and worker activity (log output) through ``on_output(name, role)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from oddaemon.core.failures import Failure
+
+
+@dataclass(frozen=True)
+class WorkerLaunch:
+    """One worker to run: what, for whom, where, on which GPUs. ``stdin`` and ``pass_fds``: the
+    pipes of a served worker (warm evaluator, warm preflight), local processes only."""
+
+    name: str
+    role: str  # train | eval | export | preflight
+    attempt: int
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    gpus: tuple[int, ...] = ()
+    stdin: int | None = None
+    pass_fds: tuple[int, ...] = field(default=())
+
+
+class RunningWorker(Protocol):
+    """What the service layer reads of a started worker, whichever executor runs it."""
+
+    name: str
+    role: str
+    attempt: int
+    pid: int
+    started_at: float
+
+
+ExitCallback = Callable[[RunningWorker, int, "Failure | None"], None]
+
+
+class Executor(Protocol):
+    """Starts, stops and watches workers; owns their logs. Never decides anything about jobs."""
+
+    workers: Mapping[tuple[str, str], RunningWorker]  # (job name, role) -> the live worker
+    identity: object | None  # whom workers run as (None: the daemon's own user)
+
+    def start(self, launch: WorkerLaunch) -> RunningWorker: ...
+
+    def stop(self, name: str, role: str, reason: str, failure: Failure | None = None) -> bool: ...
+
+    def stop_all(self, reason: str) -> None: ...
+
+    def runtime_record(self, worker: RunningWorker) -> dict: ...
+
+    def log_path(self, name: str, role: str) -> str: ...
+
+    def note(self, name: str, role: str, text: str) -> None: ...
+
+    def configure(self, log_max_bytes: int, log_backups: int, stop_grace: float) -> None: ...
+
+    def reopen_logs(self) -> None: ...
+
+    def close_logs_if_idle(self, name: str) -> None: ...

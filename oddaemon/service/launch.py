@@ -1,0 +1,128 @@
+"""Worker launching: what a job's worker is given (its ``job.json``, its files handed over to the
+worker user, the command line, the environment with ``CUDA_VISIBLE_DEVICES``), checked against the
+allowed roots at every start, then handed to the executor. The one place a worker is started from:
+training (``StartTrain``), the warm evaluator and exports (through ``start_worker``), the warm
+preflight servers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+from oddaemon.adapters import confine
+from oddaemon.adapters.loop import Loop
+from oddaemon.adapters.procs import worker_environment
+from oddaemon.adapters.store import Store
+from oddaemon.core import layout
+from oddaemon.core import scheduler as sch
+from oddaemon.core.config import Config
+from oddaemon.core.errors import OddaemonError, user_message
+from oddaemon.core.failures import Failure
+from oddaemon.core.jobs import Job
+from oddaemon.service.executor import Executor, RunningWorker, WorkerLaunch
+
+log = logging.getLogger("oddaemon")
+
+
+class WorkerLauncher:
+    """Starts a job's workers through ``executor``; records each in the runtime file (pids a
+    restarted daemon must not leave running) and tells ``on_train_started`` (hang detection).
+
+    ``refuse(name, failure)``: an evaluator or export could not start because a path left the
+    allowed roots (the job fails ``refused``). A refused train worker is reported as its exit."""
+
+    def __init__(self, config: Config, loop: Loop, store: Store, executor: Executor,
+                 jobs: Callable[[], dict[str, Job]], dispatch: Callable[[sch.Event], object],
+                 refuse: Callable[[str, Failure], None], on_train_started: Callable[[Job], None]):
+        self.config = config
+        self.loop = loop
+        self.store = store
+        self.executor = executor
+        self.jobs = jobs
+        self.dispatch = dispatch
+        self.refuse = refuse
+        self.on_train_started = on_train_started
+        self.runtime: dict[str, dict[str, dict]] = {}
+        self.shutting_down = False  # nothing new starts then
+        self._refusals: dict[str, Failure] = {}  # why a train worker was not started (a path left the roots)
+
+    def start_train(self, action: sch.StartTrain) -> None:
+        if self.shutting_down:
+            return  # the saved record says running: the job starts when the daemon does
+        if self.start_worker(action.name, "train", ["train"], action.gpus) is None:
+            # Reported as an exit on the next loop turn (never re-enter dispatch from an action).
+            refused = self._refusals.pop(action.name, None)
+            self.loop.call_later(0, lambda: self.dispatch(sch.ProcessExited(
+                action.name, action.attempt, 127, "the worker could not be started (see the daemon log)", refused)))
+
+    def start_worker(self, name: str, role: str, args: list[str], gpus: tuple[int, ...],
+                     stdin: int | None = None, pass_fds: tuple[int, ...] = ()) -> RunningWorker | None:
+        """Run ``<python> -m <module> <args[0]> --job <job.json> <args[1:]>`` for a job. None when it
+        cannot be started, or when the daemon is shutting down."""
+        if self.shutting_down:
+            return None
+        job = self.jobs()[name]
+        escaped = confine.escaped_paths(job.spec, self.config.allowed_roots)
+        if escaped:
+            log.error("job %s: not starting its %s worker: %s", name, role, "; ".join(escaped))
+            refused = Failure("refused", f"the {role} worker was not started: " + "; ".join(escaped))
+            if role == "train":
+                self._refusals[name] = refused  # reported as the train worker's exit (start_train)
+            else:
+                self.refuse(name, refused)
+            return None
+        payload = {"spec": job.spec.to_dict(), "attempt": job.attempt, "gpus": list(gpus),
+                   "log_path": self.executor.log_path(name, role)}
+        try:
+            job_json = (self.store.write_worker_job(name, payload) if role == "train"
+                        else self._worker_job(name, payload))
+            confine.hand_over(self.executor.identity, self.store.job_dir(name), job_json, job.spec.model_dir,
+                              layout.eval_results_dir(self.config.state_dir, name),
+                              inside=(self.config.state_dir, *self.config.allowed_roots),
+                              keep=self.config.allowed_roots)
+            argv = [self.config.resolved_worker_python(), "-m", self.config.worker_module, args[0], "--job", job_json,
+                    *args[1:]]
+            worker = self.executor.start(WorkerLaunch(name, role, job.attempt, argv,
+                                                      worker_environment(dict(os.environ), gpus),
+                                                      self.store.job_dir(name), gpus, stdin, pass_fds))
+        except (OddaemonError, OSError) as exc:
+            log.error("job %s: cannot start its %s worker: %s", name, role, user_message(exc))
+            return None
+        if role == "train":
+            self.on_train_started(job)
+        self.runtime.setdefault(name, {})[role] = self.executor.runtime_record(worker)
+        self.store.save_runtime(name, self.runtime[name])
+        return worker
+
+    def start_preflight_server(self, name: str, args: list[str], stdin: int,
+                               pass_fds: tuple[int, ...]) -> RunningWorker | None:
+        """A warm preflight worker (``preflight.py``); its own log is ``<log_dir>/<name>/preflight.log``."""
+        if self.shutting_down:
+            return None
+        work = layout.preflight_dir(self.config.state_dir)
+        argv = [self.config.resolved_worker_python(), "-m", self.config.worker_module, *args]
+        try:
+            os.makedirs(work, exist_ok=True)
+            confine.hand_over(self.executor.identity, work, inside=(self.config.state_dir,))
+            return self.executor.start(WorkerLaunch(name, "preflight", 0, argv,
+                                                    worker_environment(dict(os.environ), ()), work,
+                                                    stdin=stdin, pass_fds=pass_fds))
+        except (OddaemonError, OSError) as exc:
+            log.error("cannot start the preflight worker %s: %s", name, user_message(exc))
+            return None
+
+    def ended(self, worker: RunningWorker) -> None:
+        """A worker exited: it leaves the runtime file (the file goes with the job's last worker)."""
+        roles = self.runtime.get(worker.name, {})
+        roles.pop(worker.role, None)
+        if roles:
+            self.store.save_runtime(worker.name, roles)
+        else:
+            self.runtime.pop(worker.name, None)
+            self.store.clear_runtime(worker.name)
+
+    def _worker_job(self, name: str, payload: dict) -> str:
+        path = layout.worker_job(self.config.state_dir, name)
+        return path if os.path.exists(path) else self.store.write_worker_job(name, payload)
