@@ -16,10 +16,12 @@ import logging
 import os
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from oddaemon.adapters.loop import Loop
 from oddaemon.core.errors import CommandError, ErrorKind, OddaemonError, error_reply
+
+if TYPE_CHECKING:  # the CLI's side (request) needs no loop
+    from oddaemon.adapters.loop import Loop
 
 log = logging.getLogger("oddaemon.adapters.control")
 
@@ -138,12 +140,13 @@ def request(path: str, payload: dict, timeout: float = 10.0) -> dict:
         raise DaemonForbidden(f"permission denied on {path}: {_who_may(path)}") from None
     try:
         sock.sendall((json.dumps(payload) + "\n").encode())
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(65536)
+        chunks: list[bytes] = []  # joined once: a reply can be megabytes (list --json)
+        while not chunks or not chunks[-1].endswith(b"\n"):
+            chunk = sock.recv(1 << 20)
             if not chunk:
                 break
-            data += chunk
+            chunks.append(chunk)
+        data = b"".join(chunks)
     except OSError as exc:
         raise DaemonUnreachable(f"the daemon did not answer on {path}: {exc}") from None
     finally:

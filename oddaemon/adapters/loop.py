@@ -11,7 +11,8 @@ time, so no daemon state needs a lock:
   Python signal handler that could interrupt a half-done state change;
 * the control socket (and D-Bus, which needs GLib): readers on the same loop.
 
-The only other thread is the Prometheus HTTP server. It never touches daemon state: the loop
+The only other threads are the journal syncer (``bookfile.py``: it fsyncs duplicated file
+descriptors, nothing else) and the Prometheus HTTP server, which never touches daemon state: the loop
 publishes an immutable snapshot after each change (a single reference assignment), and scrapes
 read whichever snapshot is current.
 

@@ -9,7 +9,9 @@
 * as the worker user (``identity``, see ``confine.py``) when the daemon runs as root: uid,
   primary gid and supplementary groups are set in the child before it execs the lifeline, which
   then arms the parent-death signal (a change of credentials would clear it if armed earlier);
-* stdout and stderr into one pipe that the daemon pumps into a rotating log.
+* stdout and stderr into one pipe that the daemon pumps into a rotating log;
+* at a lower priority when asked (``nice``: a CPU evaluator beside a CPU trainer), its autogroup too,
+  and with its compute threads limited by the environment (``thread_limits``).
 
 Exit is observed through a pidfd (readable when the process exits), which plugs into the
 event loop like any other fd: no SIGCHLD handler, no polling.
@@ -17,6 +19,7 @@ event loop like any other fd: no SIGCHLD handler, no polling.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -29,6 +32,7 @@ from oddaemon.core.errors import OperationError
 if TYPE_CHECKING:
     from oddaemon.adapters.confine import Identity
 
+log = logging.getLogger("oddaemon.adapters.procs")
 LIFELINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lifeline.py")
 
 # Variables a worker may inherit from the daemon's environment; everything else is dropped.
@@ -48,6 +52,31 @@ def worker_environment(base: dict[str, str], gpus: tuple[int, ...],
     if extra:
         env.update(extra)
     return env
+
+
+def thread_limits(threads: int) -> dict[str, str]:
+    """The environment that holds TensorFlow (and OpenMP under it) to ``threads`` compute threads
+    ({} for 0: as TF picks). Inter-op gets at least 2: one thread can deadlock ops that wait on others."""
+    if threads <= 0:
+        return {}
+    return {"TF_NUM_INTRAOP_THREADS": str(threads), "TF_NUM_INTEROP_THREADS": str(max(2, threads)),
+            "OMP_NUM_THREADS": str(threads)}
+
+
+def lower_priority(pid: int, nice: int) -> None:
+    """Give a worker that has just started the nice value ``nice``. It still has one thread (Python is
+    starting; TF makes its threads later, and they inherit it). Its autogroup gets it too: each worker
+    has a session of its own, and where the kernel groups the CPU by session (CONFIG_SCHED_AUTOGROUP,
+    outside a cgroup with the cpu controller) nice acts only within the group. Best effort: logged."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, pid, nice)
+    except OSError as exc:
+        log.warning("cannot set the nice value of worker %d to %d: %s", pid, nice, exc.strerror)
+    try:
+        with open(f"/proc/{pid}/autogroup", "w") as f:
+            f.write(str(nice))
+    except OSError as exc:  # no autogroups here, or (not CAP_SYS_ADMIN) one change per 100 ms
+        log.debug("cannot set the autogroup nice value of worker %d: %s", pid, exc.strerror)
 
 
 @dataclass
@@ -79,10 +108,11 @@ class Worker:
 
 
 def spawn(name: str, role: str, attempt: int, argv: list[str], env: dict[str, str], cwd: str, now: float,
-          stdin: int | None = None, pass_fds: tuple[int, ...] = (), identity: Identity | None = None) -> Worker:
+          stdin: int | None = None, pass_fds: tuple[int, ...] = (), identity: Identity | None = None,
+          nice: int = 0) -> Worker:
     """``stdin``: an fd the worker reads as its standard input (default /dev/null); ``pass_fds``:
     extra fds the worker inherits under the same numbers (the warm evaluator's reply pipe);
-    ``identity``: the user to run it as (None: the daemon's own)."""
+    ``identity``: the user to run it as (None: the daemon's own); ``nice``: its nice value."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     command = [sys.executable, "-I", "-S", LIFELINE, str(os.getpid()), *argv]
     switch: dict = {}
@@ -99,6 +129,8 @@ def spawn(name: str, role: str, attempt: int, argv: list[str], env: dict[str, st
         raise OperationError(argv[0], f"start {role} worker for job {name}{as_user} with", exc) from exc
     finally:
         os.close(write_fd)
+    if nice:
+        lower_priority(popen.pid, nice)
     pidfd = os.pidfd_open(popen.pid)
     return Worker(name=name, role=role, attempt=attempt, pid=popen.pid, pidfd=pidfd, output_fd=read_fd,
                   started_at=now, popen=popen)

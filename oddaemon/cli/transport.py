@@ -1,52 +1,62 @@
-"""How the CLI asks the daemon: over D-Bus when the daemon publishes its API there, else over the
-control socket; every answer in the control socket's reply shape."""
+"""How the CLI asks the daemon: over its control socket when this user may open it (root and the
+daemon's group: no D-Bus library is loaded, so ``oddaemon list`` answers in tens of milliseconds),
+else over D-Bus when the daemon publishes its API there (members of the submit group), else the
+control socket's own error; every answer in the control socket's reply shape. Both reach the same
+``Commands`` in the daemon."""
 
 from __future__ import annotations
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from oddaemon.adapters.control import request
 from oddaemon.adapters.dbus_bus import BUS_ENV
 from oddaemon.core import layout
-from oddaemon.core.config import Config
-from oddaemon.core.errors import error_reply
+
+if TYPE_CHECKING:
+    from oddaemon.cli.control_settings import ControlSettings
+    from oddaemon.core.config import Config
 
 
-def socket_path(config: Config) -> str:
+def socket_path(config: Config | ControlSettings) -> str:
     return layout.control_socket(config.state_dir)
 
 
-def configured_bus(config: Config) -> str:
+def configured_bus(config: Config | ControlSettings) -> str:
     return os.environ.get(BUS_ENV) or config.dbus_bus
 
 
-def ping(config: Config, timeout: float) -> dict:
+def ping(config: Config | ControlSettings, timeout: float) -> dict:
     """The control socket only (a submit asks whether the daemon runs at all); raises ``DaemonUnreachable``."""
     return request(socket_path(config), {"cmd": "ping"}, timeout=timeout)
 
 
-def ask_daemon(config: Config, payload: dict) -> dict:
-    """One request, in the control socket's reply shape (an error reply carries its ``kind``): over
-    D-Bus when the daemon publishes its API there, else (or when the bus is not reachable, with a
-    note saying so) the control socket."""
+def ask_daemon(config: Config | ControlSettings, payload: dict) -> dict:
+    """One request, in the control socket's reply shape (an error reply carries its ``kind``): over the
+    control socket when this user may open it; else over D-Bus when the daemon publishes its API
+    there; else (or when the bus is not reachable, with a note saying so) the control socket's error."""
+    path = socket_path(config)
     bus = configured_bus(config)
-    if bus != "none":
-        try:
-            from oddaemon.cli.dbus_client import Client, ClientError, DBusUnavailable  # noqa: PLC0415
-        except ImportError as exc:
-            print(f"oddaemon: D-Bus client unavailable ({exc}); using the control socket", file=sys.stderr)
-        else:
-            try:
-                with Client.connect(bus) as client:
-                    return _ask_dbus(client, payload)
-            except DBusUnavailable as exc:
-                from oddaemon.cli.dbus_client import describe_fallback  # noqa: PLC0415
+    if bus == "none" or os.access(path, os.R_OK | os.W_OK):
+        return request(path, payload)
+    from oddaemon.core.errors import error_reply  # noqa: PLC0415
 
-                print(describe_fallback(str(exc), socket_path(config)), file=sys.stderr)
-            except ClientError as exc:
-                return error_reply(exc)
-    return request(socket_path(config), payload)
+    try:
+        from oddaemon.cli.dbus_client import Client, ClientError, DBusUnavailable  # noqa: PLC0415
+    except ImportError as exc:
+        print(f"oddaemon: D-Bus client unavailable ({exc}); using the control socket", file=sys.stderr)
+    else:
+        try:
+            with Client.connect(bus) as client:
+                return _ask_dbus(client, payload)
+        except DBusUnavailable as exc:
+            from oddaemon.cli.dbus_client import describe_fallback  # noqa: PLC0415
+
+            print(describe_fallback(str(exc), path), file=sys.stderr)
+        except ClientError as exc:
+            return error_reply(exc)
+    return request(path, payload)
 
 
 def _ask_dbus(client, payload: dict) -> dict:

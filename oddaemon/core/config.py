@@ -19,6 +19,7 @@ from typing import Any
 from oddaemon.core import job_validation
 from oddaemon.core.checks import Invalid, finite_number, is_int, one_of, rule, show, whole_number
 from oddaemon.core.errors import ConfigError, describe_cause
+from oddaemon.core.slurm import TIME_LIMIT_RE, SlurmSettings
 
 DEFAULT_PORT = 9781
 MAX_GPU_ID = 63
@@ -57,10 +58,28 @@ class Config:
     pins_min_free_bytes: int = 5 * 1024**3  # keep this much free on a model_dir's file system ...
     pins_min_free_percent: float = 5.0  # ... or this share of it, whichever is larger
     pins_max_bytes_per_job: int = 0  # bytes only the pins of one job hold (0: no cap but the floor)
+    eval_cpu_nice: int = 19  # a CPU evaluator's nice value (and its autogroup's): the trainer keeps its speed
+    eval_cpu_threads: int = 0  # a CPU evaluator's TF/OpenMP thread limit (0: as TF picks, one per core)
+    cluster_backend: str = "local"  # how train/export workers run: "local" processes or "slurm" batch jobs
+    slurm_conf: str = ""  # SLURM_CONF for the Slurm tools ("" = their default)
+    slurm_partition: str = ""
+    slurm_eval_partition: str = ""
+    slurm_account: str = ""
+    slurm_qos: str = ""
+    slurm_time_limit: str = ""
+    slurm_gres: str = "gpu"
+    slurm_extra_args: tuple[str, ...] = ()
+    slurm_partitions: tuple[str, ...] = ()  # partitions a job may choose with its own [slurm] partition
+    slurm_poll_seconds: float = 3.0
 
     def validation_context(self) -> job_validation.ValidationContext:
         return job_validation.ValidationContext(allowed_roots=self.allowed_roots,
-                                                max_file_bytes=self.max_job_file_bytes)
+                                                max_file_bytes=self.max_job_file_bytes,
+                                                slurm_partitions=self.slurm_partitions)
+
+    def slurm_settings(self) -> SlurmSettings:
+        return SlurmSettings(self.slurm_partition, self.slurm_eval_partition, self.slurm_account, self.slurm_qos,
+                             self.slurm_time_limit, self.slurm_gres, self.slurm_extra_args, self.slurm_poll_seconds)
 
     def resolved_worker_python(self) -> str:
         """The interpreter for workers: the configured one (a bare name is looked up on PATH) or our own."""
@@ -133,6 +152,39 @@ def _gpus(value: Any) -> str | tuple[int, ...]:
     return tuple(value)
 
 
+CLUSTER_BACKENDS = ("local", "slurm")
+# sbatch options a site may add for every job ([slurm] extra_args): resources and placement, never
+# what oddaemon decides itself (job name, output, signal, requeue, GRES, partition, account, time)
+SBATCH_ALLOWED = ("--constraint=", "--exclusive", "--mem=", "--mem-per-cpu=", "--mem-per-gpu=", "--cpus-per-task=",
+                  "--cpus-per-gpu=", "--reservation=", "--exclude=", "--nodelist=", "--comment=", "--mail-type=",
+                  "--mail-user=", "--nice=", "--priority=", "--licenses=", "--tmp=", "--hint=", "--cluster-constraint=")
+_slurm_word = rule("a Slurm name (letters, digits, '_', '-', '.', ','), or \"\" for Slurm's default",
+                   lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9_.,-]{0,200}", v) is not None)
+_slurm_time = rule('a Slurm time limit such as "90", "12:00:00" or "2-00:00:00", or "" for the partition\'s',
+                   lambda v: isinstance(v, str) and (v == "" or TIME_LIMIT_RE.fullmatch(v) is not None))
+
+
+def _slurm_partitions(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise Invalid(f"must be a list of partition names, got {show(value)}")
+    return tuple(_slurm_word(v) for v in value)
+
+
+def _slurm_conf(value: Any) -> str:
+    return "" if value == "" else _path(value)
+
+
+def _sbatch_args(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise Invalid(f"must be a list of sbatch options, got {show(value)}")
+    for arg in value:
+        if not any(arg == allowed or (allowed.endswith("=") and arg.startswith(allowed) and len(arg) > len(allowed))
+                   for allowed in SBATCH_ALLOWED) or any(c in arg for c in "\n\0"):
+            raise Invalid(f"{show(arg)} is not an allowed sbatch option (allowed: "
+                          f"{', '.join(a + ('...' if a.endswith('=') else '') for a in SBATCH_ALLOWED)})")
+    return tuple(value)
+
+
 # section -> key in the file -> (Config field, checker)
 SCHEMA: dict[str, dict[str, tuple[str, Callable[[Any], Any]]]] = {
     "paths": {"spool_dir": ("spool_dir", _path), "state_dir": ("state_dir", _path), "log_dir": ("log_dir", _path)},
@@ -162,13 +214,22 @@ SCHEMA: dict[str, dict[str, tuple[str, Callable[[Any], Any]]]] = {
              "min_free_percent": ("pins_min_free_percent", rule("a number from 0 to 100", lambda v: (
                  is_int(v) or isinstance(v, float)) and 0 <= v <= 100, float)),
              "max_bytes_per_job": ("pins_max_bytes_per_job", whole_number(0))},
+    "eval": {"cpu_nice": ("eval_cpu_nice", whole_number(0, 19)),
+             "cpu_threads": ("eval_cpu_threads", whole_number(0, 1024))},
+    "cluster": {"backend": ("cluster_backend", one_of(CLUSTER_BACKENDS))},
+    "slurm": {"conf": ("slurm_conf", _slurm_conf), "partition": ("slurm_partition", _slurm_word),
+              "eval_partition": ("slurm_eval_partition", _slurm_word), "account": ("slurm_account", _slurm_word),
+              "qos": ("slurm_qos", _slurm_word), "time_limit": ("slurm_time_limit", _slurm_time),
+              "gres": ("slurm_gres", _slurm_word), "extra_args": ("slurm_extra_args", _sbatch_args),
+              "partitions": ("slurm_partitions", _slurm_partitions),
+              "poll_seconds": ("slurm_poll_seconds", finite_number(0.2, inclusive=True))},
     "daemon": {"event_loop": ("event_loop", one_of(EVENT_LOOPS)),
                "dbus": ("dbus_bus", rule('"system", "session", "none" or a D-Bus address such as "unix:path=/run/x"',
                                          lambda v: isinstance(v, str) and (v in ("system", "session", "none")
                                                                            or ":" in v)))},
 }
 # Fields holding paths that may be written relative to the config file's directory.
-RELATIVE_PATH_FIELDS = ("spool_dir", "state_dir", "log_dir", "allowed_roots", "worker_python")
+RELATIVE_PATH_FIELDS = ("spool_dir", "state_dir", "log_dir", "allowed_roots", "worker_python", "slurm_conf")
 
 
 def load_config(path: str | None) -> Config:
@@ -244,7 +305,7 @@ def _resolve(name: str, value: Any, base: str) -> Any:
     """Make paths relative to the config file's directory absolute (worker_python only when it has a '/')."""
     if name == "allowed_roots":
         return tuple(os.path.normpath(os.path.join(base, root)) for root in value)
-    if name == "worker_python" and "/" not in value:
+    if (name == "worker_python" and "/" not in value) or (name == "slurm_conf" and not value):
         return value
     return os.path.normpath(os.path.join(base, value))
 

@@ -14,7 +14,11 @@ import signal
 from dataclasses import dataclass
 
 # The kinds, as exported in metrics (a bounded label set) and shown in `oddaemon status`.
-KINDS = ("oom", "nan", "input", "checkpoint", "gpu", "storage", "hung", "signal", "exit", "refused")
+KINDS = ("oom", "nan", "input", "checkpoint", "gpu", "storage", "hung", "signal", "exit", "refused",
+         # ended by Slurm (core/slurm.py), or Slurm would not take or track the worker
+         "time-limit", "node-fail", "preempted", "host-oom", "slurm",
+         # the worker saved a checkpoint on the cluster's warning signal and asks to be resubmitted
+         "requeued")
 FATAL_KINDS = ("nan", "input", "checkpoint", "refused")  # "refused": the daemon would not start it
 MARKER = "oddaemon-failure:"
 

@@ -24,6 +24,7 @@ from oddaemon.core.checks import (
     Problem,
     decode,
     finite_number,
+    is_int,
     one_of,
     rule,
     show,
@@ -48,12 +49,14 @@ from oddaemon.core.jobspec import (
     EvalOptions,
     JobSpec,
     PipelineEdits,
+    SlurmOptions,
     TrainOptions,
     gpu_count,
     name_problem,
     parse_gpus,
 )
 from oddaemon.core.prescan import prescan, strip_bom
+from oddaemon.core.slurm import TIME_LIMIT_RE
 from oddaemon.formats.pipeline_paths import effective_paths, read_config
 
 
@@ -68,6 +71,7 @@ class ValidationContext:
     kind: Callable[[str], str | None] = lambda path: file_kind(path)  # what a path is that is no file
     writable: Callable[[str], bool] = lambda path: os.access(path, os.W_OK | os.X_OK)
     read_text: Callable[[str], str] = read_config  # a pipeline.config (bounded)
+    slurm_partitions: tuple[str, ...] = ()  # partitions a job may choose ([slurm] partitions of the daemon)
 
 
 def file_kind(path: str) -> str | None:
@@ -181,6 +185,14 @@ class _Validator:
             "min_delta": finite_number(0.0, True), "when_behind": one_of(WHEN_BEHIND),
             "max_behind": whole_number(1, 10_000), "max_pinned_bytes": whole_number(1),
         })
+        slurm = self.section("slurm", tables["slurm"], {
+            "time_limit": rule('a Slurm time limit such as "90", "12:00:00" or "2-00:00:00"',
+                               lambda v: isinstance(v, str) and TIME_LIMIT_RE.fullmatch(v) is not None),
+            "partition": rule(f"one of the partitions this daemon lets jobs choose ([slurm] partitions: "
+                              f"{', '.join(self.ctx.slurm_partitions) or 'none'})",
+                              lambda v: isinstance(v, str) and v in self.ctx.slurm_partitions),
+            "nodes": rule("1 (several nodes per job are not supported yet)", lambda v: is_int(v) and v == 1),
+        })
         self.cross_checks(pipeline, train)
         if "name" not in doc:
             top["name"] = self.default_name(filename)
@@ -190,7 +202,7 @@ class _Validator:
         if self.problems:
             return self.problems
         spec = JobSpec(**top, pipeline=PipelineEdits(**pipeline), train=TrainOptions(**train),
-                       eval=EvalOptions(**evaluation))
+                       eval=EvalOptions(**evaluation), slurm=SlurmOptions(**slurm))
         self.config_paths(spec)
         return self.problems or spec
 

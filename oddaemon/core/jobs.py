@@ -19,6 +19,9 @@ class Policy:
     backoff_cap: float = 600.0
     reset_after: float = 1800.0
     max_cpu_jobs: int = 1
+    # A workload manager (Slurm) allocates training's GPUs and CPUs: every queued job is handed to it at
+    # once, and the daemon's own GPUs serve only its evaluators.
+    cluster_allocates: bool = False
 
     def backoff(self, consecutive_failures: int) -> float:
         exponent = max(0, consecutive_failures - 1)

@@ -56,6 +56,15 @@ class EvalOptions:
 
 
 @dataclass(frozen=True)
+class SlurmOptions:
+    """What a job may choose of how it runs on Slurm ([cluster] backend = "slurm"; ignored locally)."""
+
+    time_limit: str | None = None  # None = the daemon's [slurm] time_limit
+    partition: str | None = None  # one of the daemon's [slurm] partitions; None = its [slurm] partition
+    nodes: int = 1
+
+
+@dataclass(frozen=True)
 class JobSpec:
     name: str
     pipeline_config: str
@@ -64,6 +73,7 @@ class JobSpec:
     pipeline: PipelineEdits = PipelineEdits()
     train: TrainOptions = TrainOptions()
     eval: EvalOptions = EvalOptions()
+    slurm: SlurmOptions = SlurmOptions()
 
     def to_dict(self) -> dict:
         """JSON-safe dict (tuples become lists); ``JobSpec.from_dict`` reverses it."""
@@ -71,7 +81,7 @@ class JobSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> JobSpec:
-        parts = {"pipeline": PipelineEdits, "train": TrainOptions, "eval": EvalOptions}
+        parts = {"pipeline": PipelineEdits, "train": TrainOptions, "eval": EvalOptions, "slurm": SlurmOptions}
         tables = {name: kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.get(name, {}).items()})
                   for name, kind in parts.items()}
         return cls(**{k: v for k, v in d.items() if k not in parts}, **tables)
@@ -94,12 +104,13 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-TABLES = ("pipeline", "train", "eval")
+TABLES = ("pipeline", "train", "eval", "slurm")
 ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
     "": ("name", "pipeline_config", "model_dir", "priority") + TABLES,
     "pipeline": tuple(f.name for f in fields(PipelineEdits)),
     "train": tuple(f.name for f in fields(TrainOptions)),
     "eval": tuple(f.name for f in fields(EvalOptions)),
+    "slurm": tuple(f.name for f in fields(SlurmOptions)),
 }
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 NAME_RULE = ("a job name is 1 to 64 characters from A-Z a-z 0-9 '_' '.' '-', "

@@ -8,6 +8,7 @@ Under ``state_dir``::
     runtime/<name>.json     pids of live workers (only meaningful while the daemon that wrote it runs)
     evals/<name>.json       a job's evaluation book; evals/<name>/ the evaluator's result files
     preflight/              the warm preflight workers' working directory
+    progress/<name>.json    how far a job's event files were read, and what was read (a restart goes on)
 
 Under ``log_dir``: ``<name>/<role>.log`` (train, eval, export, preflight).
 """
@@ -69,6 +70,15 @@ def eval_results_dir(state_dir: str, name: str) -> str:
 
 def preflight_dir(state_dir: str) -> str:
     return os.path.join(state_dir, "preflight")
+
+
+def progress_dir(state_dir: str) -> str:
+    return os.path.join(state_dir, "progress")
+
+
+def progress_file(state_dir: str, name: str) -> str:
+    """A job's event file offsets and what was read before them (``service.progress``)."""
+    return os.path.join(progress_dir(state_dir), f"{name}.json")
 
 
 def log_name(role: str) -> str:

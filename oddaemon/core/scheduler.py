@@ -117,8 +117,11 @@ def step(state: State, event: Event, now: float) -> tuple[State, list[Action]]:
     return new_state, actions + more
 
 
-def fits_ever(wants: int | tuple[int, ...], inventory: tuple[int, ...]) -> str | None:
-    """None if the request can be met by this inventory some day, else why not."""
+def fits_ever(wants: int | tuple[int, ...], inventory: tuple[int, ...], cluster: bool = False) -> str | None:
+    """None if the request can be met by this inventory (or the cluster) some day, else why not."""
+    if cluster:
+        return (None if not isinstance(wants, tuple) else
+                "names GPU ids ([train] gpus), which a cluster's nodes do not share; ask for a count instead")
     if isinstance(wants, tuple):
         missing = [g for g in wants if g not in inventory]
         if missing:
@@ -150,10 +153,11 @@ def clash_detail(clash: str, theirs: str) -> str:
     return f": {theirs}; a job's model_dir must not be inside another's, nor contain one"
 
 
-def resolve_wants(spec: JobSpec, inventory: tuple[int, ...]) -> int | tuple[int, ...]:
-    """What a job asks the allocator for: the GPU ids it names, else a count (``gpu_count``)."""
+def resolve_wants(spec: JobSpec, inventory: tuple[int, ...], cluster: bool = False) -> int | tuple[int, ...]:
+    """What a job asks the allocator for: the GPU ids it names, else a count (``gpu_count``); on a
+    cluster "auto" is one GPU (the cluster has them; this machine's count says nothing)."""
     gpus = spec.train.gpus
-    return gpus if isinstance(gpus, tuple) else gpu_count(gpus, len(inventory))
+    return gpus if isinstance(gpus, tuple) else gpu_count(gpus, 1 if cluster else len(inventory))
 
 
 def _submit(state: State, jobs: dict[str, Job], ev: Submit, now: float, actions: list[Action]) -> int:
@@ -177,8 +181,8 @@ def _submit(state: State, jobs: dict[str, Job], ev: Submit, now: float, actions:
             actions.append(Rejected(ev.token, f"model_dir {ev.spec.model_dir} {clash} job '{other.name}' "
                                               f"({other.state}){clash_detail(clash, other.spec.model_dir)}"))
             return state.next_seq
-    wants = resolve_wants(ev.spec, state.inventory)
-    why_not = fits_ever(wants, state.inventory)
+    wants = resolve_wants(ev.spec, state.inventory, state.policy.cluster_allocates)
+    why_not = fits_ever(wants, state.inventory, state.policy.cluster_allocates)
     if why_not:
         actions.append(Rejected(ev.token, f"job '{name}' can never run here: it {why_not}"))
         return state.next_seq
@@ -232,6 +236,11 @@ def _failed(policy: Policy, jobs: dict[str, Job], job: Job, ev: ProcessExited, n
             return acts
         if ev.remedy:
             why = f"{why}; oom_retry_halve_batch: {ev.remedy}"
+    if failure is not None and failure.kind == "requeued":  # not a failure: it saved its work on the warning
+        jobs[job.name], acts = transition(job, JobState.BACKOFF, now, f"{failure.message}; resubmitting now (not "
+                                          "counted against max_restarts)", retry_at=now, restarts=job.restarts + 1,
+                                          **common)
+        return acts
     ran = now - job.started_at if job.started_at is not None else 0.0
     consecutive = 1 if ran >= policy.reset_after else job.consecutive_failures + 1
     limit = job.spec.train.max_restarts if job.spec.train.max_restarts is not None else policy.max_restarts
@@ -337,7 +346,7 @@ def _retry(state: State, jobs: dict[str, Job], name: str, now: float, actions: l
     elif job.state not in (JobState.FAILED, JobState.CANCELLED):
         actions.append(Refused(f"job '{name}' is {job.state}; only failed or cancelled jobs can be retried"))
     else:
-        why_not = fits_ever(job.wants, state.inventory)
+        why_not = fits_ever(job.wants, state.inventory, state.policy.cluster_allocates)
         if why_not:
             actions.append(Refused(f"job '{name}' can never run here: it {why_not}"))
             return
@@ -363,7 +372,7 @@ def _restore(state: State, jobs: dict[str, Job], ev: Restore, now: float, action
             job, acts = transition(job, JobState.QUEUED, now, "resuming after daemon restart", retry_at=None)
             actions += acts
         if job.state is JobState.QUEUED:
-            why_not = fits_ever(job.wants, state.inventory)
+            why_not = fits_ever(job.wants, state.inventory, state.policy.cluster_allocates)
             if why_not:
                 job, acts = transition(job, JobState.FAILED, now, f"can no longer run here: it {why_not}")
                 actions += acts
@@ -384,7 +393,9 @@ def _schedule(state: State, now: float) -> tuple[State, list[Action]]:
     cpu_free = state.policy.max_cpu_jobs - replace(state, jobs=jobs).cpu_jobs_active()
     gpu_blocked = cpu_blocked = False
     for job in replace(state, jobs=jobs).queue():
-        if job.uses_gpus:
+        if state.policy.cluster_allocates:  # the cluster's queue decides when it runs, and where
+            grant = ()
+        elif job.uses_gpus:
             if gpu_blocked:
                 continue
             grant = _allocate(job.wants, free)

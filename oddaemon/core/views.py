@@ -1,13 +1,21 @@
-"""What users see of a job: one dict shared by the CLI (--json), the control socket and, later,
-D-Bus and metrics. Pure."""
+"""What users see of a job: one dict shared by the CLI (--json), the control socket, D-Bus and
+metrics; the columns of ``oddaemon list`` (``list_row``). Pure.
+
+A finished job's view is kept and given again while nothing it was made from changed (the same
+``Job``, book and progress, compared by ``_Kept.matches``): a daemon that knows a thousand finished
+jobs builds only the live jobs' views for each ``list`` and each metrics snapshot. Views are values:
+nobody changes one after it was made (a kept one is handed to every caller).
+"""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from oddaemon.core.evalbook import EvalBook
-from oddaemon.core.jobs import Job
-from oddaemon.core.printable import printable
+from oddaemon.core.states import TERMINAL
+
+if TYPE_CHECKING:
+    from oddaemon.core.evalbook import EvalBook
+    from oddaemon.core.jobs import Job
 
 
 class ProgressSource(Protocol):
@@ -21,6 +29,17 @@ class ProgressSource(Protocol):
 # the main loop for every request and every metrics snapshot.
 SHOWN_BY_STATUS = 1000  # oddaemon status NAME, GetJob
 SHOWN_BY_LIST = 20  # oddaemon list, ListJobs, systemctl status
+# What ``oddaemon list`` shows of a job (``cli.render.format_list``): the control socket's
+# ``{"cmd": "list", "brief": true}`` sends only these (``list --json`` and D-Bus send whole views).
+LIST_COLUMNS = ("name", "state", "reason", "wants_gpus", "gpus", "queue_position", "step", "target_steps",
+                "progress", "eta_seconds")
+# At most this many finished jobs' views are kept (then the oldest kept are let go).
+KEPT_FINISHED_VIEWS = 100_000
+
+
+def list_row(view: dict) -> dict:
+    """The ``LIST_COLUMNS`` of a job's view."""
+    return {k: view[k] for k in LIST_COLUMNS}
 
 
 def evaluation_view(job: Job, book: EvalBook | None, shown: int = SHOWN_BY_STATUS) -> dict:
@@ -46,6 +65,40 @@ def evaluation_view(job: Job, book: EvalBook | None, shown: int = SHOWN_BY_STATU
 
 def job_view(job: Job, progress: ProgressSource | None, queue_position: int | None, log_path: str,
              book: EvalBook | None = None, shown: int = SHOWN_BY_STATUS) -> dict:
+    progress_view = progress.view() if progress is not None else None
+    return _build_view(job, progress_view, queue_position, log_path, book, shown)
+
+
+class FinishedViews:
+    """``job_view`` that hands out a finished job's view again while nothing it shows changed (a
+    finished job's view is rebuilt for every list, status and metrics snapshot otherwise: 1,000
+    finished jobs cost half a second a request). The owner (the daemon) keeps one; views handed out
+    are shared: callers must not change them."""
+
+    def __init__(self, limit: int | None = None):
+        self.limit = KEPT_FINISHED_VIEWS if limit is None else limit
+        self._kept: dict[tuple[str, int], _Kept] = {}
+
+    def job_view(self, job: Job, progress: ProgressSource | None, queue_position: int | None, log_path: str,
+                 book: EvalBook | None = None, shown: int = SHOWN_BY_STATUS) -> dict:
+        progress_view = progress.view() if progress is not None else None
+        if job.state not in TERMINAL:
+            return _build_view(job, progress_view, queue_position, log_path, book, shown)
+        key = (job.name, shown)  # list and metrics (0), ListJobs (20), status (1000) each keep their own
+        kept = self._kept.get(key)
+        inputs = (job, progress_view, queue_position, log_path, book, _book_signature(book), shown)
+        if kept is not None and kept.matches(inputs):
+            return kept.view
+        view = _build_view(job, progress_view, queue_position, log_path, book, shown)
+        if len(self._kept) >= self.limit:
+            for old in list(self._kept)[:max(1, self.limit // 10)]:
+                del self._kept[old]
+        self._kept[key] = _Kept(inputs, view)
+        return view
+
+
+def _build_view(job: Job, progress_view: dict | None, queue_position: int | None, log_path: str,
+                book: EvalBook | None, shown: int) -> dict:
     view = {
         "name": job.name,
         "state": job.state.value,
@@ -73,7 +126,7 @@ def job_view(job: Job, progress: ProgressSource | None, queue_position: int | No
     empty = {"step": None, "target_steps": job.spec.pipeline.num_steps, "progress": None,
              "steps_per_second": None, "eta_seconds": None, "losses": {}, "learning_rate": None, "updated_at": None,
              "loss_history": [], "eval_by_step": {}}
-    view.update(progress.view() if progress is not None else empty)
+    view.update(progress_view if progress_view is not None else empty)
     # The event files can lag the checkpoints (model_dir deleted under the trainer, which then writes
     # into a deleted file): a checkpoint's step, once evaluated, is certain.
     newest = view["evaluation"]["newest_step"]
@@ -84,15 +137,56 @@ def job_view(job: Job, progress: ProgressSource | None, queue_position: int | No
     return escaped(view)
 
 
+def _book_signature(book: EvalBook | None) -> tuple | None:
+    """What a finished job's view shows of its book, in a few numbers: any change of a checkpoint's
+    state moves its counts (the book itself is compared by identity too)."""
+    if book is None:
+        return None
+    return (tuple(book.counts().values()), len(book.checkpoints), book.best_n, book.best_value, book.newest,
+            book.newest_completed_at, book.newest_step, book.released, book.last_released_why)
+
+
+class _Kept:
+    """A finished job's view and what it was made from."""
+
+    __slots__ = ("inputs", "view")
+
+    def __init__(self, inputs: tuple, view: dict):
+        self.inputs, self.view = inputs, view
+
+    def matches(self, inputs: tuple) -> bool:
+        job, progress_view, queue_position, log_path, book, signature, shown = self.inputs
+        return (inputs[0] is job and inputs[4] is book and inputs[5] == signature and inputs[1] == progress_view
+                and inputs[2] == queue_position and inputs[3] == log_path and inputs[6] == shown)
+
+
+_PLAIN = (int, float, bool, type(None))
+
+
 def escaped(value):
     """Every string of a view with control characters escaped (``printable``): paths, reasons and
     worker error lines come from outside, and views reach terminals, D-Bus and logs."""
+    from oddaemon.core.printable import printable  # noqa: PLC0415 (the CLI's rendering needs none of it)
+
+    return _escaped(value, printable)
+
+
+def _escaped(value, printable):
+    kind = type(value)
+    if kind in _PLAIN:  # most of a view: numbers (metrics, losses, times) and None
+        return value
+    if kind is str:
+        return printable(value)
+    if kind is dict:
+        return {k: v if type(v) in _PLAIN else _escaped(v, printable) for k, v in value.items()}
+    if kind is list:
+        return [v if type(v) in _PLAIN else _escaped(v, printable) for v in value]
     if isinstance(value, str):
         return printable(value)
     if isinstance(value, dict):
-        return {k: escaped(v) for k, v in value.items()}
+        return {k: _escaped(v, printable) for k, v in value.items()}
     if isinstance(value, list):
-        return [escaped(v) for v in value]
+        return [_escaped(v, printable) for v in value]
     return value
 
 

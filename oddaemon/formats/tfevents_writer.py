@@ -66,6 +66,30 @@ def encode_scalar_event(step: int, scalars: dict[str, float], wall_time: float |
     return _event(wall_time, step, _submessage(5, summary))
 
 
+_IMAGE_METADATA = _submessage(9, _submessage(1, _submessage(1, b"images")) + _key(4, 0) + _varint(3))
+
+
+def encode_image_event(step: int, tag: str, images: list[bytes], width: int, height: int,
+                       wall_time: float | None = None, style: str = "tensor") -> bytes:
+    """A serialized Event holding image summaries of already encoded images (PNG bytes, say).
+    ``tensor``: what TF2's ``tf.summary.image`` writes, one Value whose DT_STRING tensor of shape
+    [2 + n] holds the width, the height and the images, with plugin "images"; ``simple``: TF1's
+    Summary.Image, one Value per image (height 1, width 2, colorspace 3, encoded_image_string 4)."""
+    if style == "tensor":
+        strings = [str(width).encode(), str(height).encode(), *images]
+        shape = _submessage(2, _submessage(2, _key(1, 0) + _varint(len(strings))))
+        tensor = _key(1, 0) + _varint(7) + shape + b"".join(_submessage(8, item) for item in strings)
+        values = [_submessage(1, tag.encode()) + _submessage(8, tensor) + _IMAGE_METADATA]
+    elif style == "simple":
+        values = [_submessage(1, f"{tag}/image/{i}".encode())
+                  + _submessage(4, _key(1, 0) + _varint(height) + _key(2, 0) + _varint(width)
+                                + _key(3, 0) + _varint(3) + _submessage(4, image))
+                  for i, image in enumerate(images)]
+    else:
+        raise ValueError(f"unknown image style {style!r} (expected 'tensor' or 'simple')")
+    return _event(wall_time, step, _submessage(5, b"".join(_submessage(1, value) for value in values)))
+
+
 # -------------------------------------------------------------------------------------------- files
 
 _file_counter = itertools.count()
@@ -93,6 +117,10 @@ class EventFileWriter:
 
     def add_scalars(self, step: int, scalars: dict[str, float], wall_time: float | None = None) -> None:
         self._write(encode_scalar_event(step, scalars, wall_time))
+
+    def add_images(self, step: int, tag: str, images: list[bytes], width: int, height: int,
+                   wall_time: float | None = None, style: str = "tensor") -> None:
+        self._write(encode_image_event(step, tag, images, width, height, wall_time, style))
 
     def close(self) -> None:
         self._file.close()

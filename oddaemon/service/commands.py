@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from oddaemon import __version__
 from oddaemon.core import scheduler as sch
 from oddaemon.core.errors import CommandError, ErrorKind, error_reply
+from oddaemon.core.views import list_row
 
 if TYPE_CHECKING:
     from oddaemon.core.config import Config
@@ -52,8 +53,8 @@ class DaemonPort(Protocol):
 
     def intake(self, path: str) -> Verdict | None: ...
     def dispatch(self, event: sch.Event) -> list[sch.Action]: ...
-    def views(self) -> list[dict]: ...
-    def view(self, name: str) -> dict: ...
+    def views(self, shown: int = ...) -> list[dict]: ...
+    def view(self, name: str, shown: int = ...) -> dict: ...
     def gpu_holders(self) -> dict[int, tuple[str, str]]: ...
     def heavy_modules_loaded(self) -> list[str]: ...
     def reload(self) -> None: ...
@@ -78,6 +79,11 @@ class Commands:
 
     def list_jobs(self) -> list[dict]:
         return self.daemon.views()
+
+    def list_rows(self) -> list[dict]:
+        """What ``oddaemon list`` shows of every job (``core.views.LIST_COLUMNS``): a few hundred bytes
+        a job where a whole view is kilobytes (its newest checkpoints, their metrics, its history)."""
+        return [list_row(view) for view in self.daemon.views(shown=0)]
 
     def get_job(self, name: str) -> dict:
         if name in self.daemon.state.jobs:
@@ -146,7 +152,8 @@ class Commands:
             return {"ok": True, "pid": os.getpid(), "version": self.version,
                     "heavy_modules": self.daemon.heavy_modules_loaded()}
         if cmd == "list":
-            return {"ok": True, "jobs": self.list_jobs(), "gpus": list(self.daemon.state.inventory),
+            jobs = self.list_rows() if request.get("brief") is True else self.list_jobs()
+            return {"ok": True, "jobs": jobs, "gpus": list(self.daemon.state.inventory),
                     "free_gpus": list(self.daemon.state.free_gpus()),
                     "queue": [j.name for j in self.daemon.state.queue()]}
         if cmd == "submit":

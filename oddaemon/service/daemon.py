@@ -25,6 +25,7 @@ from oddaemon.adapters.gpus import discover
 from oddaemon.adapters.inotify import InotifyHub
 from oddaemon.adapters.loop import Loop
 from oddaemon.adapters.parsers import ParserPool
+from oddaemon.adapters.slurm_cli import SlurmCommands
 from oddaemon.adapters.spool import Spool
 from oddaemon.adapters.store import Store
 from oddaemon.core import layout
@@ -33,7 +34,7 @@ from oddaemon.core.config import Config
 from oddaemon.core.errors import OddaemonError, user_message
 from oddaemon.core.failures import Failure
 from oddaemon.core.states import TERMINAL
-from oddaemon.core.views import SHOWN_BY_LIST, SHOWN_BY_STATUS, job_view
+from oddaemon.core.views import SHOWN_BY_LIST, SHOWN_BY_STATUS, FinishedViews
 from oddaemon.service.announce import Announcer
 from oddaemon.service.commands import Commands
 from oddaemon.service.effects import Effects
@@ -47,6 +48,7 @@ from oddaemon.service.local_executor import LocalExecutor
 from oddaemon.service.preflight import Preflights
 from oddaemon.service.reconfigure import pin_budget_of, policy_of, reread_config
 from oddaemon.service.recovery import kill_leftover_workers, load_saved_jobs
+from oddaemon.service.slurm_executor import SlurmExecutor
 from oddaemon.service.trainguard import TrainGuard
 
 log = logging.getLogger("oddaemon")
@@ -64,11 +66,23 @@ def local_executor(config: Config, loop: Loop, on_exit: ExitCallback, on_output:
                          on_exit, clock, on_output=on_output)
 
 
+def slurm_executor(config: Config, loop: Loop, on_exit: ExitCallback, on_output: Callable[[str, str], None],
+                   clock: Callable[[], float]) -> Executor:
+    """Train and export workers as Slurm batch jobs; served workers locally (``[cluster] backend = "slurm"``)."""
+    env = dict(os.environ, **({"SLURM_CONF": config.slurm_conf} if config.slurm_conf else {}))
+    return SlurmExecutor(loop, SlurmCommands(loop, env), config.slurm_settings(),
+                         local_executor(config, loop, on_exit, on_output, clock), on_exit, clock)
+
+
+def executor_for(config: Config) -> ExecutorFactory:
+    return slurm_executor if config.cluster_backend == "slurm" else local_executor
+
+
 class Daemon:
     """``executor``: how workers run (``local_executor``, or a test's recording fake)."""
 
     def __init__(self, config: Config, loop: Loop, clock: Callable[[], float] = time.time,
-                 executor: ExecutorFactory = local_executor):
+                 executor: ExecutorFactory | None = None):
         self.config = config
         self.loop = loop
         self.clock = clock
@@ -76,7 +90,7 @@ class Daemon:
         self.spool = Spool(config.spool_dir)
         self.gpu_discovery = discover(config.gpus)
         self.state = sch.State(inventory=self.gpu_discovery.ids, policy=policy_of(config))
-        self.executor = executor(config, loop, self._on_worker_exit,
+        self.executor = (executor or executor_for(config))(config, loop, self._on_worker_exit,
                                  lambda name, role: role == "train" and self.guard.activity(name), clock)
         self.guard = TrainGuard(loop, clock, self._stop_failed_train)  # hung workers, NaN losses
         self.launcher = WorkerLauncher(config, loop, self.store, self.executor, lambda: self.state.jobs,
@@ -88,13 +102,15 @@ class Daemon:
         self.evaluations = Evaluations(loop, config.state_dir, self.dispatch, self.launcher.start_worker,
                                        self.executor.stop, clock, pin_budget_of(config))
         self.announcer = Announcer(self)  # metrics snapshot, D-Bus signals, sd_notify
-        self.watching = JobWatching(loop, self.evaluations, self.guard, self.announcer.snapshot_soon)
+        self.watching = JobWatching(loop, self.evaluations, self.guard, self.announcer.snapshot_soon,
+                                    config.state_dir)
         self.effects = Effects(loop, clock, lambda: self.state, self.store, self.spool, self.intake_, self.executor,
                                self.launcher, self.watching, self.evaluations, lambda: self.dispatch(sch.Tick()))
         self.effects.on_state_change.append(self.announcer.state_changed)
         self.evaluations.listeners.append(self.announcer.checkpoint_evaluated)
         self.intake_.on_rejected = self.announcer.snapshot_soon  # (a rejection changes no job: no dispatch)
         self.control: ControlServer | None = None
+        self.finished_views = FinishedViews()
         self.commands = Commands(self)
         self.started_at = clock()
         self.shutting_down = False
@@ -195,6 +211,7 @@ class Daemon:
     def _train_started(self, job: sch.Job) -> None:
         timeout = job.spec.train.hang_timeout_seconds
         self.guard.begin(job.name, self.config.hang_timeout_seconds if timeout is None else timeout)
+        self.evaluations.training_started(job)  # its evaluator builds its model while the trainer builds its own
 
     def _refuse(self, name: str, failure: Failure) -> None:
         """An evaluator or export was refused: the job fails (``refused``), as when its train worker
@@ -242,7 +259,8 @@ class Daemon:
         progress = self.watching.progress.get(name)
         if progress is not None and job.state not in TERMINAL:
             progress.refresh()
-        return job_view(job, progress, self.state.queue_position(name), self.executor.log_path(name, "train"),
+        position = None if job.state in TERMINAL else self.state.queue_position(name)  # O(jobs): not for 1,000 finished
+        return self.finished_views.job_view(job, progress, position, self.executor.log_path(name, "train"),
                         self.evaluations.book(name), shown)
 
     def gpus(self) -> dict:
@@ -291,10 +309,13 @@ class Daemon:
         if self.control is not None:
             self.control.close()
         self.parsers.close()
+        self.watching.save_all()  # event file offsets: the next start reads on from here
         if not self.executor.workers:
             self.loop.stop()
             return
         self.executor.stop_all("daemon shutting down")
+        if not self.executor.workers:  # nothing to wait for (an executor may leave its jobs running)
+            self.loop.stop()
 
 
 def run(config: Config, loop: Loop) -> int:

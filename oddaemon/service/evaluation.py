@@ -10,7 +10,14 @@ Per job:
   ``evaluation_record.py``;
 * a **warm evaluator** (one long-lived worker per job, on the placement the scheduler gives) is
   handed checkpoint after checkpoint in save order, one at a time (``evaluator_driver.py``,
-  ``warm.py``); if it dies, the checkpoint it was on is retried with backoff;
+  ``warm.py``); if it dies, the checkpoint it was on is retried with backoff. It is started when
+  training starts (``warm_up``), so that it builds its model while the trainer builds its own and the
+  first checkpoint is evaluated at once, where its place is known then: ``[eval] device = "cpu"``, or
+  an eval GPU the job already holds (a GPU is taken for evaluation only when a checkpoint is due);
+* the reaction to a new checkpoint (inotify -> listing -> pin -> journal line -> request in the
+  evaluator's pipe) does no fsync and waits for no timer: the journal's fsync runs on a thread of its
+  own (``adapters/bookfile.py``, "Durability", for why the order is safe); ``reaction.py`` times the
+  stages for ``bench/reaction``;
 * the best checkpoint (``[eval] metric`` / ``higher_is_better``) lives in ``model_dir/best`` with
   ``best.json`` (``best_checkpoint.py``); with ``export_best`` it is exported to
   ``model_dir/exported`` by a worker that reads a pin of its own (``exports.py``: at the end by
@@ -33,10 +40,12 @@ from oddaemon.core.checkpoints import complete_checkpoints
 from oddaemon.core.evalbook import CheckpointEval, EvalBook, EvalPolicy, Finished
 from oddaemon.core.jobs import Job
 from oddaemon.core.pinbudget import PinBudget
+from oddaemon.core.states import JobState
 from oddaemon.service.best_checkpoint import BestCheckpoint
 from oddaemon.service.evaluation_record import EvaluationRecord, SavedBooks
 from oddaemon.service.evaluator_driver import EvaluatorDriver
 from oddaemon.service.exports import JobExports
+from oddaemon.service.reaction import ReactionTrace
 
 log = logging.getLogger("oddaemon.service.evaluation")
 
@@ -64,10 +73,12 @@ class JobEvaluation:
             self.name, prefix, output, info)) if job.spec.eval.export_best else None
         self.best = BestCheckpoint(self.name, self.model_dir, self.book, self.pins, owner.loop, self._best_placed)
         self.driver = EvaluatorDriver(self.name, self.record, owner.loop, owner.dispatch, owner.start_worker,
-                                      owner.stop_worker, owner.clock, self)
+                                      owner.stop_worker, owner.clock, self, owner.trace)
 
     # ---- pinning (the daemon's ModelDirWatcher calls rescan on every checkpoint event)
     def rescan(self) -> None:
+        trace = self.owner.trace
+        rescan_at, started = (time.time(), time.perf_counter()) if trace is not None else (0.0, 0.0)
         try:
             listing = os.listdir(self.model_dir)
         except OSError as exc:
@@ -76,6 +87,8 @@ class JobEvaluation:
         now = self.owner.clock()
         added = False
         complete = complete_checkpoints(listing)
+        listed = time.perf_counter() if trace is not None else 0.0
+        new: list[int] = []
         known = self.book.newest or 0
         # Checkpoints are numbered by save count: a gap below a new one was written and deleted by
         # max_to_keep before the daemon could pin it (a daemon far behind a checkpoint flood). It is
@@ -87,6 +100,7 @@ class JobEvaluation:
         for n in complete:
             if n in self.book.checkpoints:
                 continue
+            pin_started = time.perf_counter() if trace is not None else 0.0
             prefix = self.pins.pin(n, listing)
             if prefix is None:
                 self.book.add_missed(n, now, "deleted before it could be pinned")
@@ -94,6 +108,9 @@ class JobEvaluation:
             else:
                 self.book.add(n, prefix, self._completed_at(prefix, now))
                 added = True
+                new.append(n)
+                if trace is not None:
+                    trace.arrived(self.name, n, rescan_at, listed - started, time.perf_counter() - pin_started)
         # Pins of checkpoints the book already knows (after a restart) stay valid: nothing to do.
         if added:
             skipped = self.book.apply_skip_policy()
@@ -102,8 +119,13 @@ class JobEvaluation:
         cap = self.job.spec.eval.max_pinned_bytes or self.owner.pin_budget.max_bytes_per_job
         released = self.pins.keep_within(self.book, set(listing), self.owner.pin_budget, cap, now)
         if added or released:
-            self.record.save()
+            saving = time.perf_counter() if trace is not None else 0.0
+            self.record.save()  # journal lines, no fsync on this path (bookfile: "Durability")
+            if trace is not None:
+                trace.recorded(self.name, new, time.perf_counter() - saving)
             self.driver.pump()
+            if trace is not None:
+                trace.rescan_done(self.name)
 
     @staticmethod
     def _completed_at(prefix: str, now: float) -> float:
@@ -196,6 +218,7 @@ class Evaluations:
         self.start_worker = start_worker  # (name, role, args, gpus, stdin=None, pass_fds=()) -> Worker | None
         self.stop_worker = stop_worker  # (name, role, reason)
         self.clock = clock
+        self.trace = ReactionTrace.from_environment()  # bench/reaction's stage timings (None: off)
         self.jobs: dict[str, JobEvaluation] = {}
         self.saved_books = SavedBooks(state_dir)  # finished jobs' books, as last read
         self.listeners: list[Callable[[str, object], None]] = []
@@ -207,10 +230,19 @@ class Evaluations:
             self.jobs[job.name] = JobEvaluation(self, job)
         return self.jobs[job.name]
 
+    def training_started(self, job: Job) -> None:
+        """A train worker started (not one that was refused): the job's evaluator starts too, where its
+        place needs no new GPU (``EvaluatorDriver.warm_up``), and builds its model meanwhile."""
+        ev = self.jobs.get(job.name)
+        if ev is not None and job.state is JobState.RUNNING and (job.spec.eval.device == "cpu" or job.eval_gpus):
+            ev.driver.warm_up()
+
     def close(self) -> None:
         """The daemon stops: every live book written whole."""
         for ev in self.jobs.values():
             ev.close()
+        if self.trace is not None:
+            self.trace.close()
 
     def rescan(self, name: str) -> None:
         if name in self.jobs:

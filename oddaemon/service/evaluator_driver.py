@@ -9,8 +9,9 @@ implemented by ``evaluation.JobEvaluation``).
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from oddaemon.adapters.loop import Loop
 from oddaemon.adapters.procs import Worker
@@ -18,6 +19,9 @@ from oddaemon.core import events as msg
 from oddaemon.core.evalbook import CheckpointEval, Finished
 from oddaemon.service.evaluation_record import EvaluationRecord, read_result
 from oddaemon.service.warm import WarmEvaluator
+
+if TYPE_CHECKING:
+    from oddaemon.service.reaction import ReactionTrace
 
 log = logging.getLogger("oddaemon.service.evaluator_driver")
 
@@ -43,11 +47,12 @@ class EvaluationOutcomes(Protocol):
 
 class EvaluatorDriver:
     """One job's evaluator and the order of its work. ``start_worker`` and ``stop_worker`` as for
-    ``WarmEvaluator``; ``dispatch`` sends events to the scheduler."""
+    ``WarmEvaluator``; ``dispatch`` sends events to the scheduler; ``trace``: the stage timings of
+    ``bench/reaction`` (None: off)."""
 
     def __init__(self, name: str, record: EvaluationRecord, loop: Loop, dispatch: Callable[[msg.Event], object],
                  start_worker: Callable[..., Worker | None], stop_worker: Callable[[str, str, str], object],
-                 clock: Callable[[], float], outcomes: EvaluationOutcomes):
+                 clock: Callable[[], float], outcomes: EvaluationOutcomes, trace: ReactionTrace | None = None):
         self.name = name
         self.record = record
         self.book = record.book
@@ -57,6 +62,7 @@ class EvaluatorDriver:
         self.stop_worker = stop_worker
         self.clock = clock
         self.outcomes = outcomes
+        self.trace = trace
         self.evaluator: WarmEvaluator | None = None
         self.placement_pending = False
         self.timer: object | None = None
@@ -85,15 +91,28 @@ class EvaluatorDriver:
             return
         if not self.evaluator.ready or self.evaluator.busy:
             return
+        checking = time.perf_counter()
         if not self.outcomes.still_there(due):
             log.warning("job %s: ckpt-%d was deleted before it could be evaluated", self.name, due.n)
             self.book.miss(due.n, now, "its files were deleted before it could be evaluated")
             self.record.save()
             self.pump()
             return
+        recording = time.perf_counter()
         self.book.start(due.n, now)
-        self.record.save()
+        self.record.save()  # the journal line; its fsync runs off this path (bookfile: "Durability")
+        sending = time.perf_counter()
         self.evaluator.request(due.prefix, self.record.result_path(due.n), due.n)
+        if self.trace is not None:
+            sent = time.perf_counter()
+            self.trace.sent(self.name, due.n, recording - checking, sending - recording, sent - sending, False)
+
+    def warm_up(self) -> None:
+        """Training starts: start the evaluator now, before any checkpoint is due, so that it builds its
+        model while the trainer builds its own (the caller knows its place needs no new GPU)."""
+        if self.evaluator is None and not self.placement_pending and self.timer is None:
+            self.placement_pending = True
+            self.dispatch(msg.PlaceEvaluator(self.name))
 
     def placed(self, gpus: tuple[int, ...] | None) -> None:
         """The scheduler's placement for the evaluator (None: device = "gpu" and none is free yet)."""

@@ -31,6 +31,14 @@ class WorkerLaunch:
     gpus: tuple[int, ...] = ()
     stdin: int | None = None
     pass_fds: tuple[int, ...] = field(default=())
+    nice: int = 0  # its nice value (a CPU evaluator's: [eval] cpu_nice), local processes only
+    gpu_count: int | None = None  # GPUs a cluster is to allocate (None: the ones in ``gpus``)
+    time_limit: str = ""  # the job's own [slurm] time_limit and partition ("" = the daemon's)
+    partition: str = ""
+
+    @property
+    def gpus_wanted(self) -> int:
+        return len(self.gpus) if self.gpu_count is None else self.gpu_count
 
 
 class RunningWorker(Protocol):
@@ -56,7 +64,10 @@ class Executor(Protocol):
 
     def stop(self, name: str, role: str, reason: str, failure: Failure | None = None) -> bool: ...
 
-    def stop_all(self, reason: str) -> None: ...
+    def stop_all(self, reason: str) -> None:
+        """The daemon is shutting down: stop what must not outlive it (local processes); a workload
+        manager's jobs may run on, untracked, for the next daemon to adopt."""
+        ...
 
     def runtime_record(self, worker: RunningWorker) -> dict: ...
 

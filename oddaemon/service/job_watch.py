@@ -2,6 +2,10 @@
 files) and the inotify watch on its model_dir, which reports new checkpoints to the evaluation side
 and activity to the train guard. A watch starts with training and ends when the job's evaluator
 stops (``StopEvaluator``), after one last read of the event files.
+
+How far each job's event files were read is saved under ``state_dir`` (``layout.progress_file``)
+at most every ``SAVE_SECONDS`` while they grow, and when the watch ends, so a restarted daemon
+goes on from there instead of reading every event file again (``service.progress``).
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from collections.abc import Callable
 
 from oddaemon.adapters.inotify import InotifyHub
 from oddaemon.adapters.loop import Loop
+from oddaemon.adapters.store import remove_stale_temps
+from oddaemon.core import layout
 from oddaemon.core.errors import OddaemonError, user_message
 from oddaemon.core.jobs import Job
 from oddaemon.formats.pipeline_numbers import pipeline_num_steps
@@ -20,11 +26,19 @@ from oddaemon.service.trainguard import TrainGuard
 from oddaemon.service.watch import ModelDirWatcher
 
 log = logging.getLogger("oddaemon")
+SAVE_SECONDS = 5.0
 
 
 class JobWatching:
-    def __init__(self, loop: Loop, evaluations: Evaluations, guard: TrainGuard, changed: Callable[[], None]):
+    """``state_dir``: where read offsets are kept across restarts (None: nowhere, every start reads all)."""
+
+    def __init__(self, loop: Loop, evaluations: Evaluations, guard: TrainGuard, changed: Callable[[], None],
+                 state_dir: str | None = None):
         self.loop = loop
+        self.state_dir = state_dir
+        self._save_timers: dict[str, object] = {}
+        if state_dir:  # (made at start-up, before anything writes there)
+            remove_stale_temps(layout.progress_dir(state_dir))
         self.evaluations = evaluations
         self.guard = guard
         self.changed = changed  # progress moved: a new metrics snapshot soon
@@ -37,7 +51,8 @@ class JobWatching:
         name = job.name
         if name not in self.progress:
             target = job.spec.pipeline.num_steps or pipeline_num_steps(job.spec.pipeline_config)
-            self.progress[name] = TrainProgress(job.spec.model_dir, target)
+            state = layout.progress_file(self.state_dir, name) if self.state_dir else None
+            self.progress[name] = TrainProgress(job.spec.model_dir, target, state)
         self.evaluations.ensure(job)
         if name in self.watchers:
             return
@@ -45,6 +60,7 @@ class JobWatching:
 
         def on_progress() -> None:
             progress.refresh()
+            self._save_soon(name)
             self.guard.progress(name, progress)
             self.changed()
 
@@ -64,10 +80,34 @@ class JobWatching:
         """Read what is new in a job's event files (a view, a train worker's exit)."""
         if name in self.progress:
             self.progress[name].refresh()
+            self._save_soon(name)
+
+    def _save_soon(self, name: str) -> None:
+        """Save the job's read offsets within ``SAVE_SECONDS`` (one write however many reads came)."""
+        if name not in self._save_timers and self.progress[name].unsaved:
+            self._save_timers[name] = self.loop.call_later(SAVE_SECONDS, lambda: self._save_due(name))
+
+    def _save_due(self, name: str) -> None:
+        self._save_timers.pop(name, None)
+        if self.progress[name].unsaved:
+            self.progress[name].save()
+
+    def _save(self, name: str) -> None:
+        """Save now (a pending save is cancelled)."""
+        self.loop.remove(self._save_timers.pop(name, None))
+        if self.progress[name].unsaved:
+            self.progress[name].save()
+
+    def save_all(self) -> None:
+        """Save every job's unsaved read offsets now (the daemon is shutting down)."""
+        for name in list(self.progress):
+            self._save(name)
 
     def end(self, name: str) -> None:
-        """The job's evaluator stopped: the last evaluation's events are read, the watch ends."""
-        self.refresh(name)
+        """The job's evaluator stopped: the last evaluation's events are read and saved, the watch ends."""
+        if name in self.progress:
+            self.progress[name].refresh()
+            self._save(name)
         watcher = self.watchers.pop(name, None)
         if watcher is not None:
             watcher.stop()

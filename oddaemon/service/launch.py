@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from oddaemon.adapters import confine
 from oddaemon.adapters.loop import Loop
-from oddaemon.adapters.procs import worker_environment
+from oddaemon.adapters.procs import thread_limits, worker_environment
 from oddaemon.adapters.store import Store
 from oddaemon.core import layout
 from oddaemon.core import scheduler as sch
@@ -84,9 +84,16 @@ class WorkerLauncher:
                               keep=self.config.allowed_roots)
             argv = [self.config.resolved_worker_python(), "-m", self.config.worker_module, args[0], "--job", job_json,
                     *args[1:]]
-            worker = self.executor.start(WorkerLaunch(name, role, job.attempt, argv,
-                                                      worker_environment(dict(os.environ), gpus),
-                                                      self.store.job_dir(name), gpus, stdin, pass_fds))
+            # A CPU evaluator beside the trainer: lower priority, fewer threads ([eval] cpu_nice, cpu_threads)
+            cpu_eval = role == "eval" and not gpus
+            env = worker_environment(dict(os.environ), gpus,
+                                     thread_limits(self.config.eval_cpu_threads) if cpu_eval else None)
+            worker = self.executor.start(WorkerLaunch(name, role, job.attempt, argv, env, self.store.job_dir(name),
+                                                      gpus, stdin, pass_fds,
+                                                      nice=self.config.eval_cpu_nice if cpu_eval else 0,
+                                                      gpu_count=cluster_gpus(job, role, gpus),
+                                                      time_limit=job.spec.slurm.time_limit or "",
+                                                      partition=job.spec.slurm.partition or ""))
         except (OddaemonError, OSError) as exc:
             log.error("job %s: cannot start its %s worker: %s", name, role, user_message(exc))
             return None
@@ -126,3 +133,9 @@ class WorkerLauncher:
     def _worker_job(self, name: str, payload: dict) -> str:
         path = layout.worker_job(self.config.state_dir, name)
         return path if os.path.exists(path) else self.store.write_worker_job(name, payload)
+
+
+def cluster_gpus(job: Job, role: str, gpus: tuple[int, ...]) -> int | None:
+    """How many GPUs a cluster is to allocate for a train worker the scheduler gave none of this
+    machine's (a cluster allocates them: ``Policy.cluster_allocates``); None: the ones given."""
+    return job.wants if role == "train" and not gpus and isinstance(job.wants, int) else None

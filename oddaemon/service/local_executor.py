@@ -63,7 +63,7 @@ class LocalExecutor:
                    f"{time.strftime('%Y-%m-%d %H:%M:%S')} "
                    f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')!r})\n".encode())
         worker = spawn(name, role, launch.attempt, launch.argv, env, launch.cwd, self.clock(), stdin=launch.stdin,
-                       pass_fds=launch.pass_fds, identity=self.identity)
+                       pass_fds=launch.pass_fds, identity=self.identity, nice=launch.nice)
         pump = LogPump(worker.output_fd, rlog)
         handles = [
             self.loop.add_reader(worker.output_fd, lambda: self._pump(worker, pump)),

@@ -20,7 +20,7 @@ RESTART_ONLY = ("spool_dir", "state_dir", "log_dir", "gpus", "metrics_listen", "
 def policy_of(config: Config) -> Policy:
     return Policy(max_restarts=config.max_restarts, backoff_base=config.backoff_base_seconds,
                   backoff_cap=config.backoff_cap_seconds, reset_after=config.restart_reset_after_seconds,
-                  max_cpu_jobs=config.max_cpu_jobs)
+                  max_cpu_jobs=config.max_cpu_jobs, cluster_allocates=config.cluster_backend != "local")
 
 
 def pin_budget_of(config: Config) -> PinBudget:

@@ -38,7 +38,8 @@ class Tree:
     leak_glob: str    # matches root/evil/leak.tfrecord -> outside/secret.config
 
     def context(self, max_file_bytes: int = MAX_FILE_BYTES) -> ValidationContext:
-        return ValidationContext(allowed_roots=(self.root,), max_file_bytes=max_file_bytes)
+        return ValidationContext(allowed_roots=(self.root,), max_file_bytes=max_file_bytes,
+                                 slurm_partitions=SLURM_PARTITIONS)
 
 
 def make_tree(base: str) -> Tree:
@@ -69,6 +70,9 @@ def hostile_file(rng: random.Random, tree: Tree, kind: str | None = None, max_ar
     """One job file of ``kind`` (one of KINDS; random when None). ``max_array`` bounds huge arrays."""
     kind = kind or rng.choice(KINDS)
     return _Gen(rng, tree, max_array, max_bytes).make(kind)
+
+
+SLURM_PARTITIONS = ("train", "gpu-a100")  # what the fuzzed daemon lets jobs choose ([slurm] partitions)
 
 
 def valid_value(rng: random.Random, tree: Tree, section: str, key: str) -> str | None:
@@ -228,6 +232,8 @@ class _Gen:
             "max_pinned_bytes": lambda: str(r.randint(1, 10**12)),
             "patience": lambda: str(r.randint(1, 10_000)), "min_delta": lambda: repr(r.uniform(0, 1)),
             "when_behind": lambda: basic_string(r.choice(WHEN_BEHIND)), "max_behind": lambda: str(r.randint(1, 10_000)),
+            "time_limit": lambda: r.choice(['"90"', '"12:00:00"', '"2-00:00:00"']),
+            "partition": lambda: basic_string(r.choice(SLURM_PARTITIONS)), "nodes": lambda: "1",
         }
         make = choices.get(key)
         return make() if make else None

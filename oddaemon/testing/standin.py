@@ -36,6 +36,8 @@ import signal
 import sys
 import time
 
+from oddaemon.core.failures import marker_line
+from oddaemon.core.slurm import REQUEUE_EXIT
 from oddaemon.testing import standin_eval
 from oddaemon.testing.standin_core import (
     CRASH_MARKER,
@@ -186,8 +188,15 @@ def train(setup: Setup) -> int:
     writer = SummaryWriter(os.path.join(setup.model_dir, "train"), setup.directives["summary_max_queue"],
                            setup.directives["summary_flush_seconds"])
     checkpointed = logged = step
+    warned: list[int] = []  # the cluster's warning signal before its time limit (SIGUSR2)
+    signal.signal(signal.SIGUSR2, lambda signum, frame: warned.append(signum))
     try:
         while step < num_steps:
+            if warned:  # as the real worker: save now, say so, ask to be requeued
+                manager.save(step)
+                print(marker_line("requeued", f"saved a checkpoint at step {step} on the cluster's warning signal "
+                                              "(SIGUSR2) before its time limit"), file=sys.stderr, flush=True)
+                return REQUEUE_EXIT
             failure = _failure_due(setup, step + 1)
             if failure:
                 return _fail(setup, failure, step + 1)

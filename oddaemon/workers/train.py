@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 
+from oddaemon.core.failures import marker_line
+from oddaemon.core.slurm import REQUEUE_EXIT
 from oddaemon.workers import EXIT_OK, WorkerError, err, load_job, setting
 
 MAX_STEPS_PER_ITERATION = 100  # model_lib_v2.NUM_STEPS_PER_ITERATION
@@ -106,6 +109,46 @@ def strategy_for(gpus):
     return tf.distribute.get_strategy()  # the default strategy: GPU:0 when there is one, else the CPU
 
 
+class RequeueRequested(Exception):
+    """The cluster's warning signal (SIGUSR2, ``sbatch --signal=B:USR2@N``) arrived: save and leave."""
+
+
+_managers: list = []  # the CheckpointManager train_loop creates (captured to save on the warning)
+
+
+def _capture_checkpoint_managers(tf) -> None:
+    """train_loop keeps its CheckpointManager to itself: record each one it creates, so that the
+    warning signal can save the model between two training iterations."""
+    base = tf.compat.v2.train.CheckpointManager
+    if getattr(base, "_oddaemon_capturing", False):
+        return
+
+    class Capturing(base):
+        _oddaemon_capturing = True
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            _managers.append(self)
+
+    tf.compat.v2.train.CheckpointManager = Capturing
+
+
+def _on_warning(signum, frame) -> None:
+    # Python runs this in the main thread between bytecodes: after a training iteration's
+    # tf.function returned, never inside it, so the variables are those of a completed step.
+    raise RequeueRequested
+
+
+def _save_and_requeue(model_dir: str) -> int:
+    if not _managers:
+        raise WorkerError("the cluster's warning signal came before the model was built: nothing to save",
+                          REQUEUE_EXIT)
+    path = _managers[-1].save()
+    err(marker_line("requeued", f"saved a checkpoint at step {checkpoint_step(path)} ({os.path.basename(path)}) "
+                                "on the cluster's warning signal (SIGUSR2) before its time limit"))
+    return REQUEUE_EXIT
+
+
 def run(args) -> int:
     job = load_job(args.job)
     spec = job["spec"]
@@ -152,6 +195,25 @@ def run(args) -> int:
 
     strategy = strategy_for(gpus)
     started = time.monotonic()
+    _capture_checkpoint_managers(tf)
+    signal.signal(signal.SIGUSR2, _on_warning)
+    try:
+        _train_phases(tf, model_lib_v2, strategy, phases, config_path, model_dir, max_to_keep)
+    except RequeueRequested:
+        return _save_and_requeue(model_dir)
+    finally:
+        signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    final = latest_checkpoint(model_dir)
+    final_step = checkpoint_step(final) if final else None
+    if final_step != num_steps:
+        raise WorkerError(f"training ended but the latest checkpoint {final} holds step {final_step}, "
+                          f"not num_steps {num_steps}")
+    err(f"oddaemon.workers train: training finished at step {final_step} ({final}) "
+        f"in {time.monotonic() - started:.1f}s")
+    return EXIT_OK
+
+
+def _train_phases(tf, model_lib_v2, strategy, phases, config_path: str, model_dir: str, max_to_keep: int) -> None:
     for phase in phases:
         # Once a checkpoint exists, train_loop restores it after loading fine_tune_checkpoint, which
         # is then wasted work (and a dummy forward pass): skip it.
@@ -173,11 +235,3 @@ def run(args) -> int:
                 num_steps_per_iteration=phase.steps_per_iteration,
             )
         tf.keras.backend.clear_session()
-    final = latest_checkpoint(model_dir)
-    final_step = checkpoint_step(final) if final else None
-    if final_step != num_steps:
-        raise WorkerError(f"training ended but the latest checkpoint {final} holds step {final_step}, "
-                          f"not num_steps {num_steps}")
-    err(f"oddaemon.workers train: training finished at step {final_step} ({final}) "
-        f"in {time.monotonic() - started:.1f}s")
-    return EXIT_OK

@@ -22,6 +22,7 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 pytest.importorskip("object_detection")
 
+from oddaemon.core.failures import classify_failure  # noqa: E402
 from oddaemon.core.jobspec import EvalOptions, JobSpec, PipelineEdits, TrainOptions  # noqa: E402
 from oddaemon.formats.tfevents import EventDirReader, EventFileReader  # noqa: E402
 
@@ -305,6 +306,39 @@ def test_train_exits_promptly_on_sigterm(data, tmp_path):
     assert "SIGTERM received" in output
     # the recorded checkpoints are complete and readable
     assert 0 in checkpoint_steps(model_dir).values()
+
+
+def test_train_saves_and_asks_to_be_requeued_on_the_clusters_warning_signal(data, tmp_path):
+    """sbatch --signal=B:USR2@N: the batch script forwards SIGUSR2 to the worker, which saves a
+    checkpoint after the training iteration it is in and exits 75 with an oddaemon-failure line
+    "requeued" (the daemon resubmits it; it resumes from that checkpoint)."""
+    model_dir = tmp_path / "model"
+    spec = make_spec(data, model_dir, num_steps=5000, batch_size=2, train_input_path=(data["train"],))
+    job = write_job(tmp_path / "job.json", spec)
+    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    log = open(tmp_path / "train.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "oddaemon.workers", "train", "--job", job], cwd=REPO,
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while not (model_dir / "checkpoint").exists() or max(checkpoint_steps(model_dir).values()) < EVERY_N:
+            assert proc.poll() is None, "the worker ended before its second checkpoint"
+            assert time.monotonic() < deadline, "no second checkpoint after 300s"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGUSR2)
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log.seek(0)
+    output = log.read()
+    assert rc == 75, output[-3000:]
+    (line,) = [x for x in output.splitlines() if x.startswith("oddaemon-failure: requeued: saved a checkpoint at step")]
+    step = int(line.split("at step ")[1].split()[0])
+    steps = checkpoint_steps(model_dir)
+    assert step >= EVERY_N and max(steps.values()) == step, (line, steps)
+    assert classify_failure(rc, output.splitlines()).kind == "requeued"
 
 
 # ------------------------------------------------------------------------------------------ eval

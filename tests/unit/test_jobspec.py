@@ -361,7 +361,9 @@ def test_to_dict_is_json_safe_and_round_trips():
 
 
 def test_allowed_keys_match_the_dataclasses():
-    assert ALLOWED_KEYS[""] == ("name", "pipeline_config", "model_dir", "priority", "pipeline", "train", "eval")
+    assert ALLOWED_KEYS[""] == ("name", "pipeline_config", "model_dir", "priority", "pipeline", "train", "eval",
+                                "slurm")
+    assert ALLOWED_KEYS["slurm"] == ("time_limit", "partition", "nodes")
     assert "num_classes" in ALLOWED_KEYS["pipeline"] and len(ALLOWED_KEYS["pipeline"]) == 12
     assert ALLOWED_KEYS["train"] == ("gpus", "checkpoint_every_n", "checkpoint_max_to_keep", "max_restarts",
                                      "hang_timeout_seconds", "oom_retry_halve_batch", "min_batch_size")
@@ -458,3 +460,20 @@ def test_workers_count_gpus_by_the_same_rule():
     assert gpu_count_for(job(None, allocated=[3])) == 1  # the daemon's allocation wins
     assert gpu_count_for(job([1, 2, 3])) == 3 and gpu_count_for(job(2)) == 2 and gpu_count_for(job(0)) == 0
     assert gpu_count_for(job(None)) is None and gpu_count_for(job(True)) is None  # not known before allocation
+
+
+def test_slurm_table_is_validated_like_the_others(tree, ctx):
+    """[slurm] in a job: a time limit in Slurm's format, a partition from the daemon's allowed set
+    ([slurm] partitions), one node; each problem names its key."""
+    from dataclasses import replace  # noqa: PLC0415 - only this test varies the context
+
+    good = parse(BASE + '[slurm]\ntime_limit = "12:00:00"\npartition = "a100"\n', tree,
+                 replace(ctx, slurm_partitions=("a100", "v100")))
+    assert (good.slurm.time_limit, good.slurm.partition, good.slurm.nodes) == ("12:00:00", "a100", 1)
+    bad = parse(BASE + '[slurm]\ntime_limit = "tomorrow"\npartition = "a100"\nnodes = 4\nqos = "high"\n', tree, ctx)
+    texts = [p.render() for p in bad]
+    assert any("[slurm] time_limit: must be a Slurm time limit" in t for t in texts)
+    assert any("[slurm] partition: must be one of the partitions this daemon lets jobs choose ([slurm] "
+               "partitions: none), got 'a100'" in t for t in texts)
+    assert any("[slurm] nodes: must be 1 (several nodes per job are not supported yet)" in t for t in texts)
+    assert any("unknown key 'qos' in [slurm]" in t for t in texts)

@@ -1,0 +1,184 @@
+"""Slurm, read and written as text: the ``sbatch`` command line for a worker, ``sbatch --parsable``'s
+answer, ``squeue --json``'s jobs (Slurm 22.05's OpenAPI v0.0.38 shape) and ``scontrol show job -o``'s
+line, and what each Slurm job state means for the daemon: still waiting, running, or ended with an
+exit status and a failure kind. Pure: the commands run in ``adapters/slurm_cli.py``.
+
+Slurm's states (``squeue`` man page, "JOB STATE CODES"): a job is *waiting* while Slurm holds it
+(PENDING, CONFIGURING, REQUEUED, REQUEUE_HOLD, REQUEUE_FED, RESV_DEL_HOLD, SUSPENDED, STOPPED),
+*running* while it runs or is being cleaned up (RUNNING, COMPLETING, SIGNALING, STAGE_OUT, RESIZING),
+and *ended* in every other state, each with its failure kind: TIMEOUT and DEADLINE are
+``time-limit``, NODE_FAIL and BOOT_FAIL ``node-fail``, PREEMPTED ``preempted``, OUT_OF_MEMORY
+``host-oom``; FAILED is the worker's own exit status (its log tells why); CANCELLED is a signal.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+WAITING = frozenset({"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD",
+                     "SUSPENDED", "STOPPED"})
+RUNNING = frozenset({"RUNNING", "COMPLETING", "SIGNALING", "STAGE_OUT", "RESIZING"})
+# Ended by Slurm rather than by the worker: the failure kind, and the sentence for the user.
+SLURM_ENDINGS = {
+    "TIMEOUT": ("time-limit", "Slurm stopped it at its time limit"),
+    "DEADLINE": ("time-limit", "Slurm stopped it at its deadline"),
+    "NODE_FAIL": ("node-fail", "its Slurm node failed"),
+    "BOOT_FAIL": ("node-fail", "its Slurm node failed to boot"),
+    "PREEMPTED": ("preempted", "Slurm preempted it for another job"),
+    "OUT_OF_MEMORY": ("host-oom", "Slurm's cgroup memory limit killed it (out of host memory)"),
+    "REVOKED": ("signal", "Slurm revoked it (a federated sibling started it)"),
+}
+REQUEUE_EXIT = 75  # EX_TEMPFAIL: a worker that saved a checkpoint on Slurm's warning signal asks to be requeued
+WARNING_SIGNAL = "USR2"  # sent before the time limit (NCCL uses USR1)
+TIME_LIMIT_RE = re.compile(r"(\d+-)?\d+(:\d{2}){0,2}")  # "90", "12:00:00", "2-00:00:00" (Slurm's --time)
+_SBATCH_ANSWER = re.compile(r"^\s*(\d+)(?:;(\S+))?\s*$")
+_NAME_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+@dataclass(frozen=True)
+class SlurmSettings:
+    """The daemon-wide ``[slurm]`` settings a site gives (``core/config.py``)."""
+
+    partition: str = ""
+    eval_partition: str = ""
+    account: str = ""
+    qos: str = ""
+    time_limit: str = ""  # Slurm's format, e.g. "24:00:00"
+    gres_name: str = "gpu"
+    extra_args: tuple[str, ...] = ()  # from the allow-list, already checked
+    poll_seconds: float = 3.0
+    warning_seconds: int = 120  # WARNING_SIGNAL this long before the time limit
+
+
+@dataclass(frozen=True)
+class SlurmJob:
+    """One job as ``squeue --json`` (or ``scontrol show job -o``) shows it."""
+
+    job_id: int
+    name: str
+    state: str  # Slurm's job state, e.g. "RUNNING"
+    reason: str  # Slurm's state reason, e.g. "Resources", "NonZeroExitCode"
+    exit_status: int  # the wait status Slurm records (exit code << 8 | signal)
+    restarts: int
+    submit_time: int
+    nodes: str = ""
+
+    @property
+    def phase(self) -> str:
+        """"waiting", "running" or "ended"."""
+        if self.state in WAITING:
+            return "waiting"
+        if self.state in RUNNING:
+            return "running"
+        return "ended"
+
+
+@dataclass(frozen=True)
+class Ending:
+    """How an ended Slurm job is reported as a worker's exit: ``returncode`` as a process's (negative
+    for a signal) and, where Slurm ended it, the failure kind and sentence."""
+
+    returncode: int
+    kind: str | None = None
+    message: str = ""
+
+
+def job_name(name: str, role: str) -> str:
+    """The Slurm job name of a job's worker: ``oddaemon-<name>-<role>`` (what ``squeue`` shows)."""
+    return f"oddaemon-{_NAME_SAFE.sub('_', name)}-{role}"
+
+
+def sbatch_argv(settings: SlurmSettings, name: str, role: str, gpus: int, script: str, log: str,
+                job_time_limit: str = "", job_partition: str = "", nodes: int = 1) -> list[str]:
+    """``sbatch --parsable`` for one worker: its batch script, its log (appended, as local logs are),
+    GPUs as ``--gres=<gres>:N``, Slurm's warning signal sent to the batch shell before the time limit."""
+    partition = job_partition or (settings.eval_partition if role != "train" and settings.eval_partition
+                                  else settings.partition)
+    argv = ["sbatch", "--parsable", f"--job-name={job_name(name, role)}", f"--output={log}", "--open-mode=append",
+            f"--signal=B:{WARNING_SIGNAL}@{settings.warning_seconds}", "--no-requeue", f"--nodes={nodes}"]
+    if partition:
+        argv.append(f"--partition={partition}")
+    if settings.account:
+        argv.append(f"--account={settings.account}")
+    if settings.qos:
+        argv.append(f"--qos={settings.qos}")
+    if job_time_limit or settings.time_limit:
+        argv.append(f"--time={job_time_limit or settings.time_limit}")
+    if gpus:
+        argv.append(f"--gres={settings.gres_name}:{gpus}")
+    return [*argv, *settings.extra_args, script]
+
+
+def batch_script(argv: Sequence[str], env: Mapping[str, str], cwd: str) -> str:
+    """The batch script that runs one worker: its environment (without ``CUDA_VISIBLE_DEVICES``, which
+    Slurm sets from the GRES it allocated), its directory, then the worker in the background so the
+    shell can forward Slurm's warning signal to it and report its exit status."""
+    lines = ["#!/bin/bash", "# written by oddaemon: one worker of one job", "set -u"]
+    lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())
+              if k != "CUDA_VISIBLE_DEVICES" and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)]
+    lines += [f"cd {shlex.quote(cwd)}",
+              f"{shlex.join(argv)} &",
+              "child=$!",
+              f"trap 'kill -{WARNING_SIGNAL} $child' {WARNING_SIGNAL}",
+              "trap 'kill -TERM $child' TERM",
+              "while true; do wait $child; status=$?; kill -0 $child 2>/dev/null || break; done",
+              "exit $status", ""]
+    return "\n".join(lines)
+
+
+def parse_sbatch(stdout: str) -> tuple[int, str]:
+    """``sbatch --parsable``'s answer: ``jobid`` or ``jobid;cluster``. Raises ValueError otherwise."""
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    match = _SBATCH_ANSWER.match(lines[-1]) if lines else None
+    if match is None:
+        raise ValueError(f"sbatch printed no job id: {stdout.strip()[:200]!r}")
+    return int(match.group(1)), match.group(2) or ""
+
+
+def parse_squeue_json(text: str) -> dict[int, SlurmJob]:
+    """The jobs of ``squeue --json`` by id. Raises ValueError on what is not its JSON."""
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"squeue --json printed no JSON: {exc}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("jobs"), list):
+        raise ValueError("squeue --json printed no job list")
+    jobs = {}
+    for j in doc["jobs"]:
+        try:
+            job = SlurmJob(int(j["job_id"]), str(j.get("name", "")), str(j["job_state"]),
+                           str(j.get("state_reason", "")), int(j.get("exit_code") or 0),
+                           int(j.get("restart_cnt") or 0), int(j.get("submit_time") or 0), str(j.get("nodes", "")))
+        except (KeyError, TypeError, ValueError):
+            continue  # a job this parser cannot read is not one of ours to track
+        jobs[job.job_id] = job
+    return jobs
+
+
+def parse_scontrol_job(line: str) -> SlurmJob | None:
+    """``scontrol show job -o ID``'s one line (for a job ``squeue`` no longer lists); None when it
+    says nothing usable. ``ExitCode=3:0`` is exit code 3, signal 0."""
+    fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
+    try:
+        code, sig = (int(x) for x in fields.get("ExitCode", "0:0").split(":", 1))
+        return SlurmJob(int(fields["JobId"]), fields.get("JobName", ""), fields["JobState"], fields.get("Reason", ""),
+                        (code << 8) | sig, int(fields.get("Restarts", 0)), 0, fields.get("NodeList", ""))
+    except (KeyError, ValueError):
+        return None
+
+
+def ending(job: SlurmJob) -> Ending:
+    """An ended job as a worker's exit."""
+    code, sig = job.exit_status >> 8, job.exit_status & 0x7F
+    if job.state in SLURM_ENDINGS:
+        kind, message = SLURM_ENDINGS[job.state]
+        return Ending(-sig if sig else (code or 1), kind, f"{message} (Slurm job {job.job_id}, state {job.state})")
+    if job.state == "CANCELLED":
+        return Ending(-(sig or 15))
+    if job.state == "COMPLETED":
+        return Ending(0)
+    return Ending(-sig if sig else code or 1)  # FAILED, SPECIAL_EXIT, ...: the worker's own exit

@@ -1,0 +1,277 @@
+"""The Slurm executor: a job's train and export workers run as Slurm batch jobs, through the same
+``Executor`` interface as local processes (``service/executor.py``), so the scheduler and the
+evaluation side do not know which runs. Served workers (the warm evaluator, warm preflight), which
+speak over pipes, run on the daemon's host through the local executor it wraps.
+
+Submission (``sbatch --parsable``) and tracking are asynchronous: one ``squeue --json --jobs=...``
+per poll cycle for all of the daemon's Slurm jobs (the cost stays flat with their number), then
+``scontrol show job -o`` for a job ``squeue`` no longer lists. An unreachable controller is retried
+with backoff and never fails a job; a job Slurm ended (time limit, node failure, preemption, its
+memory limit) is reported as the worker's exit with its failure kind (``core/slurm.py``), and the
+scheduler's restart rules apply as to any exit. Logs: Slurm appends the worker's output to the same
+``<log_dir>/<name>/<role>.log`` a local worker writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from oddaemon.adapters.loop import Loop
+from oddaemon.adapters.slurm_cli import CommandResult, SlurmCommands
+from oddaemon.core import slurm
+from oddaemon.core.failures import Failure, classify_failure
+from oddaemon.service.executor import ExitCallback, RunningWorker, WorkerLaunch
+from oddaemon.service.local_executor import LocalExecutor
+
+log = logging.getLogger("oddaemon.slurm")
+TAIL_BYTES = 64 * 1024  # of a worker's log, to classify its failure
+MAX_POLL_SECONDS = 60.0
+
+
+@dataclass
+class SlurmWorker:
+    """A worker running as a Slurm job (``RunningWorker``); ``job_id`` is None until sbatch answers."""
+
+    name: str
+    role: str
+    attempt: int
+    started_at: float
+    pid: int = -1  # no local process
+    job_id: int | None = None
+    state: str = "SUBMITTING"
+    reason: str = ""
+    stop_reason: str = ""
+    imposed: Failure | None = None
+    log_path: str = ""
+    script: str = ""
+    seen: bool = field(default=False)  # squeue listed it once
+
+
+class SlurmExecutor:
+    def __init__(self, loop: Loop, commands: SlurmCommands, settings: slurm.SlurmSettings, local: LocalExecutor,
+                 on_exit: ExitCallback, clock: Callable[[], float]):
+        self.loop = loop
+        self.commands = commands
+        self.settings = settings
+        self.local = local
+        self.on_exit = on_exit
+        self.clock = clock
+        self.jobs: dict[tuple[str, str], SlurmWorker] = {}
+        self._poll_handle: object | None = None
+        self._polling = False
+        self._poll_delay = settings.poll_seconds
+        self._unreachable_since: float | None = None
+
+    # ---- the Executor interface
+    @property
+    def identity(self):
+        return self.local.identity
+
+    @identity.setter
+    def identity(self, value) -> None:
+        self.local.identity = value
+
+    @property
+    def workers(self) -> dict[tuple[str, str], RunningWorker]:
+        return {**self.local.workers, **self.jobs}
+
+    def start(self, launch: WorkerLaunch) -> RunningWorker:
+        if launch.stdin is not None or launch.pass_fds or launch.role == "preflight":
+            return self.local.start(launch)  # served over pipes: on this host
+        worker = SlurmWorker(launch.name, launch.role, launch.attempt, self.clock(),
+                             log_path=self.local.log_path(launch.name, launch.role))
+        worker.script = os.path.join(launch.cwd, f"slurm-{launch.role}.sh")
+        with open(worker.script, "w") as f:
+            f.write(slurm.batch_script(launch.argv, launch.env, launch.cwd))
+        os.chmod(worker.script, 0o755)
+        os.makedirs(os.path.dirname(worker.log_path), exist_ok=True)
+        argv = slurm.sbatch_argv(self.settings, launch.name, launch.role, launch.gpus_wanted, worker.script,
+                                 worker.log_path, launch.time_limit, launch.partition)
+        self.local.note(launch.name, launch.role, f"==== oddaemon: submitting {launch.role} attempt {launch.attempt} "
+                                                  f"to Slurm ({' '.join(argv[2:-1])})\n")
+        self.jobs[(launch.name, launch.role)] = worker
+        # A Slurm job of this worker that outlived the daemon before this one (a restart does not
+        # cancel cluster jobs: stop_all leaves them running) is adopted, not submitted a second time.
+        self.commands.run(["squeue", "--json", "--me", f"--name={slurm.job_name(launch.name, launch.role)}"],
+                          lambda result: self._adopt_or_submit(worker, result, argv))
+        return worker
+
+    def stop(self, name: str, role: str, reason: str, failure: Failure | None = None) -> bool:
+        worker = self.jobs.get((name, role))
+        if worker is None:
+            return self.local.stop(name, role, reason, failure)
+        if failure is not None and worker.imposed is None:
+            worker.imposed = failure
+        if not worker.stop_reason:
+            worker.stop_reason = reason or "stopped"
+            log.info("stopping %s worker of %s (Slurm job %s): %s", role, name, worker.job_id, reason)
+            if worker.job_id is not None:
+                self._scancel(worker)
+        return True
+
+    def stop_all(self, reason: str) -> None:
+        """The daemon is going: local workers stop; Slurm jobs run on (they are the cluster's to run)
+        and are no longer tracked: the next daemon adopts them when it resumes their jobs."""
+        self.local.stop_all(reason)
+        for worker in self.jobs.values():
+            log.info("job %s: Slurm job %s (%s) runs on without the daemon (%s)", worker.name, worker.job_id,
+                     worker.role, reason)
+        self.jobs.clear()
+        if self._poll_handle is not None:
+            self.loop.remove(self._poll_handle)
+            self._poll_handle = None
+
+    def runtime_record(self, worker: RunningWorker) -> dict:
+        if isinstance(worker, SlurmWorker):
+            return {"pid": -1, "start_time": None, "attempt": worker.attempt, "role": worker.role,
+                    "started_at": worker.started_at, "slurm_job_id": worker.job_id}
+        return self.local.runtime_record(worker)
+
+    def log_path(self, name: str, role: str) -> str:
+        return self.local.log_path(name, role)
+
+    def note(self, name: str, role: str, text: str) -> None:
+        self.local.note(name, role, text)
+
+    def configure(self, log_max_bytes: int, log_backups: int, stop_grace: float) -> None:
+        self.local.configure(log_max_bytes, log_backups, stop_grace)
+
+    def reopen_logs(self) -> None:
+        self.local.reopen_logs()
+
+    def close_logs_if_idle(self, name: str) -> None:
+        if not any(key[0] == name for key in self.jobs):
+            self.local.close_logs_if_idle(name)
+
+    # ---- submission and tracking
+    def _adopt_or_submit(self, worker: SlurmWorker, result: CommandResult, argv: list[str]) -> None:
+        if self.jobs.get((worker.name, worker.role)) is not worker:
+            return
+        try:
+            found = slurm.parse_squeue_json(result.stdout) if result.ok else {}
+        except ValueError:
+            found = {}
+        alive = sorted(j for j, job in found.items() if job.phase != "ended")
+        if not alive:
+            self.commands.run(argv, lambda answer: self._submitted(worker, answer))
+            return
+        worker.job_id, worker.state = alive[-1], found[alive[-1]].state
+        log.warning("job %s: adopting Slurm job %d (%s), still %s from before the daemon restarted", worker.name,
+                    worker.job_id, worker.role, worker.state)
+        self.local.note(worker.name, worker.role, f"==== oddaemon: adopted Slurm job {worker.job_id}, which ran on "
+                                                  "while the daemon restarted\n")
+        if worker.stop_reason:
+            self._scancel(worker)
+        self._poll_soon()
+
+    def _submitted(self, worker: SlurmWorker, result: CommandResult) -> None:
+        if not result.ok:
+            self._ended(worker, 127, Failure("slurm", f"Slurm did not take the {worker.role} worker: "
+                                                      f"{result.describe()}"))
+            return
+        try:
+            worker.job_id, _cluster = slurm.parse_sbatch(result.stdout)
+        except ValueError as exc:
+            self._ended(worker, 127, Failure("slurm", f"Slurm did not take the {worker.role} worker: {exc}"))
+            return
+        worker.state = "PENDING"
+        self.local.note(worker.name, worker.role, f"==== oddaemon: Slurm job {worker.job_id}\n")
+        log.info("job %s: %s worker is Slurm job %d", worker.name, worker.role, worker.job_id)
+        if worker.stop_reason:
+            self._scancel(worker)
+        self._poll_soon()
+
+    def _scancel(self, worker: SlurmWorker) -> None:
+        def done(result: CommandResult) -> None:
+            if not result.ok:
+                log.warning("scancel %s: %s (the next poll sees the job's state)", worker.job_id, result.describe())
+
+        self.commands.run(["scancel", str(worker.job_id)], done)
+
+    def _poll_soon(self) -> None:
+        if self._poll_handle is None and not self._polling:
+            self._poll_handle = self.loop.call_later(self._poll_delay, self._poll)
+
+    def _poll(self) -> None:
+        self._poll_handle = None
+        ids = sorted(w.job_id for w in self.jobs.values() if w.job_id is not None)
+        if not ids:
+            return
+        self._polling = True
+        self.commands.run(["squeue", "--json", f"--jobs={','.join(map(str, ids))}"], self._polled)
+
+    def _polled(self, result: CommandResult) -> None:
+        self._polling = False
+        try:
+            if not result.ok:
+                raise ValueError(result.describe())
+            listed = slurm.parse_squeue_json(result.stdout)
+        except ValueError as exc:
+            self._unreachable(str(exc))
+            return
+        if self._unreachable_since is not None:
+            log.warning("Slurm answers again (after %.0fs)", self.clock() - self._unreachable_since)
+        self._unreachable_since, self._poll_delay = None, self.settings.poll_seconds
+        for worker in [w for w in self.jobs.values() if w.job_id is not None]:
+            job = listed.get(worker.job_id)
+            if job is None:
+                self._ask_scontrol(worker)
+            else:
+                self._observe(worker, job)
+        if self.jobs:
+            self._poll_soon()
+
+    def _unreachable(self, why: str) -> None:
+        if self._unreachable_since is None:
+            self._unreachable_since = self.clock()
+            log.warning("Slurm does not answer (%s): jobs keep their state; asking again with backoff", why)
+        self._poll_delay = min(MAX_POLL_SECONDS, self._poll_delay * 2)
+        self._poll_soon()
+
+    def _ask_scontrol(self, worker: SlurmWorker) -> None:
+        def done(result: CommandResult) -> None:
+            if (worker.name, worker.role) not in self.jobs:
+                return
+            job = slurm.parse_scontrol_job(result.stdout) if result.ok else None
+            if job is not None:
+                self._observe(worker, job)
+            elif "Invalid job id" in result.stderr:
+                self._ended(worker, 1, Failure("slurm", f"Slurm no longer knows job {worker.job_id} "
+                                                        "(it left the controller before its end was seen)"))
+
+        self.commands.run(["scontrol", "show", "job", "-o", str(worker.job_id)], done)
+
+    def _observe(self, worker: SlurmWorker, job: slurm.SlurmJob) -> None:
+        if (job.state, job.reason) != (worker.state, worker.reason):
+            log.info("job %s: Slurm job %d is %s (%s)", worker.name, job.job_id, job.state, job.reason)
+        worker.state, worker.reason, worker.seen = job.state, job.reason, True
+        if job.phase != "ended":
+            return
+        end = slurm.ending(job)
+        failure = Failure(end.kind, end.message) if end.kind else None
+        if failure is None and end.returncode != 0:
+            failure = classify_failure(end.returncode, self._log_tail(worker).splitlines(), worker.role)
+        self._ended(worker, end.returncode, failure)
+
+    def _ended(self, worker: SlurmWorker, returncode: int, failure: Failure | None) -> None:
+        if self.jobs.get((worker.name, worker.role)) is not worker:
+            return
+        del self.jobs[(worker.name, worker.role)]
+        if worker.imposed is not None:
+            failure = worker.imposed
+        self.local.note(worker.name, worker.role,
+                        f"==== oddaemon: {worker.role} attempt {worker.attempt} ended in Slurm: "
+                        f"{worker.state}{' (' + failure.message + ')' if failure else ''}\n")
+        self.on_exit(worker, returncode, failure)
+
+    @staticmethod
+    def _log_tail(worker: SlurmWorker) -> str:
+        try:
+            with open(worker.log_path, "rb") as f:
+                f.seek(max(0, os.fstat(f.fileno()).st_size - TAIL_BYTES))
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""

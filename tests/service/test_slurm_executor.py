@@ -1,0 +1,177 @@
+"""SlurmExecutor on a fake loop with scripted Slurm answers (no Slurm): what a real cluster does
+that the one-node test cluster does not show on demand: a controller that does not answer, a job
+that left the controller's memory, a stop before sbatch answered, Slurm's own endings."""
+
+from __future__ import annotations
+
+import json
+
+from oddaemon.adapters.slurm_cli import CommandResult
+from oddaemon.core.failures import Failure
+from oddaemon.core.slurm import SlurmSettings
+from oddaemon.service.executor import WorkerLaunch
+from oddaemon.service.local_executor import LocalExecutor
+from oddaemon.service.slurm_executor import SlurmExecutor
+from tests.support.fakes import FakeLoop, ManualClock
+
+
+class ScriptedSlurm:
+    """Answers each command with the next scripted answer for its tool; records every command."""
+
+    def __init__(self, loop):
+        self.loop = loop
+        self.calls: list[list[str]] = []
+        self.answers: dict[str, list[CommandResult]] = {}
+
+    def answer(self, tool: str, returncode: int | None, stdout: str = "", stderr: str = "") -> None:
+        self.answers.setdefault(tool, []).append(CommandResult((tool,), returncode, stdout, stderr))
+
+    def run(self, argv, done, stdin=b""):
+        self.calls.append(argv)
+        tool = "adopt?" if argv[0] == "squeue" and "--me" in argv else argv[0]  # the look for a job to adopt
+        default = '{"jobs": []}' if tool == "adopt?" else ""
+        queue = self.answers.get(tool) or [CommandResult((argv[0],), 0, default, "")]
+        result = queue.pop(0) if len(queue) > 1 else queue[0]
+        self.loop.call_later(0, lambda: done(result))
+
+
+def squeue(*jobs: tuple[int, str, int]) -> str:
+    return json.dumps({"jobs": [{"job_id": j, "name": "oddaemon-a-train", "job_state": s, "state_reason": "None",
+                                 "exit_code": code, "restart_cnt": 0, "submit_time": 1} for j, s, code in jobs]})
+
+
+def make(tmp_path):
+    loop = FakeLoop(ManualClock(1000.0))
+    slurm = ScriptedSlurm(loop)
+    exits: list[tuple[str, int, Failure | None]] = []
+    local = LocalExecutor(loop, str(tmp_path / "logs"), 1 << 20, 2, 1.0, lambda *a: None, loop.clock)
+    executor = SlurmExecutor(loop, slurm, SlurmSettings(poll_seconds=1.0), local,
+                             lambda w, rc, f: exits.append((w.role, rc, f)), loop.clock)
+    return loop, slurm, executor, exits
+
+
+def launch(tmp_path, role="train") -> WorkerLaunch:
+    work = tmp_path / "work"
+    work.mkdir(exist_ok=True)
+    return WorkerLaunch("a", role, 1, ["python", "-m", "w", role], {"CUDA_VISIBLE_DEVICES": "0"}, str(work), (0,))
+
+
+def test_submission_tracking_and_a_clean_end(tmp_path):
+    loop, slurm, executor, exits = make(tmp_path)
+    slurm.answer("sbatch", 0, "41\n")
+    slurm.answer("squeue", 0, squeue((41, "PENDING", 0)))
+    slurm.answer("squeue", 0, squeue((41, "RUNNING", 0)))
+    slurm.answer("squeue", 0, squeue((41, "COMPLETED", 0)))
+    worker = executor.start(launch(tmp_path))
+    assert executor.workers[("a", "train")] is worker and worker.job_id is None
+    loop.advance(0)
+    assert slurm.calls[0] == ["squeue", "--json", "--me", "--name=oddaemon-a-train"]  # nothing to adopt
+    assert worker.job_id == 41 and slurm.calls[1][0] == "sbatch" and "--gres=gpu:1" in slurm.calls[1]
+    loop.advance(1.0)
+    assert worker.state == "PENDING" and exits == []
+    loop.advance(1.0)
+    assert worker.state == "RUNNING"
+    loop.advance(1.0)
+    assert exits == [("train", 0, None)] and ("a", "train") not in executor.workers
+    polls = [c for c in slurm.calls if c[0] == "squeue"]
+    assert polls[1:] and all(c == ["squeue", "--json", "--jobs=41"] for c in polls[1:])  # one call per cycle
+
+
+def test_an_unreachable_controller_backs_off_and_fails_no_job(tmp_path):
+    loop, slurm, executor, exits = make(tmp_path)
+    slurm.answer("sbatch", 0, "7\n")
+    for _ in range(5):
+        slurm.answer("squeue", 1, "", "slurm_load_jobs error: Unable to contact slurm controller (connect failure)")
+    slurm.answer("squeue", 0, squeue((7, "COMPLETED", 0)))
+    executor.start(launch(tmp_path))
+    loop.advance(0)
+    times = []
+    for _ in range(200):
+        before = len(slurm.calls)
+        loop.advance(0.5)
+        if len(slurm.calls) > before:
+            times.append(loop.clock())
+        if exits:
+            break
+    assert exits == [("train", 0, None)]  # the job's end is seen once Slurm answers; nothing failed meanwhile
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert gaps == sorted(gaps) and gaps[-1] >= 4 * gaps[0], gaps  # asked again less and less often
+
+
+def test_a_job_the_controller_forgot_ends_as_a_slurm_failure(tmp_path):
+    loop, slurm, executor, exits = make(tmp_path)
+    slurm.answer("sbatch", 0, "9\n")
+    slurm.answer("squeue", 0, squeue())  # no longer listed (MinJobAge passed)
+    slurm.answer("scontrol", 1, "", "slurm_load_jobs error: Invalid job id specified")
+    executor.start(launch(tmp_path))
+    loop.advance(0)
+    loop.advance(1.0)
+    loop.advance(0)
+    assert [c[0] for c in slurm.calls] == ["squeue", "sbatch", "squeue", "scontrol"]
+    (role, rc, failure), = exits
+    assert rc != 0 and failure.kind == "slurm" and "no longer knows job 9" in failure.message
+
+
+def test_a_job_scontrol_still_knows_is_reported_by_its_state(tmp_path):
+    loop, slurm, executor, exits = make(tmp_path)
+    slurm.answer("sbatch", 0, "9\n")
+    slurm.answer("squeue", 0, squeue())
+    slurm.answer("scontrol", 0, "JobId=9 JobName=oddaemon-a-train JobState=TIMEOUT Reason=TimeLimit ExitCode=0:15")
+    executor.start(launch(tmp_path))
+    loop.advance(0)
+    loop.advance(1.0)
+    loop.advance(0)
+    (role, rc, failure), = exits
+    assert failure.kind == "time-limit" and failure.retry and rc == -15
+
+
+def test_a_stop_before_sbatch_answered_cancels_the_job_once_it_has_an_id(tmp_path):
+    loop, slurm, executor, exits = make(tmp_path)
+    slurm.answer("sbatch", 0, "12\n")
+    slurm.answer("squeue", 0, squeue((12, "CANCELLED", 15)))
+    executor.start(launch(tmp_path))
+    hung = Failure("hung", "no progress for 90s")
+    assert executor.stop("a", "train", "hung", failure=hung)
+    loop.advance(0)
+    assert ["scancel", "12"] in slurm.calls
+    loop.advance(1.0)
+    assert exits == [("train", -15, hung)]  # the daemon's reason, not Slurm's cancel
+
+
+def test_a_refused_submission_is_an_exit_with_slurms_words(tmp_path):
+    loop, slurm, executor, exits = make(tmp_path)
+    slurm.answer("sbatch", 1, "", "sbatch: error: Batch job submission failed: Invalid partition name specified")
+    executor.start(launch(tmp_path))
+    loop.advance(0)
+    (role, rc, failure), = exits
+    assert rc == 127 and failure.kind == "slurm" and "Invalid partition name" in failure.message
+
+
+def test_served_workers_run_on_this_host(tmp_path):
+    loop, slurm, executor, exits = make(tmp_path)
+    calls = []
+    executor.local.start = lambda launch: calls.append(launch) or "local worker"
+    served = WorkerLaunch("a", "eval", 1, ["true"], {}, str(tmp_path), (), stdin=5, pass_fds=(6,))
+    assert executor.start(served) == "local worker" and calls == [served] and slurm.calls == []
+
+
+def test_a_job_left_running_by_the_daemon_before_is_adopted_not_submitted_again(tmp_path):
+    loop, slurm, executor, exits = make(tmp_path)
+    slurm.answer("adopt?", 0, squeue((30, "COMPLETED", 0), (31, "RUNNING", 0)))
+    slurm.answer("squeue", 0, squeue((31, "COMPLETED", 0)))
+    worker = executor.start(launch(tmp_path))
+    loop.advance(0)
+    assert worker.job_id == 31 and not any(c[0] == "sbatch" for c in slurm.calls)
+    loop.advance(1.0)
+    assert exits == [("train", 0, None)]
+
+
+def test_a_daemon_going_away_leaves_its_slurm_jobs_running(tmp_path):
+    loop, slurm, executor, exits = make(tmp_path)
+    slurm.answer("sbatch", 0, "50\n")
+    executor.start(launch(tmp_path))
+    loop.advance(0)
+    executor.stop_all("daemon shutting down")
+    assert executor.workers == {} and not any(c[0] == "scancel" for c in slurm.calls)
+    loop.advance(10)
+    assert exits == [] and not any(c == ["squeue", "--json", "--jobs=50"] for c in slurm.calls)
