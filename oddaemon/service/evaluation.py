@@ -265,6 +265,9 @@ class Evaluations:
         if ev is None:
             return
         if worker.role == "eval":
+            current = ev.driver.evaluator
+            if current is not None and current.worker is not None and current.worker is not worker:
+                return  # an earlier evaluator of the job, stopped before this one started
             ev.driver.on_exit(returncode, detail)
         elif worker.role == "export" and ev.exports is not None:
             ev.on_export_exit(returncode, detail)

@@ -62,7 +62,11 @@ class Executor(Protocol):
 
     def start(self, launch: WorkerLaunch) -> RunningWorker: ...
 
-    def stop(self, name: str, role: str, reason: str, failure: Failure | None = None) -> bool: ...
+    def stop(self, name: str, role: str, reason: str, failure: Failure | None = None,
+             only: RunningWorker | None = None) -> bool:
+        """Stop the (name, role) worker; ``only``: only if it is still that one (a delayed stop must not
+        reach the worker started after it)."""
+        ...
 
     def stop_all(self, reason: str) -> None:
         """The daemon is shutting down: stop what must not outlive it (local processes); a workload

@@ -63,6 +63,9 @@ class WorkerLauncher:
         cannot be started, or when the daemon is shutting down."""
         if self.shutting_down:
             return None
+        if (name, role) in self.executor.workers:  # one live worker per job and role: the last one is still exiting
+            log.info("job %s: not starting its %s worker yet: the previous one has not exited", name, role)
+            return None
         job = self.jobs()[name]
         escaped = confine.escaped_paths(job.spec, self.config.allowed_roots)
         if escaped:

@@ -117,11 +117,12 @@ class LocalExecutor:
             f"{' (' + failure.message + ')' if failure else ''}\n".encode())
         self.on_exit(worker, returncode, failure)
 
-    def stop(self, name: str, role: str, reason: str, failure: Failure | None = None) -> bool:
+    def stop(self, name: str, role: str, reason: str, failure: Failure | None = None,
+             only: Worker | None = None) -> bool:
         """SIGTERM to the worker's process group, SIGKILL after the grace period. ``failure``: the
         daemon stops it because it failed (hung, NaN loss); its exit reports that failure."""
         worker = self.workers.get((name, role))
-        if worker is None:
+        if worker is None or (only is not None and worker is not only):
             return False
         if failure is not None:
             self._imposed.setdefault(worker.pid, failure)

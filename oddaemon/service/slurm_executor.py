@@ -99,10 +99,13 @@ class SlurmExecutor:
                           lambda result: self._adopt_or_submit(worker, result, argv))
         return worker
 
-    def stop(self, name: str, role: str, reason: str, failure: Failure | None = None) -> bool:
+    def stop(self, name: str, role: str, reason: str, failure: Failure | None = None,
+             only: RunningWorker | None = None) -> bool:
         worker = self.jobs.get((name, role))
         if worker is None:
-            return self.local.stop(name, role, reason, failure)
+            return self.local.stop(name, role, reason, failure, only)
+        if only is not None and worker is not only:
+            return False
         if failure is not None and worker.imposed is None:
             worker.imposed = failure
         if not worker.stop_reason:

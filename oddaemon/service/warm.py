@@ -98,11 +98,11 @@ class WarmEvaluator:
         self.finish()
         if self.worker is None:
             return
-        stop_worker, name = self.stop_worker, self.name
+        stop_worker, name, worker = self.stop_worker, self.name, self.worker
         if busy:
             stop_worker(name, "eval", reason)
-        else:
-            self.loop.call_later(FINISH_GRACE_SECONDS, lambda: stop_worker(name, "eval", reason))
+        else:  # only this process: a new evaluator of the job may have started by then
+            self.loop.call_later(FINISH_GRACE_SECONDS, lambda: stop_worker(name, "eval", reason, only=worker))
 
     def close(self) -> None:
         """After the process exited: take the replies it sent before dying, then release our ends."""

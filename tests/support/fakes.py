@@ -201,8 +201,8 @@ class FakeExecutor:
         self.launches.append(launch)
         return worker
 
-    def stop(self, name: str, role: str, reason: str, failure=None) -> bool:
-        if (name, role) not in self.workers:
+    def stop(self, name: str, role: str, reason: str, failure=None, only=None) -> bool:
+        if (name, role) not in self.workers or (only is not None and self.workers[(name, role)] is not only):
             return False
         self.stops.append((name, role, reason, failure))
         return True
