@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from oddaemon.adapters.loop import Loop
 from oddaemon.adapters.slurm_cli import CommandResult, SlurmCommands
@@ -47,7 +47,6 @@ class SlurmWorker:
     imposed: Failure | None = None
     log_path: str = ""
     script: str = ""
-    seen: bool = field(default=False)  # squeue listed it once
 
 
 class SlurmExecutor:
@@ -250,7 +249,7 @@ class SlurmExecutor:
     def _observe(self, worker: SlurmWorker, job: slurm.SlurmJob) -> None:
         if (job.state, job.reason) != (worker.state, worker.reason):
             log.info("job %s: Slurm job %d is %s (%s)", worker.name, job.job_id, job.state, job.reason)
-        worker.state, worker.reason, worker.seen = job.state, job.reason, True
+        worker.state, worker.reason = job.state, job.reason
         if job.phase != "ended":
             return
         end = slurm.ending(job)

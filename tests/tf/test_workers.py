@@ -276,14 +276,20 @@ def test_train_resumes_from_the_latest_checkpoint(trained, data, tmp_path):
     assert "nothing to train" in output
 
 
-def test_train_exits_promptly_on_sigterm(data, tmp_path):
-    model_dir = tmp_path / "model"
-    spec = make_spec(data, model_dir, num_steps=500, batch_size=2, train_input_path=(data["train"],))
+def start_train_worker(data: dict, tmp_path, model_dir, num_steps: int):
+    """The train worker as the daemon runs it, on a long tiny job; its output in tmp_path/train.log."""
+    spec = make_spec(data, model_dir, num_steps=num_steps, batch_size=2, train_input_path=(data["train"],))
     job = write_job(tmp_path / "job.json", spec)
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     log = open(tmp_path / "train.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "oddaemon.workers", "train", "--job", job], cwd=REPO,
                             env=env, stdout=log, stderr=subprocess.STDOUT)
+    return proc, log
+
+
+def test_train_exits_promptly_on_sigterm(data, tmp_path):
+    model_dir = tmp_path / "model"
+    proc, log = start_train_worker(data, tmp_path, model_dir, num_steps=500)
     try:
         deadline = time.monotonic() + 300
         while not (model_dir / "checkpoint").exists():  # step 0 is saved before the first step
@@ -313,12 +319,7 @@ def test_train_saves_and_asks_to_be_requeued_on_the_clusters_warning_signal(data
     checkpoint after the training iteration it is in and exits 75 with an oddaemon-failure line
     "requeued" (the daemon resubmits it; it resumes from that checkpoint)."""
     model_dir = tmp_path / "model"
-    spec = make_spec(data, model_dir, num_steps=5000, batch_size=2, train_input_path=(data["train"],))
-    job = write_job(tmp_path / "job.json", spec)
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    log = open(tmp_path / "train.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "oddaemon.workers", "train", "--job", job], cwd=REPO,
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc, log = start_train_worker(data, tmp_path, model_dir, num_steps=5000)
     try:
         deadline = time.monotonic() + 300
         while not (model_dir / "checkpoint").exists() or max(checkpoint_steps(model_dir).values()) < EVERY_N:
