@@ -7,7 +7,7 @@ import os
 import sys
 import time
 
-from oddaemon.adapters.control import DaemonForbidden, DaemonUnreachable
+from oddaemon.adapters.control_client import DaemonForbidden, DaemonUnreachable
 from oddaemon.adapters.spool import Spool
 from oddaemon.cli.exit_codes import EXIT_OK, EXIT_REFUSED, EXIT_REJECTED, EXIT_UNREACHABLE
 from oddaemon.cli.receipt import locate

@@ -18,7 +18,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from oddaemon import __version__
-from oddaemon.adapters.control import DaemonUnreachable
+from oddaemon.adapters.control_client import DaemonUnreachable
 from oddaemon.cli.exit_codes import EXIT_OK, EXIT_UNREACHABLE, EXIT_USAGE, exit_status_of
 from oddaemon.cli.transport import ask_daemon
 from oddaemon.core.errors import OddaemonError, kind_of_reply, user_message

@@ -10,7 +10,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from oddaemon.adapters.control import request
+from oddaemon.adapters.control_client import request
 from oddaemon.adapters.dbus_bus import BUS_ENV
 from oddaemon.core import layout
 
