@@ -7,7 +7,9 @@ state of its own and never touches the daemon, so a scrape cannot block the even
 
 Conventions: ``oddaemon_`` prefix, base units, ``_total`` counters, ``_seconds``; the per-job
 label is ``job_name`` (``job`` is Prometheus's own target label); finished jobs are exported only
-up to ``[metrics] max_finished_jobs`` / ``finished_job_max_age_seconds``.
+up to ``[metrics] max_finished_jobs`` / ``finished_job_max_age_seconds``. Per-job resources are the
+one exception to "no I/O at scrape time": the snapshot lists the live workers' cgroups, whose files
+(``adapters/cgroups.read_usage``) are read by the scrape itself.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 from oddaemon import __version__
+from oddaemon.adapters.cgroups import read_usage
 from oddaemon.core.states import TERMINAL, JobState
+from oddaemon.core.sweep import best_variant, group_by_sweep
 
 Snapshot = dict
 
@@ -34,13 +38,30 @@ def select_jobs(views: list[dict], now: float, max_finished: int, max_age: float
 
 
 def build_snapshot(views: list[dict], gpus: dict, counters: dict, started_at: float, now: float,
-                   max_finished: int, max_age: float) -> Snapshot:
+                   max_finished: int, max_age: float, cgroups: dict | None = None) -> Snapshot:
+    """``cgroups``: ``{"backend": "v2" | "v1" | "none", "groups": [(job, role, Group)], "daemon": Group | None}``."""
     by_state = {s.value: 0 for s in JobState}
     for v in views:
         by_state[v["state"]] += 1
+    jobs = select_jobs(views, now, max_finished, max_age)
     return {"time": now, "started_at": started_at, "jobs_by_state": by_state,
             "queue_length": sum(1 for v in views if v["state"] == JobState.QUEUED.value),
-            "gpus": gpus, "counters": counters, "jobs": select_jobs(views, now, max_finished, max_age)}
+            "gpus": gpus, "counters": counters, "jobs": jobs, "sweeps": sweep_bests(views, jobs),
+            "cgroups": cgroups or {"backend": "none", "groups": [], "daemon": None}}
+
+
+def sweep_bests(views: list[dict], exported: list[dict]) -> list[dict]:
+    """Each sweep with a variant among the exported jobs: its best variant, value and step (the best
+    among all its variants, exported or not). One series per sweep and metric: bounded by the jobs."""
+    shown = {v["sweep"]["name"] for v in exported if v.get("sweep")}
+    bests = []
+    for name, variants in group_by_sweep(views).items():
+        best = best_variant(variants) if name in shown else None
+        if best is not None:
+            b = best["evaluation"]["best"]
+            bests.append({"sweep": name, "job_name": best["name"], "metric": best["evaluation"]["metric"],
+                          "value": b["value"], "step": b["step"]})
+    return bests
 
 
 class SnapshotCollector(Collector):
@@ -56,6 +77,8 @@ class SnapshotCollector(Collector):
             return
         yield from self._daemon(snap)
         yield from self._jobs(snap)
+        yield from _resources(snap["cgroups"])
+        yield from self._sweeps(snap)
 
     @staticmethod
     def _daemon(snap: Snapshot) -> Iterator[Metric]:
@@ -84,6 +107,12 @@ class SnapshotCollector(Collector):
         yield CounterMetricFamily("oddaemon_checkpoints_evaluated",
                                   "Checkpoint evaluations completed since the daemon started",
                                   value=c["checkpoints_evaluated"])
+        notes = CounterMetricFamily("oddaemon_notifications", "Notifications since the daemon started, by target "
+                                    "and result (sent; failed after its tries; dropped unsent, the queue was full)",
+                                    labels=["target", "result"])
+        for (target, result), n in sorted(c.get("notifications", {}).items()):
+            notes.add_metric([target, result], n)
+        yield notes
 
     @staticmethod
     def _jobs(snap: Snapshot) -> Iterator[Metric]:
@@ -101,6 +130,9 @@ class SnapshotCollector(Collector):
                                       labels=["job_name", "component"]),
             "lr": GaugeMetricFamily("oddaemon_job_learning_rate", "Latest learning rate", labels=["job_name"]),
             "gpus": GaugeMetricFamily("oddaemon_job_gpus", "GPUs held by the job's training", labels=["job_name"]),
+            "after": GaugeMetricFamily("oddaemon_job_dependencies_pending",
+                                       "While the job is waiting: the jobs it waits for (after) that have not "
+                                       "succeeded yet", labels=["job_name"]),
             "ckpt_step": GaugeMetricFamily("oddaemon_job_latest_checkpoint_step",
                                            "Step of the newest evaluated checkpoint", labels=["job_name"]),
             "ckpt_time": GaugeMetricFamily("oddaemon_job_latest_checkpoint_timestamp_seconds",
@@ -138,6 +170,8 @@ class SnapshotCollector(Collector):
             g["state"].add_metric([name, v["state"]], 1)
             restarts.add_metric([name], v["restarts"])
             g["gpus"].add_metric([name], len(v["gpus"]))
+            if v["state"] == JobState.WAITING.value:
+                g["after"].add_metric([name], len(v.get("waiting_for") or ()))
             if v.get("failure") and v["state"] in ("backoff", "failed"):
                 g["failure"].add_metric([name, v["failure"]["kind"]], 1)
             live = JobState(v["state"]) not in TERMINAL  # a finished job has no speed and no ETA
@@ -150,6 +184,20 @@ class SnapshotCollector(Collector):
             _evaluation(g, name, v["evaluation"])
         yield from g.values()
         yield restarts
+
+    @staticmethod
+    def _sweeps(snap: Snapshot) -> Iterator[Metric]:
+        value = GaugeMetricFamily("oddaemon_sweep_best_metric_value", "Best value of the [eval] metric among a "
+                                  "sweep's variants, with the variant (job_name) that has it",
+                                  labels=["sweep", "job_name", "metric"])
+        step = GaugeMetricFamily("oddaemon_sweep_best_metric_step", "Step of the sweep's best checkpoint",
+                                 labels=["sweep", "job_name"])
+        for best in snap.get("sweeps", ()):
+            value.add_metric([best["sweep"], best["job_name"], best["metric"]], best["value"])
+            if best["step"] is not None:
+                step.add_metric([best["sweep"], best["job_name"]], best["step"])
+        yield value
+        yield step
 
 
 def _evaluation(g: dict, name: str, ev: dict) -> None:
@@ -178,6 +226,49 @@ def _evaluation(g: dict, name: str, ev: dict) -> None:
         g["best"].add_metric([name, ev["metric"]], best["value"])
         if best["step"] is not None:
             g["best_step"].add_metric([name], best["step"])
+
+
+# (family key, name, help, usage key): one sample per live worker, labels job_name and role
+_RESOURCES = (
+    ("cpu", CounterMetricFamily, "oddaemon_job_cpu_seconds", "CPU time of the job's worker (its cgroup)",
+     "cpu_seconds"),
+    ("memory", GaugeMetricFamily, "oddaemon_job_memory_bytes", "Memory of the job's worker now (its cgroup)",
+     "memory_bytes"),
+    ("peak", GaugeMetricFamily, "oddaemon_job_memory_peak_bytes", "Highest memory of the job's worker so far",
+     "memory_peak_bytes"),
+    ("max", GaugeMetricFamily, "oddaemon_job_memory_max_bytes", "The worker's memory_max (absent: no limit)",
+     "memory_max_bytes"),
+    ("read", CounterMetricFamily, "oddaemon_job_io_read_bytes", "Bytes the job's worker read from block "
+     "devices (cgroup v2)", "io_read_bytes"),
+    ("written", CounterMetricFamily, "oddaemon_job_io_write_bytes", "Bytes the job's worker wrote to block "
+     "devices (cgroup v2)", "io_write_bytes"),
+    ("pressure", CounterMetricFamily, "oddaemon_job_memory_pressure_seconds", "Time some of the worker's "
+     "threads stalled waiting for memory (PSI, cgroup v2)", "memory_pressure_seconds"),
+)
+
+
+def _resources(cgroups: dict) -> Iterator[Metric]:
+    """Read at scrape time from the live workers' cgroup files (a group removed since: skipped)."""
+    families = {key: kind(name, text, labels=["job_name", "role"]) for key, kind, name, text, _ in _RESOURCES}
+    for name, role, group in cgroups["groups"]:
+        usage = read_usage(group)
+        for key, _, _, _, field in _RESOURCES if usage is not None else ():
+            if usage.get(field) is not None:
+                families[key].add_metric([name, role], usage[field])
+    yield from families.values()
+    backend = GaugeMetricFamily("oddaemon_cgroups", "1 for the per-job cgroup backend in use (v2, v1 or none)",
+                                labels=["backend"])
+    backend.add_metric([cgroups["backend"]], 1)
+    yield backend
+    own = read_usage(cgroups["daemon"]) if cgroups.get("daemon") is not None else None
+    cpu = CounterMetricFamily("oddaemon_daemon_cpu_seconds", "CPU time of the daemon itself, its own cgroup "
+                              "leaf apart from the jobs' (cgroup v2)")
+    memory = GaugeMetricFamily("oddaemon_daemon_memory_bytes", "Memory of the daemon itself (its cgroup leaf, v2)")
+    if own is not None and own.get("cpu_seconds") is not None:
+        cpu.add_metric([], own["cpu_seconds"])
+        memory.add_metric([], own["memory_bytes"])
+    yield cpu
+    yield memory
 
 
 def serve(listen: tuple[str, int], collector: SnapshotCollector) -> object:

@@ -3,7 +3,7 @@ daemon's event loop and within limits.
 
 One JSON line in per file, one JSON line out, on stdin/stdout::
 
-    {"id": 7, "filename": "job.toml", "data": "<base64>", "roots": [...], "max_file_bytes": N}
+    {"id": 7, "filename": "job.toml", "data": "<base64>", "context": {"allowed_roots": [...], ...}}
     {"id": 7, "spec": {...JobSpec.to_dict()...}}  or  {"id": 7, "problems": [{...Problem...}, ...]}
 
 Limits, whatever the file's structure: ``CPU_SECONDS`` of CPU per file (a virtual-time timer
@@ -50,7 +50,7 @@ def limits_problem(which: str) -> Problem:
 def decide(request: dict) -> dict:
     """Parse and validate one request's file; the reply (never raises CpuLimit: it is the reply)."""
     data = base64.b64decode(request["data"])
-    ctx = ValidationContext(allowed_roots=tuple(request["roots"]), max_file_bytes=int(request["max_file_bytes"]))
+    ctx = ValidationContext(**{k: tuple(v) if isinstance(v, list) else v for k, v in request["context"].items()})
     signal.setitimer(signal.ITIMER_VIRTUAL, CPU_SECONDS)
     try:
         result = parse_job(data, str(request["filename"]), ctx)

@@ -25,7 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from oddaemon.adapters.loop import Loop
 from oddaemon.core.checks import Problem
@@ -36,6 +36,12 @@ log = logging.getLogger("oddaemon.adapters.parsers")
 
 WALL_SECONDS = 10.0  # per file, on top of the child's own 2 s CPU limit: a busy machine is slow
 Result = JobSpec | list[Problem]
+
+
+def context_fields(ctx: ValidationContext) -> dict:
+    """Every data field of ``ctx`` (its file-system functions stay the child's own), for the child's
+    ``ValidationContext(**fields)``: a field added to the context reaches the child without more code."""
+    return {f.name: getattr(ctx, f.name) for f in fields(ctx) if not callable(getattr(ctx, f.name))}
 
 
 @dataclass
@@ -80,7 +86,7 @@ class ParserPool:
     def parse(self, data: bytes, filename: str, ctx: ValidationContext, done: Callable[[Result], None]) -> None:
         self._ids += 1
         line = (json.dumps({"id": self._ids, "filename": filename, "data": base64.b64encode(data).decode(),
-                            "roots": list(ctx.allowed_roots), "max_file_bytes": ctx.max_file_bytes}) + "\n").encode()
+                            "context": context_fields(ctx)}) + "\n").encode()
         self.queue.append(_Request(self._ids, line, done))
         self._dispatch()
 

@@ -10,6 +10,8 @@
   primary gid and supplementary groups are set in the child before it execs the lifeline, which
   then arms the parent-death signal (a change of credentials would clear it if armed earlier);
 * stdout and stderr into one pipe that the daemon pumps into a rotating log;
+* in its own cgroup when asked (``place``: called with the pid after the fork, while the lifeline
+  waits on a pipe for the daemon to be done, before it execs the worker; ``adapters/cgroups.py``);
 * at a lower priority when asked (``nice``: a CPU evaluator beside a CPU trainer), its autogroup too,
   and with its compute threads limited by the environment (``thread_limits``).
 
@@ -24,6 +26,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -109,12 +112,15 @@ class Worker:
 
 def spawn(name: str, role: str, attempt: int, argv: list[str], env: dict[str, str], cwd: str, now: float,
           stdin: int | None = None, pass_fds: tuple[int, ...] = (), identity: Identity | None = None,
-          nice: int = 0) -> Worker:
+          nice: int = 0, place: Callable[[int], None] | None = None) -> Worker:
     """``stdin``: an fd the worker reads as its standard input (default /dev/null); ``pass_fds``:
     extra fds the worker inherits under the same numbers (the warm evaluator's reply pipe);
-    ``identity``: the user to run it as (None: the daemon's own); ``nice``: its nice value."""
+    ``identity``: the user to run it as (None: the daemon's own); ``nice``: its nice value;
+    ``place(pid)``: put the process in its cgroup before it execs the worker (an OSError is logged)."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
-    command = [sys.executable, "-I", "-S", LIFELINE, str(os.getpid()), *argv]
+    hold: tuple[int, int] | None = os.pipe2(os.O_CLOEXEC) if place is not None else None
+    held = (f"--hold={hold[0]}",) if hold is not None else ()
+    command = [sys.executable, "-I", "-S", LIFELINE, str(os.getpid()), *held, *argv]
     switch: dict = {}
     if identity is not None:
         switch = {"user": identity.uid, "group": identity.gid, "extra_groups": list(identity.groups)}
@@ -122,13 +128,25 @@ def spawn(name: str, role: str, attempt: int, argv: list[str], env: dict[str, st
     try:
         popen = subprocess.Popen(command, stdin=subprocess.DEVNULL if stdin is None else stdin, stdout=write_fd,
                                  stderr=write_fd, env=env, cwd=cwd, start_new_session=True, close_fds=True,
-                                 pass_fds=pass_fds, **switch)
+                                 pass_fds=(*pass_fds, *hold[:1]) if hold else pass_fds, **switch)
     except OSError as exc:
         os.close(read_fd)
+        if hold is not None:
+            os.close(hold[1])
         as_user = f" as user {identity.name}" if identity is not None else ""
         raise OperationError(argv[0], f"start {role} worker for job {name}{as_user} with", exc) from exc
     finally:
         os.close(write_fd)
+        if hold is not None:
+            os.close(hold[0])
+    if hold is not None:
+        try:
+            place(popen.pid)
+        except OSError as exc:
+            log.warning("job %s: cannot put its %s worker (pid %d) in its cgroup: %s", name, role, popen.pid,
+                        exc.strerror)
+        finally:
+            os.close(hold[1])
     if nice:
         lower_priority(popen.pid, nice)
     pidfd = os.pidfd_open(popen.pid)

@@ -184,7 +184,7 @@ def start_heartbeat(loop, notifier: Notifier, status: Callable[[], str], every: 
 
 # ---- the STATUS= line --------------------------------------------------------------------------
 ACTIVE_ORDER = (("running", "training"), ("evaluating", "evaluating"), ("backoff", "restarting"),
-                ("stopping", "stopping"), ("queued", "queued"))
+                ("stopping", "stopping"), ("queued", "queued"), ("waiting", "waiting"))
 
 
 def format_status(snapshot: dict) -> str:

@@ -70,6 +70,9 @@ class Client:
     def get_job(self, name: str) -> dict:
         return view_from_dict(self._call("GetJob", name))
 
+    def get_sweep(self, name: str) -> dict:
+        return view_from_dict(self._call("GetSweep", name))
+
     def submit_file(self, path: str) -> dict:
         """Read the file here (with the caller's permissions) and send its text."""
         try:

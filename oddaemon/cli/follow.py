@@ -67,11 +67,26 @@ def cmd_submit(config: Config, path: str, wait: float) -> int:
         reply = {}
     job = reply.get("job") if reply.get("ok") else None
     if job is None:
-        print(f"accepted as job {name} (kept as {where.path})")
+        print(accepted_sweep(config, name) or f"accepted as job {name} (kept as {where.path})")
     else:
         position = f", queue position {job['queue_position']}" if job.get("queue_position") else ""
-        print(f"accepted as job {job['name']}: {job['state']}{position}")
+        waits = f" for {', '.join(job['waiting_for'])}" if job.get("waiting_for") else ""
+        print(f"accepted as job {job['name']}: {job['state']}{waits}{position}")
     return EXIT_OK
+
+
+def accepted_sweep(config: Config, name: str) -> str | None:
+    """The verdict line of a file that became a sweep (its variants are the jobs), or None."""
+    try:
+        reply = ask_daemon(config, {"cmd": "sweep", "name": name})
+    except DaemonUnreachable:
+        return None
+    sweep = reply.get("sweep") if reply.get("ok") else None
+    if not sweep:
+        return None
+    names = [row["name"] for row in sweep["rows"]]
+    shown = ", ".join(names) if len(names) <= 4 else f"{names[0]} ... {names[-1]}"
+    return f"accepted as sweep {name}: {len(names)} jobs ({shown}); see `oddaemon sweep {name}`"
 
 
 def cmd_logs(config: Config, name: str, role: str, lines: int, follow: bool) -> int:

@@ -1,5 +1,5 @@
 """The ``oddaemon`` command line: arguments and dispatch (``serve``, ``submit``, ``list``, ``status``,
-``cancel``, ``retry``, ``logs``, ``eval``, ``doctor``, ``demo``).
+``cancel``, ``retry``, ``sweep``, ``logs``, ``eval``, ``doctor``, ``tensorboard``, ``demo``).
 
 Exit codes (``exit_codes``): 0 done; 1 the daemon refused (no such job, job already finished, ...)
 or doctor found problems; 2 usage or configuration error; 3 the daemon is not reachable; 4 the
@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from oddaemon.cli.control_settings import ControlSettings
     from oddaemon.core.config import Config
 
-CONTROL_COMMANDS = ("list", "status", "cancel", "retry")
+CONTROL_COMMANDS = ("list", "status", "cancel", "retry", "sweep")
 DEFAULT_CONFIG = "/etc/oddaemon/oddaemon.toml"
 
 
@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("name")
         if name in ("list", "status"):
             s.add_argument("--json", action="store_true", help="machine-readable output")
+    s = command("sweep", help="show a sweep: its variants' values, best metric and step, state (no name: all sweeps)")
+    s.add_argument("name", nargs="?")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
     s = command("logs", help="show a job's log (train by default; eval, export, preflight)")
     s.add_argument("name")
     s.add_argument("-f", "--follow", action="store_true")
@@ -77,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--gpu", type=int, help="GPU id to evaluate on (default: the CPU)")
     s.add_argument("--json", action="store_true", help="print the result JSON")
     command("doctor", help="check the workers' TF stack, the shims, GPUs and free disk; print what to fix")
+    s = command("tensorboard", help="TensorBoard on loopback over jobs' model_dirs (every job's if none is named); "
+                                    "Ctrl-C stops it")
+    s.add_argument("names", nargs="*", metavar="NAME",
+                   help="jobs to show (default: every job the daemon knows that has a model_dir)")
+    s.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
+    s.add_argument("--tensorboard", metavar="COMMAND",
+                   help="the TensorBoard command (default: the workers' Python -m tensorboard.main)")
+    s.add_argument("--verbose", action="store_true", help="show TensorBoard's own output")
     s = command("demo", help="run the bundled demo job with a local daemon (see README)")
     s.add_argument("--dir", default="demo", help="project folder for the demo's config, spool, state and logs")
     s.add_argument("--keep-serving", action="store_true", help="keep the daemon running after the demo job ends")
@@ -118,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
             from oddaemon.cli.oneshot import cmd_eval  # noqa: PLC0415
 
             return cmd_eval(config, args.name, args.checkpoint, args.gpu, args.json)
+        if args.command == "tensorboard":
+            from oddaemon.cli.tensorboard import cmd_tensorboard  # noqa: PLC0415
+
+            return cmd_tensorboard(config, args.names, args.port, args.tensorboard, args.verbose)
         from oddaemon.cli.oneshot import cmd_doctor  # noqa: PLC0415
 
         return cmd_doctor(config)
@@ -136,10 +151,12 @@ def main(argv: list[str] | None = None) -> int:
 def setup_logging(level: str) -> None:
     import logging  # noqa: PLC0415
 
+    from oddaemon.adapters.journal import journal_handler  # noqa: PLC0415
     from oddaemon.core.printable import EscapingFormatter  # noqa: PLC0415
 
     fmt = "%(levelname)s %(message)s" if os.environ.get("JOURNAL_STREAM") else "%(asctime)s %(levelname)s %(message)s"
-    handler = logging.StreamHandler(sys.stderr)
+    # Under journald: the native protocol, with the job's fields (adapters/journal.py); else plain lines.
+    handler = journal_handler(os.environ, sys.stderr) or logging.StreamHandler(sys.stderr)
     handler.setFormatter(EscapingFormatter(fmt))  # nothing from outside reaches the log raw
     logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
@@ -169,7 +186,8 @@ def cmd_control(config: Config | ControlSettings, args: argparse.Namespace) -> i
     if as_json:
         import json  # noqa: PLC0415
 
-        print(json.dumps(reply.get("jobs", reply.get("job")), indent=1, sort_keys=True))
+        shown = next((reply[k] for k in ("jobs", "job", "sweep", "sweeps") if k in reply), None)
+        print(json.dumps(shown, indent=1, sort_keys=True))
     elif args.command == "list":
         from oddaemon.cli.render import format_list  # noqa: PLC0415
 
@@ -178,6 +196,10 @@ def cmd_control(config: Config | ControlSettings, args: argparse.Namespace) -> i
         from oddaemon.cli.render import format_status  # noqa: PLC0415
 
         print(format_status(reply["job"]))
+    elif args.command == "sweep":
+        from oddaemon.cli.render import format_sweep, format_sweeps  # noqa: PLC0415
+
+        print(format_sweep(reply["sweep"]) if "sweep" in reply else format_sweeps(reply["sweeps"]))
     else:
         print(f"{args.name}: {reply.get('state')}")
     return EXIT_OK

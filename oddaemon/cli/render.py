@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+from oddaemon.core.resources import usage_line
 from oddaemon.core.views import format_duration, progress_bar, sparkline
 
 
@@ -18,10 +19,57 @@ def format_list(reply: dict) -> str:
         gpus = ",".join(map(str, job["gpus"])) or ("cpu" if job["wants_gpus"] in (0, []) else "-")
         step, target = shown(job["step"]), shown(job["target_steps"])
         state = job["state"] + (f" #{job['queue_position']}" if job["queue_position"] else "")
+        member = f"[sweep {job['sweep']['name']}] " if job.get("sweep") else ""
         rows.append(f"{job['name']:<24} {state:<10} {gpus:<6} {step + '/' + target:>13} "
-                    f"{progress_bar(job['progress']):<22} {format_duration(job['eta_seconds']):>7}  {job['reason']}")
+                    f"{progress_bar(job['progress']):<22} {format_duration(job['eta_seconds']):>7}  "
+                    f"{member}{job['reason']}")
     total, free = len(reply["gpus"]), len(reply["free_gpus"])
-    rows.append(f"-- {len(reply['queue'])} queued; GPUs in use {total - free}/{total}")
+    waiting = sum(1 for job in reply["jobs"] if job["state"] == "waiting")
+    rows.append(f"-- {len(reply['queue'])} queued; " + (f"{waiting} waiting for other jobs; " if waiting else "")
+                + f"GPUs in use {total - free}/{total}")
+    return "\n".join(rows)
+
+
+def format_value(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else shown(value)
+
+
+def format_sweep(sweep: dict) -> str:
+    """``oddaemon sweep NAME``: one row per variant (its values, state, best metric and its step)."""
+    halving = sweep["halving"]
+    lines = [f"sweep {sweep['name']}: {sweep['state']} — {sweep['variants']} variants ({sweep['method']}), "
+             f"metric {sweep['metric']} ({'higher' if sweep['higher_is_better'] else 'lower'} is better)"
+             + (f", halving at steps {', '.join(map(str, halving['steps']))} keeping {halving['keep_fraction']:g}"
+                if halving else "")]
+    keys = sweep["keys"]
+    widths = [max(10, len(k)) for k in keys]
+    header = f"  {'NAME':<24} " + " ".join(f"{k:>{w}}" for k, w in zip(keys, widths, strict=True)) + \
+        f" {'STATE':<10} {'STEP':>13} {'BEST':>9} {'AT STEP':>8}  REASON"
+    lines.append(header)
+    for row in sweep["rows"]:
+        mark = "*" if row["best"] else " "
+        step = f"{shown(row['step'])}/{shown(row['target_steps'])}"
+        lines.append(f"{mark} {row['name']:<24} " + " ".join(f"{format_value(row['values'].get(k)):>{w}}"
+                                                             for k, w in zip(keys, widths, strict=True))
+                     + f" {row['state']:<10} {step:>13} {format_value(row['best_value']):>9} "
+                     f"{shown(row['best_step']):>8}  {row['reason']}")
+    best = sweep["best"]
+    if best is None:
+        lines.append("  best: none evaluated yet")
+    else:
+        values = ", ".join(f"{k} = {format_value(v)}" for k, v in best["values"].items())
+        lines.append(f"  best: {best['name']} ({values})"
+                     f" {sweep['metric']} {format_value(best['value'])} at step {shown(best['step'])}, "
+                     f"{best['best_dir']}" + (f", exported to {best['exported']}" if best["exported"] else ""))
+    return "\n".join(lines)
+
+
+def format_sweeps(sweeps: list[dict]) -> str:
+    """``oddaemon sweep``: every sweep in one line."""
+    rows = [f"{'SWEEP':<24} {'STATE':<10} {'VARIANTS':>8} {'BEST':>9}  BEST VARIANT"]
+    for s in sweeps:
+        rows.append(f"{s['name']:<24} {s['state']:<10} {s['variants']:>8} {format_value(s['best_value']):>9}  "
+                    f"{shown(s['best'])}")
     return "\n".join(rows)
 
 
@@ -31,6 +79,14 @@ def format_status(job: dict) -> str:
              f"  ETA {format_duration(job['eta_seconds'])}",
              f"  gpus       {','.join(map(str, job['gpus'])) or 'none (CPU)'}   "
              f"attempt {job['attempt']}, restarts {job['restarts']}"]
+    if job.get("sweep"):
+        member = job["sweep"]
+        lines.append(f"  sweep      {member['name']} #{member['index']}: "
+                     + ", ".join(f"{k} = {format_value(v)}" for k, v in member["values"].items()))
+    if job.get("after"):
+        pending = job.get("waiting_for") or []
+        lines.append(f"  after      {', '.join(job['after'])}"
+                     + (f"   (waiting for {', '.join(pending)})" if pending else ""))
     if job["losses"]:
         lines.append("  losses     " + "  ".join(f"{k}={v:.4g}" for k, v in sorted(job["losses"].items())))
     if job["learning_rate"] is not None:
@@ -41,6 +97,8 @@ def format_status(job: dict) -> str:
         lines.append(f"  loss       {sparkline(losses)}  {losses[0]:.3g} -> {losses[-1]:.3g} "
                      f"(steps {history[0][0]}-{history[-1][0]})")
     lines += format_evaluation(job["evaluation"])
+    for role, usage in (job.get("resources") or {}).items():  # its workers' cgroups (per-job cgroups)
+        lines.append(f"  resources  {usage_line(role, usage)}")
     lines += [f"  model_dir  {job['model_dir']}", f"  log        {job['train_log']}"]
     if job["last_exit"]:
         lines.append(f"  last exit  {job['last_exit']}")

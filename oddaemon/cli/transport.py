@@ -72,4 +72,11 @@ def _ask_dbus(client, payload: dict) -> dict:
         return {"ok": True, "state": client.cancel(name)}
     if cmd == "retry":
         return {"ok": True, "state": client.retry(name)}
+    if cmd == "sweep" and name:
+        return {"ok": True, "sweep": client.get_sweep(name)}
+    if cmd == "sweep":  # every sweep, from the job views (as the daemon makes them from its own)
+        from oddaemon.core.sweep import group_by_sweep, sweep_summary, sweep_view  # noqa: PLC0415
+
+        groups = group_by_sweep(client.list_jobs())
+        return {"ok": True, "sweeps": [sweep_summary(sweep_view(n, views)) for n, views in groups.items()]}
     raise ValueError(f"unknown command {cmd!r}")

@@ -5,6 +5,7 @@ Every problem in the file is reported at once in one ``ConfigError`` that names 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import ipaddress
 import os
@@ -16,14 +17,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from oddaemon.core import job_validation
+from oddaemon.core import job_validation, notifications, resources
 from oddaemon.core.checks import Invalid, finite_number, is_int, one_of, rule, show, whole_number
 from oddaemon.core.errors import ConfigError, describe_cause
+from oddaemon.core.model_dir_poll import effective_interval
 from oddaemon.core.slurm import TIME_LIMIT_RE, SlurmSettings
 
 DEFAULT_PORT = 9781
 MAX_GPU_ID = 63
 EVENT_LOOPS = ("auto", "glib", "select")
+SLURM_MODEL_DIR_POLL_SECONDS = 2.0  # [cluster] model_dir_poll_seconds = "auto" with the Slurm backend
 
 
 @dataclass(frozen=True)
@@ -71,15 +74,55 @@ class Config:
     slurm_extra_args: tuple[str, ...] = ()
     slurm_partitions: tuple[str, ...] = ()  # partitions a job may choose with its own [slurm] partition
     slurm_poll_seconds: float = 3.0
+    slurm_max_nodes: int = 1  # the most nodes a job's [slurm] nodes may ask for (several: MultiWorkerMirroredStrategy)
+    slurm_port_base: int = 8888  # the first TCP port the tasks of a several-node job listen on (SlurmClusterResolver)
+    model_dir_poll_seconds: float | None = None  # None = "auto": polled every 2 s with Slurm, not polled locally
+    notify_targets: tuple[notifications.Target, ...] = ()  # [notify.targets.NAME] (core/notifications.py)
+    notify_default_targets: tuple[str, ...] = ()
+    notify_default_events: tuple[str, ...] = notifications.DEFAULT_EVENTS
+    notify_timeout_seconds: float = 10.0
+    notify_retries: int = 3
+    notify_retry_backoff_seconds: float = 5.0
+    notify_queue_size: int = 100
+    notify_stalled_after_seconds: float = 900.0
+    # [cgroups]: per-job cgroups and their limits (core/resources.py; None: no limit)
+    cgroups_mode: str = "auto"
+    cgroups_train_memory_max: int | None = None
+    cgroups_eval_memory_max: int | None = None
+    cgroups_train_cpu_weight: int = 100
+    cgroups_eval_cpu_weight: int = 100
+    cgroups_cpu_eval_cpu_weight: int = 20
+    cgroups_memory_max_ceiling: int | None = None
+    cgroups_cpu_weight_ceiling: int = resources.CPU_WEIGHT_MAX
+
+    @property
+    def cgroups(self) -> resources.Defaults:
+        return resources.Defaults(**{f.name: getattr(self, f"cgroups_{f.name}")
+                                     for f in dataclasses.fields(resources.Defaults)})
+
+    def notify_settings(self) -> notifications.Settings:
+        return notifications.Settings(self.notify_targets, self.notify_default_targets, self.notify_default_events,
+                                      self.notify_timeout_seconds, self.notify_retries,
+                                      self.notify_retry_backoff_seconds, self.notify_queue_size,
+                                      self.notify_stalled_after_seconds)
 
     def validation_context(self) -> job_validation.ValidationContext:
         return job_validation.ValidationContext(allowed_roots=self.allowed_roots,
                                                 max_file_bytes=self.max_job_file_bytes,
-                                                slurm_partitions=self.slurm_partitions)
+                                                slurm_partitions=self.slurm_partitions,
+                                                slurm_max_nodes=self.slurm_max_nodes,
+                                                notify_targets=tuple(t.name for t in self.notify_targets),
+                                                resource_ceilings=(self.cgroups.memory_max_ceiling,
+                                                                   self.cgroups.cpu_weight_ceiling))
 
     def slurm_settings(self) -> SlurmSettings:
         return SlurmSettings(self.slurm_partition, self.slurm_eval_partition, self.slurm_account, self.slurm_qos,
-                             self.slurm_time_limit, self.slurm_gres, self.slurm_extra_args, self.slurm_poll_seconds)
+                             self.slurm_time_limit, self.slurm_gres, self.slurm_extra_args, self.slurm_poll_seconds,
+                             port_base=self.slurm_port_base)
+
+    def model_dir_poll_interval(self) -> float:
+        """Seconds between two polls of an active job's model_dir (0: inotify only; core/model_dir_poll.py)."""
+        return effective_interval(self.model_dir_poll_seconds, self.cluster_backend, SLURM_MODEL_DIR_POLL_SECONDS)
 
     def resolved_worker_python(self) -> str:
         """The interpreter for workers: the configured one (a bare name is looked up on PATH) or our own."""
@@ -152,6 +195,12 @@ def _gpus(value: Any) -> str | tuple[int, ...]:
     return tuple(value)
 
 
+def _names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise Invalid(f"must be a list of target names, got {show(value)}")
+    return tuple(value)
+
+
 CLUSTER_BACKENDS = ("local", "slurm")
 # sbatch options a site may add for every job ([slurm] extra_args): resources and placement, never
 # what oddaemon decides itself (job name, output, signal, requeue, GRES, partition, account, time)
@@ -168,6 +217,14 @@ def _slurm_partitions(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise Invalid(f"must be a list of partition names, got {show(value)}")
     return tuple(_slurm_word(v) for v in value)
+
+
+def _poll_seconds(value: Any) -> float | None:
+    if value == "auto":
+        return None
+    if (is_int(value) or isinstance(value, float)) and (value == 0 or 0.2 <= value < 1e308):
+        return float(value)
+    raise Invalid(f'must be "auto", 0 (no polling) or a number of seconds >= 0.2, got {show(value)}')
 
 
 def _slurm_conf(value: Any) -> str:
@@ -216,13 +273,25 @@ SCHEMA: dict[str, dict[str, tuple[str, Callable[[Any], Any]]]] = {
              "max_bytes_per_job": ("pins_max_bytes_per_job", whole_number(0))},
     "eval": {"cpu_nice": ("eval_cpu_nice", whole_number(0, 19)),
              "cpu_threads": ("eval_cpu_threads", whole_number(0, 1024))},
-    "cluster": {"backend": ("cluster_backend", one_of(CLUSTER_BACKENDS))},
+    "cluster": {"backend": ("cluster_backend", one_of(CLUSTER_BACKENDS)),
+                "model_dir_poll_seconds": ("model_dir_poll_seconds", _poll_seconds)},
     "slurm": {"conf": ("slurm_conf", _slurm_conf), "partition": ("slurm_partition", _slurm_word),
               "eval_partition": ("slurm_eval_partition", _slurm_word), "account": ("slurm_account", _slurm_word),
               "qos": ("slurm_qos", _slurm_word), "time_limit": ("slurm_time_limit", _slurm_time),
               "gres": ("slurm_gres", _slurm_word), "extra_args": ("slurm_extra_args", _sbatch_args),
               "partitions": ("slurm_partitions", _slurm_partitions),
-              "poll_seconds": ("slurm_poll_seconds", finite_number(0.2, inclusive=True))},
+              "poll_seconds": ("slurm_poll_seconds", finite_number(0.2, inclusive=True)),
+              "max_nodes": ("slurm_max_nodes", whole_number(1, 4096)),
+              "port_base": ("slurm_port_base", whole_number(1024, 65_000))},
+    "notify": {"targets": ("notify_targets", notifications.check_targets),
+               "default_targets": ("notify_default_targets", _names),
+               "default_events": ("notify_default_events", notifications.check_event_list),
+               "timeout_seconds": ("notify_timeout_seconds", finite_number(0, inclusive=False)),
+               "retries": ("notify_retries", whole_number(0, 20)),
+               "retry_backoff_seconds": ("notify_retry_backoff_seconds", finite_number(0, inclusive=False)),
+               "queue_size": ("notify_queue_size", whole_number(1, 10_000)),
+               "stalled_after_seconds": ("notify_stalled_after_seconds", finite_number(0, inclusive=False))},
+    "cgroups": {key: (f"cgroups_{key}", check) for key, check in resources.config_checkers().items()},
     "daemon": {"event_loop": ("event_loop", one_of(EVENT_LOOPS)),
                "dbus": ("dbus_bus", rule('"system", "session", "none" or a D-Bus address such as "unix:path=/run/x"',
                                          lambda v: isinstance(v, str) and (v in ("system", "session", "none")
@@ -275,6 +344,18 @@ def parse_config(text: str, path: str) -> Config:
             values[name] = _resolve(name, values[name], base)
     base_s = values.get("backoff_base_seconds", Config.backoff_base_seconds)
     cap_s = values.get("backoff_cap_seconds", Config.backoff_cap_seconds)
+    if "notify_targets" in values:  # a relative url_file is relative to this file, as other paths are
+        values["notify_targets"] = tuple(
+            dataclasses.replace(t, url_file=os.path.normpath(os.path.join(base, t.url_file))) if t.url_file else t
+            for t in values["notify_targets"])
+    known = [t.name for t in values.get("notify_targets", ())]
+    for name in values.get("notify_default_targets", ()):
+        if name not in known and not any(p.startswith("[notify] targets ") for p in problems):
+            problems.append(f"[notify] default_targets in {path}: {show(name)} is not a target; the targets are "
+                            f"the [notify.targets.NAME] sections ({', '.join(known) or 'none are configured'})")
+    limits = {k.removeprefix("cgroups_"): v for k, v in values.items() if k.startswith("cgroups_")}
+    problems += [f"[cgroups] {key} in {path}: {why}"
+                 for key, why in resources.defaults_problems(dataclasses.replace(resources.Defaults(), **limits))]
     if cap_s < base_s:
         problems.append(f"[restart] backoff_cap_seconds in {path}: {cap_s:g} is smaller than "
                         f"backoff_base_seconds {base_s:g}; the cap must be >= the base")

@@ -98,8 +98,17 @@ class WorkerRefused:
     failure: Failure  # kind "refused"
 
 
+@dataclass(frozen=True)
+class NotificationRecorded:
+    """A notification of the job was delivered, failed or dropped: a history entry, no state change
+    (``core/notifications.py``'s ``Outcome.text``)."""
+
+    name: str
+    text: str
+
+
 Event = (Submit | ProcessExited | Cancel | Retry | Tick | PolicyChanged | Restore | EarlyStop | EvaluationsDone
-         | PlaceEvaluator | EvaluatorStopped | WorkerRefused)
+         | PlaceEvaluator | EvaluatorStopped | WorkerRefused | NotificationRecorded)
 
 
 # ---- actions ------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from oddaemon.core import resources
 from oddaemon.core.checks import (
     Invalid,
     Problem,
@@ -32,6 +33,7 @@ from oddaemon.core.checks import (
     syntax_problem,
     whole_number,
 )
+from oddaemon.core.dependencies import parse_after, self_problem
 from oddaemon.core.jobspec import (
     ALLOWED_KEYS,
     CHECKPOINT_TYPES,
@@ -43,20 +45,25 @@ from oddaemon.core.jobspec import (
     MAX_STEPS,
     MAX_WILDCARD_PARTS,
     METRIC_RE,
+    MISPLACED_KEYS,
     NAME_RULE,
     TABLES,
     WHEN_BEHIND,
     EvalOptions,
     JobSpec,
+    NotifyOptions,
     PipelineEdits,
     SlurmOptions,
+    SweepOptions,
     TrainOptions,
     gpu_count,
     name_problem,
     parse_gpus,
 )
+from oddaemon.core.notifications import job_checkers
 from oddaemon.core.prescan import prescan, strip_bom
 from oddaemon.core.slurm import TIME_LIMIT_RE
+from oddaemon.core.sweep import check_sweep, expand, is_definition, name_problems
 from oddaemon.formats.pipeline_paths import effective_paths, read_config
 
 
@@ -72,6 +79,9 @@ class ValidationContext:
     writable: Callable[[str], bool] = lambda path: os.access(path, os.W_OK | os.X_OK)
     read_text: Callable[[str], str] = read_config  # a pipeline.config (bounded)
     slurm_partitions: tuple[str, ...] = ()  # partitions a job may choose ([slurm] partitions of the daemon)
+    slurm_max_nodes: int = 1  # the most Slurm nodes one job may ask for ([slurm] max_nodes of the daemon)
+    notify_targets: tuple[str, ...] = ()  # the daemon's [notify.targets.NAME] names a job may choose
+    resource_ceilings: tuple[int | None, int] = (None, 10_000)  # [cgroups] memory_max_ceiling, cpu_weight_ceiling
 
 
 def file_kind(path: str) -> str | None:
@@ -152,8 +162,9 @@ class _Validator:
         top = self.section("", doc, {
             "name": self.name, "priority": whole_number(-1000, 1000),
             "pipeline_config": self.path_checker("file"), "model_dir": self.path_checker("model_dir"),
+            "after": parse_after,
         })
-        pipeline = self.section("pipeline", tables["pipeline"], {
+        pipeline = self.section("pipeline", tables["pipeline"], pipeline_checks := {
             "num_classes": whole_number(1, 100_000), "batch_size": whole_number(1, 65_536),
             "num_steps": whole_number(1, MAX_STEPS), "total_steps": whole_number(1, MAX_STEPS),
             "warmup_steps": whole_number(0, MAX_STEPS),
@@ -172,7 +183,7 @@ class _Validator:
             "gpus": parse_gpus, "checkpoint_every_n": whole_number(1, 10**9),
             "checkpoint_max_to_keep": whole_number(1, 10_000), "max_restarts": whole_number(0, 1000),
             "hang_timeout_seconds": finite_number(0, inclusive=True), "oom_retry_halve_batch": _boolean,
-            "min_batch_size": whole_number(1, 65_536),
+            "min_batch_size": whole_number(1, 65_536), **resources.job_checkers(self.ctx.resource_ceilings),
         })
         evaluation = self.section("eval", tables["eval"], {
             "enabled": _boolean, "device": one_of(EVAL_DEVICES),
@@ -184,6 +195,7 @@ class _Validator:
             "patience": whole_number(1, 10_000),
             "min_delta": finite_number(0.0, True), "when_behind": one_of(WHEN_BEHIND),
             "max_behind": whole_number(1, 10_000), "max_pinned_bytes": whole_number(1),
+            **resources.job_checkers(self.ctx.resource_ceilings),
         })
         slurm = self.section("slurm", tables["slurm"], {
             "time_limit": rule('a Slurm time limit such as "90", "12:00:00" or "2-00:00:00"',
@@ -191,20 +203,39 @@ class _Validator:
             "partition": rule(f"one of the partitions this daemon lets jobs choose ([slurm] partitions: "
                               f"{', '.join(self.ctx.slurm_partitions) or 'none'})",
                               lambda v: isinstance(v, str) and v in self.ctx.slurm_partitions),
-            "nodes": rule("1 (several nodes per job are not supported yet)", lambda v: is_int(v) and v == 1),
+            "nodes": rule(f"a whole number of Slurm nodes from 1 to {self.ctx.slurm_max_nodes} (this daemon's "
+                          "[slurm] max_nodes)", lambda v: is_int(v) and 1 <= v <= self.ctx.slurm_max_nodes),
         })
+        notify = self.section("notify", tables["notify"], job_checkers(self.ctx.notify_targets))
+        sweep = check_sweep(tables["sweep"] or None, pipeline_checks, tables["pipeline"], self.add,
+                            evaluation.get("enabled", True))
         self.cross_checks(pipeline, train)
         if "name" not in doc:
             top["name"] = self.default_name(filename)
+        if self_problem(top.get("name", ""), top.get("after", ())):
+            self.add("", "after", self_problem(top["name"], top["after"]))
         for required in ("pipeline_config", "model_dir"):
             if required not in doc:
                 self.problems.append(Problem(f"missing required key '{required}' (an absolute path)", key=required))
         if self.problems:
             return self.problems
         spec = JobSpec(**top, pipeline=PipelineEdits(**pipeline), train=TrainOptions(**train),
-                       eval=EvalOptions(**evaluation), slurm=SlurmOptions(**slurm))
+                       eval=EvalOptions(**evaluation), slurm=SlurmOptions(**slurm), notify=NotifyOptions(**notify),
+                       sweep=SweepOptions(**sweep))
         self.config_paths(spec)
+        if is_definition(spec):
+            self.sweep_variants(spec, train)
         return self.problems or spec
+
+    def sweep_variants(self, spec: JobSpec, train: dict) -> None:
+        """Each variant's name is a job name and its values pass the cross-key checks (named by variant)."""
+        self.problems += [Problem(f"[sweep] {p}", key="sweep") for p in name_problems(spec)]
+        for variant in expand(spec)[:MAX_PROBLEMS] if not self.problems else ():
+            before = len(self.problems)
+            self.cross_checks({k: v for k, v in vars(variant.pipeline).items() if v is not None}, train)
+            values = ", ".join(f"{k} = {v!r}" for k, v in variant.sweep.assigned)
+            self.problems[before:] = [Problem(f"[sweep] variant {variant.name} ({values}): {p.message}", key="sweep")
+                                      for p in self.problems[before:]]
 
     def config_paths(self, spec: JobSpec) -> None:
         """What pipeline.config itself names (and no [pipeline] key replaces) is confined too."""
@@ -233,6 +264,9 @@ class _Validator:
         allowed = ALLOWED_KEYS[section]
         for key, value in table.items():
             if key in allowed:
+                continue
+            if (section, key) in MISPLACED_KEYS:
+                self.add(section, key, MISPLACED_KEYS[(section, key)])
                 continue
             # No "did you mean" past the listed problems: difflib on 100,000 keys would take seconds.
             close = difflib.get_close_matches(key, allowed, n=1) if len(self.problems) < MAX_PROBLEMS else []

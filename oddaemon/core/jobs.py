@@ -51,6 +51,7 @@ class Job:
     eval_gpus: tuple[int, ...] = ()  # GPU held by the job's evaluator ("gpu"/"auto" placement)
     failure: Failure | None = None  # the latest failure of its training (kind + message for the user)
     adjustments: tuple[str, ...] = ()  # changes the daemon made to the spec (oom_retry_halve_batch)
+    waiting_for: tuple[str, ...] = ()  # while waiting: the jobs of spec.after that have not succeeded yet
     history: tuple[tuple[float, str, str], ...] = ()
 
     @property
@@ -82,6 +83,7 @@ class Job:
         d["history"] = tuple(tuple(h) for h in d.get("history", ()))
         d["failure"] = Failure.from_dict(d.get("failure"))
         d["adjustments"] = tuple(d.get("adjustments", ()))
+        d["waiting_for"] = tuple(d.get("waiting_for", ()))
         return cls(**d)
 
 

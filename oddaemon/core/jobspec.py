@@ -37,6 +37,8 @@ class TrainOptions:
     hang_timeout_seconds: float | None = None  # None = daemon default; 0 = never declare the job hung
     oom_retry_halve_batch: bool = False  # on out-of-GPU-memory: restart with half the batch (and rate)
     min_batch_size: int = 1  # the floor for oom_retry_halve_batch
+    memory_max: int | None = None  # bytes its cgroup may use (None: the daemon's [cgroups] train_memory_max)
+    cpu_weight: int | None = None  # its cgroup's CPU weight (None: [cgroups] train_cpu_weight)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,8 @@ class EvalOptions:
     when_behind: str = "evaluate_all"                    # "evaluate_all" | "skip_to_newest"
     max_behind: int = 3                                  # pending checkpoints before when_behind applies
     max_pinned_bytes: int | None = None                  # bytes only this job's pins may hold (None: daemon's)
+    memory_max: int | None = None                        # evaluator's and exports' cgroup memory (None: daemon's)
+    cpu_weight: int | None = None                        # their CPU weight (None: daemon's, lower on the CPU)
 
 
 @dataclass(frozen=True)
@@ -65,15 +69,49 @@ class SlurmOptions:
 
 
 @dataclass(frozen=True)
+class NotifyOptions:
+    """Which events of this job are sent to which of the daemon's ``[notify]`` targets (names only;
+    None = the daemon's ``[notify] default_events`` / ``default_targets``); ``core/notifications.py``."""
+
+    events: tuple[str, ...] | None = None
+    targets: tuple[str, ...] | None = None
+    stalled_after_seconds: float | None = None  # None = the daemon's [notify] stalled_after_seconds
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    """A ``[sweep]`` table (``core/sweep.py``). On the file's spec: the definition (``method`` "" =
+    no sweep); on each variant the same, with ``of`` (the sweep's name), ``index`` and ``assigned``."""
+
+    method: str = ""  # "" | "grid" | "random"
+    values: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # ([pipeline] key, its values), in file order
+    samples: int | None = None  # method = "random": how many combinations are drawn
+    seed: int = 0
+    halving_steps: tuple[int, ...] = ()  # successive halving's rungs (steps); () = no halving
+    keep_fraction: float = 0.5  # at a rung, the best this fraction of the variants that reached it go on
+    of: str = ""  # a variant: the sweep's name
+    index: int = 0  # a variant: 1..N
+    assigned: tuple[tuple[str, Any], ...] = ()  # a variant: its values
+
+    def __post_init__(self) -> None:  # from JSON (lists) back to tuples
+        object.__setattr__(self, "values", tuple((k, tuple(v)) for k, v in self.values))
+        object.__setattr__(self, "halving_steps", tuple(self.halving_steps))
+        object.__setattr__(self, "assigned", tuple((k, v) for k, v in self.assigned))
+
+
+@dataclass(frozen=True)
 class JobSpec:
     name: str
     pipeline_config: str
     model_dir: str
     priority: int = 0
+    after: tuple[str, ...] = ()  # jobs that must succeed before this one is queued (core/dependencies.py)
     pipeline: PipelineEdits = PipelineEdits()
     train: TrainOptions = TrainOptions()
     eval: EvalOptions = EvalOptions()
     slurm: SlurmOptions = SlurmOptions()
+    notify: NotifyOptions = NotifyOptions()
+    sweep: SweepOptions = SweepOptions()
 
     def to_dict(self) -> dict:
         """JSON-safe dict (tuples become lists); ``JobSpec.from_dict`` reverses it."""
@@ -81,10 +119,13 @@ class JobSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> JobSpec:
-        parts = {"pipeline": PipelineEdits, "train": TrainOptions, "eval": EvalOptions, "slurm": SlurmOptions}
+        parts = {"pipeline": PipelineEdits, "train": TrainOptions, "eval": EvalOptions, "slurm": SlurmOptions,
+                 "notify": NotifyOptions, "sweep": SweepOptions}
         tables = {name: kind(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.get(name, {}).items()})
                   for name, kind in parts.items()}
-        return cls(**{k: v for k, v in d.items() if k not in parts}, **tables)
+        top = {k: v for k, v in d.items() if k not in parts}
+        top["after"] = tuple(top.get("after", ()))
+        return cls(**top, **tables)
 
 
 def gpu_count(gpus: int | tuple[int, ...] | list[int] | None, available: int | None = None) -> int | None:
@@ -104,14 +145,22 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-TABLES = ("pipeline", "train", "eval", "slurm")
+TABLES = ("pipeline", "train", "eval", "slurm", "notify", "sweep")
 ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
-    "": ("name", "pipeline_config", "model_dir", "priority") + TABLES,
+    "": ("name", "pipeline_config", "model_dir", "priority", "after") + TABLES,
     "pipeline": tuple(f.name for f in fields(PipelineEdits)),
     "train": tuple(f.name for f in fields(TrainOptions)),
     "eval": tuple(f.name for f in fields(EvalOptions)),
     "slurm": tuple(f.name for f in fields(SlurmOptions)),
+    "notify": tuple(f.name for f in fields(NotifyOptions)),
+    "sweep": ("method", "values", "samples", "seed", "halving_steps", "keep_fraction"),
 }
+NOTIFY_CREDENTIALS = ("a job names the daemon's notification targets, it never gives an address or a command: "
+                      "URLs (which often hold a token) and commands belong in the daemon configuration "
+                      "([notify.targets.NAME] url, url_file or command)")
+# Keys a job may not have, and why (the validator says so instead of "unknown key").
+MISPLACED_KEYS = {("notify", key): NOTIFY_CREDENTIALS for key in ("url", "url_file", "command", "webhook",
+                                                                   "webhook_url", "token", "format", "headers")}
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 NAME_RULE = ("a job name is 1 to 64 characters from A-Z a-z 0-9 '_' '.' '-', "
              "starts with a letter or digit and never contains '..'")

@@ -6,6 +6,8 @@ exited, a timer fired, a cancel) with the current time and executes the actions 
 Policy
 ------
 * Rank: higher ``priority`` first, then submission order (``seq``).
+* A job with ``after`` is ``waiting`` until those jobs succeeded, then queued; cancelled when one of
+  them fails or is cancelled (``core/dependencies.py``).
 * Two resource pools: GPUs (exclusive ids) and CPU slots (``max_cpu_jobs``). Within a pool the
   queue is strict: once a job at the head cannot fit, no lower-ranked job of that pool starts
   (no backfill), so a big high-priority job is never starved by a stream of small ones.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from oddaemon.core import dependencies, notifications
 from oddaemon.core.errors import ErrorKind
 from oddaemon.core.events import (
     Accepted,
@@ -35,6 +38,7 @@ from oddaemon.core.events import (
     EvaluationsDone,
     EvaluatorStopped,
     Event,
+    NotificationRecorded,
     PlaceEvaluator,
     PolicyChanged,
     ProcessExited,
@@ -55,12 +59,13 @@ from oddaemon.core.events import (
 )
 from oddaemon.core.failures import describe_returncode
 from oddaemon.core.jobs import HISTORY_LIMIT, Job, Policy, State
-from oddaemon.core.jobspec import JobSpec, gpu_count
+from oddaemon.core.placement import allocate, clash_detail, fits_ever, model_dir_clash, resolve_wants
 from oddaemon.core.remedies import Remedy
 from oddaemon.core.states import HOLDS_RESOURCES, TERMINAL, JobState, check_transition
 
 __all__ = ["Accepted", "Action", "Cancel", "EarlyStop", "EvalPlacement", "EvaluationsDone", "EvaluatorStopped", "Event",
-           "Job", "PlaceEvaluator", "Policy", "PolicyChanged", "ProcessExited", "Refused", "Rejected", "Restore",
+           "Job", "NotificationRecorded", "PlaceEvaluator", "Policy", "PolicyChanged", "ProcessExited", "Refused",
+           "Rejected", "Restore",
            "Retry", "SaveJob", "StartTrain", "State", "StateChanged", "StopEvaluator", "StopTrain", "Submit", "Tick",
            "TrainingEnded", "WakeAt", "WorkerRefused", "step", "transition"]
 
@@ -72,6 +77,8 @@ def transition(job: Job, new: JobState, now: float, reason: str, **changes) -> t
     history = (job.history + ((now, new.value, reason),))[-HISTORY_LIMIT:]
     if new not in HOLDS_RESOURCES:
         changes.setdefault("gpus", ())
+    if new is not JobState.WAITING:
+        changes.setdefault("waiting_for", ())
     extra: list[Action] = []
     if new in TERMINAL:
         changes.setdefault("finished_at", now)
@@ -112,52 +119,14 @@ def step(state: State, event: Event, now: float) -> tuple[State, list[Action]]:
         _worker_refused(jobs, event, now, actions)
     elif isinstance(event, PolicyChanged):
         state = replace(state, policy=event.policy)
+    elif isinstance(event, NotificationRecorded) and event.name in jobs:
+        job = jobs[event.name]
+        jobs[event.name] = replace(job, history=notifications.record(job.history, now, event.text, HISTORY_LIMIT))
+        actions.append(SaveJob(jobs[event.name]))
+    actions += dependencies.release_waiting(jobs, now, transition)  # queued or cancelled as dependencies end
     new_state = replace(state, jobs=jobs, next_seq=next_seq)
     new_state, more = _schedule(new_state, now)
     return new_state, actions + more
-
-
-def fits_ever(wants: int | tuple[int, ...], inventory: tuple[int, ...], cluster: bool = False) -> str | None:
-    """None if the request can be met by this inventory (or the cluster) some day, else why not."""
-    if cluster:
-        return (None if not isinstance(wants, tuple) else
-                "names GPU ids ([train] gpus), which a cluster's nodes do not share; ask for a count instead")
-    if isinstance(wants, tuple):
-        missing = [g for g in wants if g not in inventory]
-        if missing:
-            have = ", ".join(map(str, inventory)) or "none"
-            return (f"asks for GPU id(s) {', '.join(map(str, missing))} ([train] gpus), which this machine does not "
-                    f"have (GPUs: {have}); change [train] gpus")
-        return None
-    if wants > len(inventory):
-        return (f"asks for {wants} GPU(s) but this machine has {len(inventory)}; change [train] gpus "
-                f"(0 trains on the CPU)")
-    return None
-
-
-def model_dir_clash(mine: str, theirs: str) -> str | None:
-    """How two (resolved) model_dirs collide: one, or one inside the other (their checkpoints,
-    event files and best/ would mix), as words before "job 'x'"; None when they are apart."""
-    if mine == theirs:
-        return "is already used by"
-    if mine.startswith(theirs.rstrip("/") + "/"):
-        return "is inside the model_dir of"
-    if theirs.startswith(mine.rstrip("/") + "/"):
-        return "contains the model_dir of"
-    return None
-
-
-def clash_detail(clash: str, theirs: str) -> str:
-    if clash == "is already used by":
-        return "; two jobs cannot train into one model_dir"
-    return f": {theirs}; a job's model_dir must not be inside another's, nor contain one"
-
-
-def resolve_wants(spec: JobSpec, inventory: tuple[int, ...], cluster: bool = False) -> int | tuple[int, ...]:
-    """What a job asks the allocator for: the GPU ids it names, else a count (``gpu_count``); on a
-    cluster "auto" is one GPU (the cluster has them; this machine's count says nothing)."""
-    gpus = spec.train.gpus
-    return gpus if isinstance(gpus, tuple) else gpu_count(gpus, 1 if cluster else len(inventory))
 
 
 def _submit(state: State, jobs: dict[str, Job], ev: Submit, now: float, actions: list[Action]) -> int:
@@ -186,10 +155,15 @@ def _submit(state: State, jobs: dict[str, Job], ev: Submit, now: float, actions:
     if why_not:
         actions.append(Rejected(ev.token, f"job '{name}' can never run here: it {why_not}"))
         return state.next_seq
-    job = Job(name=name, seq=state.next_seq, spec=ev.spec, wants=wants, submitted_at=now,
-              history=((now, JobState.QUEUED.value, "submitted"),))
+    waits_badly = dependencies.submission_problem(name, ev.spec.after, jobs)  # unknown, a cycle, failed
+    if waits_badly:
+        actions.append(Rejected(ev.token, f"job '{name}' {waits_badly}"))
+        return state.next_seq
+    first = dependencies.on_submit(ev.spec.after, jobs)  # queued, or waiting for its dependencies
+    job = Job(name=name, seq=state.next_seq, spec=ev.spec, wants=wants, submitted_at=now, state=first.state,
+              reason=first.reason, waiting_for=first.pending, history=((now, first.state.value, first.reason),))
     jobs[name] = job
-    actions += [SaveJob(job), Accepted(name, ev.token), StateChanged(name, "", JobState.QUEUED.value, "submitted")]
+    actions += [SaveJob(job), Accepted(name, ev.token), StateChanged(name, "", first.state.value, first.reason)]
     return state.next_seq + 1
 
 
@@ -350,8 +324,12 @@ def _retry(state: State, jobs: dict[str, Job], name: str, now: float, actions: l
         if why_not:
             actions.append(Refused(f"job '{name}' can never run here: it {why_not}"))
             return
-        jobs[name], acts = transition(job, JobState.QUEUED, now, "retry requested", consecutive_failures=0,
-                                      retry_at=None, finished_at=None)
+        again = dependencies.on_retry(job, jobs)  # queued, waiting again, or refused for a dependency
+        if again.state is None:
+            actions.append(Refused(again.reason))
+            return
+        jobs[name], acts = transition(job, again.state, now, again.reason, consecutive_failures=0,
+                                      retry_at=None, finished_at=None, waiting_for=again.pending)
         actions += acts
 
 
@@ -398,7 +376,7 @@ def _schedule(state: State, now: float) -> tuple[State, list[Action]]:
         elif job.uses_gpus:
             if gpu_blocked:
                 continue
-            grant = _allocate(job.wants, free)
+            grant = allocate(job.wants, free)
             if grant is None:
                 gpu_blocked = True
                 continue
@@ -417,14 +395,6 @@ def _schedule(state: State, now: float) -> tuple[State, list[Action]]:
     if wake:
         actions.append(WakeAt(min(wake)))
     return replace(state, jobs=jobs), actions
-
-
-def _allocate(wants: int | tuple[int, ...], free: list[int]) -> tuple[int, ...] | None:
-    if isinstance(wants, tuple):
-        return wants if all(g in free for g in wants) else None
-    if wants <= len(free):
-        return tuple(sorted(free)[:wants])
-    return None
 
 
 def _start(job: Job, gpus: tuple[int, ...], now: float, reason: str) -> tuple[Job, list[Action]]:

@@ -35,6 +35,9 @@ SLURM_ENDINGS = {
 REQUEUE_EXIT = 75  # EX_TEMPFAIL: a worker that saved a checkpoint on Slurm's warning signal asks to be requeued
 WARNING_SIGNAL = "USR2"  # sent before the time limit (NCCL uses USR1)
 TIME_LIMIT_RE = re.compile(r"(\d+-)?\d+(:\d{2}){0,2}")  # "90", "12:00:00", "2-00:00:00" (Slurm's --time)
+PORT_BASE_VARIABLE = "ODDAEMON_SLURM_PORT_BASE"  # several nodes: the workers' port, from [slurm] port_base
+CHIEF_EXIT_FILE = "slurm-{role}.chief-exit"  # several nodes: task 0's exit status, the one that counts
+SUBMIT_SKEW_SECONDS = 30.0  # how far the daemon's host and the Slurm controller's clocks may disagree (NTP)
 _SBATCH_ANSWER = re.compile(r"^\s*(\d+)(?:;(\S+))?\s*$")
 _NAME_SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -52,6 +55,7 @@ class SlurmSettings:
     extra_args: tuple[str, ...] = ()  # from the allow-list, already checked
     poll_seconds: float = 3.0
     warning_seconds: int = 120  # WARNING_SIGNAL this long before the time limit
+    port_base: int = 8888  # several nodes: the TCP port each node's task listens on (SlurmClusterResolver's)
 
 
 @dataclass(frozen=True)
@@ -87,6 +91,49 @@ class Ending:
     message: str = ""
 
 
+@dataclass(frozen=True)
+class Submission:
+    """The daemon's own record of submitting one worker (``<work>/slurm-<role>.json``), written before
+    ``sbatch`` runs (``job_id`` None) and again with the id it answered."""
+
+    attempt: int
+    submitted_at: float  # the daemon's clock just before sbatch ran
+    job_id: int | None = None
+
+    def to_json(self) -> dict:
+        return {"attempt": self.attempt, "submitted_at": self.submitted_at, "job_id": self.job_id}
+
+    @staticmethod
+    def from_json(doc: object) -> Submission | None:
+        """None for what is not such a record (the record is then as good as absent)."""
+        try:
+            job_id = doc.get("job_id")
+            return Submission(int(doc["attempt"]), float(doc["submitted_at"]),
+                              None if job_id is None else int(job_id))
+        except (AttributeError, KeyError, TypeError, ValueError):
+            return None
+
+
+def adoptable(found: Mapping[int, SlurmJob], record: Submission | None,
+              skew: float = SUBMIT_SKEW_SECONDS) -> tuple[SlurmJob | None, list[SlurmJob]]:
+    """Which of the live Slurm jobs named like a worker (``squeue --me --name=...``) a restarted daemon
+    adopts, and the ones it ignores. Slurm reuses job ids (they wrap at ``MaxJobId``, and start again
+    at 1 when the controller's state is lost), and a job of the same name may be a leftover of an
+    earlier run: only a job Slurm says was submitted no earlier than the daemon's last record of
+    submitting this worker (less ``skew``, for the two hosts' clocks) is this worker's. Among those,
+    the id the record holds, else the newest. Without a record (a daemon from before the records) every
+    live job counts, as before. A job whose submit time Slurm does not give (0) counts as new."""
+    alive = [job for job in found.values() if job.phase != "ended"]
+    since = float("-inf") if record is None else record.submitted_at - skew
+    ours = [job for job in alive if job.submit_time == 0 or job.submit_time >= since]
+    stale = [job for job in alive if job not in ours]
+    if not ours:
+        return None, stale
+    chosen = next((job for job in ours if record is not None and job.job_id == record.job_id), None)
+    chosen = chosen or max(ours, key=lambda job: (job.submit_time, job.job_id))
+    return chosen, stale
+
+
 def job_name(name: str, role: str) -> str:
     """The Slurm job name of a job's worker: ``oddaemon-<name>-<role>`` (what ``squeue`` shows)."""
     return f"oddaemon-{_NAME_SAFE.sub('_', name)}-{role}"
@@ -95,11 +142,14 @@ def job_name(name: str, role: str) -> str:
 def sbatch_argv(settings: SlurmSettings, name: str, role: str, gpus: int, script: str, log: str,
                 job_time_limit: str = "", job_partition: str = "", nodes: int = 1) -> list[str]:
     """``sbatch --parsable`` for one worker: its batch script, its log (appended, as local logs are),
-    GPUs as ``--gres=<gres>:N``, Slurm's warning signal sent to the batch shell before the time limit."""
+    GPUs as ``--gres=<gres>:N`` (per node), Slurm's warning signal sent to the batch shell before the time
+    limit. Several nodes: one task per node (``batch_script`` starts them with ``srun``)."""
     partition = job_partition or (settings.eval_partition if role != "train" and settings.eval_partition
                                   else settings.partition)
     argv = ["sbatch", "--parsable", f"--job-name={job_name(name, role)}", f"--output={log}", "--open-mode=append",
             f"--signal=B:{WARNING_SIGNAL}@{settings.warning_seconds}", "--no-requeue", f"--nodes={nodes}"]
+    if nodes > 1:
+        argv.append("--ntasks-per-node=1")
     if partition:
         argv.append(f"--partition={partition}")
     if settings.account:
@@ -113,20 +163,35 @@ def sbatch_argv(settings: SlurmSettings, name: str, role: str, gpus: int, script
     return [*argv, *settings.extra_args, script]
 
 
-def batch_script(argv: Sequence[str], env: Mapping[str, str], cwd: str) -> str:
+_FORWARD = [f"trap 'kill -{WARNING_SIGNAL} $child' {WARNING_SIGNAL}", "trap 'kill -TERM $child' TERM",
+            "while true; do wait $child; status=$?; kill -0 $child 2>/dev/null || break; done"]
+
+
+def batch_script(argv: Sequence[str], env: Mapping[str, str], cwd: str, nodes: int = 1, role: str = "train",
+                 port_base: int = 8888) -> str:
     """The batch script that runs one worker: its environment (without ``CUDA_VISIBLE_DEVICES``, which
     Slurm sets from the GRES it allocated), its directory, then the worker in the background so the
-    shell can forward Slurm's warning signal to it and report its exit status."""
+    shell can forward Slurm's warning signal to it and report its exit status.
+
+    Several nodes: ``srun`` starts one task per node (``srun`` forwards the signal to every task); task
+    0, the chief, writes to the job's log and its exit status is the job's (``CHIEF_EXIT_FILE``; srun's
+    own when the chief left none, e.g. killed because another task failed: ``--kill-on-bad-exit``);
+    task N > 0 writes to ``<cwd>/slurm-<role>-task<N>.log``."""
     lines = ["#!/bin/bash", "# written by oddaemon: one worker of one job", "set -u"]
     lines += [f"export {k}={shlex.quote(v)}" for k, v in sorted(env.items())
               if k != "CUDA_VISIBLE_DEVICES" and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)]
-    lines += [f"cd {shlex.quote(cwd)}",
-              f"{shlex.join(argv)} &",
-              "child=$!",
-              f"trap 'kill -{WARNING_SIGNAL} $child' {WARNING_SIGNAL}",
-              "trap 'kill -TERM $child' TERM",
-              "while true; do wait $child; status=$?; kill -0 $child 2>/dev/null || break; done",
-              "exit $status", ""]
+    lines.append(f"cd {shlex.quote(cwd)}")
+    if nodes <= 1:
+        return "\n".join([*lines, f"{shlex.join(argv)} &", "child=$!", *_FORWARD, "exit $status", ""])
+    chief_exit = CHIEF_EXIT_FILE.format(role=role)
+    task = "\n".join([  # what each task runs (bash -c): the chief in the background, to forward the signal too
+        'if [ "$SLURM_PROCID" != 0 ]; then',
+        f'  exec {shlex.join(argv)} >>"slurm-{role}-task$SLURM_PROCID.log" 2>&1', "fi",
+        f"{shlex.join(argv)} &", "child=$!", *_FORWARD, f"echo $status > {chief_exit}", "exit $status"])
+    srun = ["srun", "--kill-on-bad-exit=1", f"--nodes={nodes}", "--ntasks-per-node=1", "bash", "-c", task]
+    lines += [f"export {PORT_BASE_VARIABLE}={port_base}", f"rm -f {chief_exit}", f"{shlex.join(srun)} &",
+              "child=$!", *_FORWARD,
+              f"if [ -s {chief_exit} ]; then status=$(cat {chief_exit}); fi", "exit $status", ""]
     return "\n".join(lines)
 
 

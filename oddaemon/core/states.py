@@ -11,6 +11,7 @@ import enum
 
 
 class JobState(str, enum.Enum):
+    WAITING = "waiting"        # accepted, waiting for the jobs it names in `after` to succeed
     QUEUED = "queued"          # accepted, waiting for GPUs / a CPU slot
     RUNNING = "running"        # train process alive (GPUs held)
     BACKOFF = "backoff"        # train process failed; restart scheduled (GPUs still held)
@@ -28,6 +29,7 @@ TERMINAL = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 HOLDS_RESOURCES = frozenset({JobState.RUNNING, JobState.BACKOFF, JobState.STOPPING})
 
 _ALLOWED: dict[JobState, frozenset[JobState]] = {
+    JobState.WAITING: frozenset({JobState.QUEUED, JobState.CANCELLED}),
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED, JobState.FAILED}),
     JobState.RUNNING: frozenset(
         {JobState.BACKOFF, JobState.STOPPING, JobState.EVALUATING, JobState.SUCCEEDED, JobState.FAILED, JobState.QUEUED}
@@ -38,8 +40,8 @@ _ALLOWED: dict[JobState, frozenset[JobState]] = {
     JobState.STOPPING: frozenset({JobState.CANCELLED, JobState.QUEUED, JobState.EVALUATING}),
     JobState.EVALUATING: frozenset({JobState.SUCCEEDED, JobState.CANCELLED, JobState.FAILED}),
     JobState.SUCCEEDED: frozenset(),
-    JobState.FAILED: frozenset({JobState.QUEUED}),
-    JobState.CANCELLED: frozenset({JobState.QUEUED}),
+    JobState.FAILED: frozenset({JobState.QUEUED, JobState.WAITING}),
+    JobState.CANCELLED: frozenset({JobState.QUEUED, JobState.WAITING}),
 }
 
 

@@ -32,7 +32,7 @@ SHOWN_BY_LIST = 20  # oddaemon list, ListJobs, systemctl status
 # What ``oddaemon list`` shows of a job (``cli.render.format_list``): the control socket's
 # ``{"cmd": "list", "brief": true}`` sends only these (``list --json`` and D-Bus send whole views).
 LIST_COLUMNS = ("name", "state", "reason", "wants_gpus", "gpus", "queue_position", "step", "target_steps",
-                "progress", "eta_seconds")
+                "progress", "eta_seconds", "waiting_for", "sweep")
 # At most this many finished jobs' views are kept (then the oldest kept are let go).
 KEPT_FINISHED_VIEWS = 100_000
 
@@ -40,6 +40,16 @@ KEPT_FINISHED_VIEWS = 100_000
 def list_row(view: dict) -> dict:
     """The ``LIST_COLUMNS`` of a job's view."""
     return {k: view[k] for k in LIST_COLUMNS}
+
+
+def sweep_membership(job: Job) -> dict | None:
+    """A sweep's variant: its sweep, index and values, and what ``core.sweep.sweep_view`` needs of it."""
+    sweep = job.spec.sweep
+    if not sweep.of:
+        return None
+    return {"name": sweep.of, "index": sweep.index, "values": dict(sweep.assigned), "method": sweep.method,
+            "halving_steps": list(sweep.halving_steps), "keep_fraction": sweep.keep_fraction,
+            "higher_is_better": job.spec.eval.higher_is_better, "export_best": job.spec.eval.export_best}
 
 
 def evaluation_view(job: Job, book: EvalBook | None, shown: int = SHOWN_BY_STATUS) -> dict:
@@ -104,6 +114,8 @@ def _build_view(job: Job, progress_view: dict | None, queue_position: int | None
         "state": job.state.value,
         "reason": job.reason,
         "priority": job.spec.priority,
+        "after": list(job.spec.after),  # the jobs it waits for (spec); waiting_for: those not succeeded yet
+        "waiting_for": list(job.waiting_for),
         "wants_gpus": list(job.wants) if isinstance(job.wants, tuple) else job.wants,
         "gpus": list(job.gpus),
         "queue_position": queue_position,
@@ -122,6 +134,7 @@ def _build_view(job: Job, progress_view: dict | None, queue_position: int | None
         "eval_gpus": list(job.eval_gpus),
         "evaluation": evaluation_view(job, book, shown),
         "history": [{"time": t, "state": s, "reason": r} for t, s, r in job.history],
+        "sweep": sweep_membership(job),
     }
     empty = {"step": None, "target_steps": job.spec.pipeline.num_steps, "progress": None,
              "steps_per_second": None, "eta_seconds": None, "losses": {}, "learning_rate": None, "updated_at": None,

@@ -20,6 +20,7 @@ from oddaemon.core import scheduler as sch
 from oddaemon.core.config import Config
 from oddaemon.core.states import TERMINAL, JobState
 from oddaemon.service import dbus_service
+from oddaemon.service.cgroup_workers import cgroup_snapshot
 
 log = logging.getLogger("oddaemon")
 
@@ -34,6 +35,7 @@ class Announced(Protocol):
     clock: Callable[[], float]
     started_at: float
     rejected_total: int
+    executor: object  # its workers' cgroups, when it has them (service/cgroup_workers.of)
 
     def views(self, shown: int = ...) -> list[dict]: ...
 
@@ -129,7 +131,8 @@ class Announcer:
         self._snapshot_timer = None
         self.counters["rejected_files"] = d.rejected_total
         self.snapshot = build_snapshot(d.views(shown=0), d.gpus(), dict(self.counters), d.started_at, d.clock(),
-                                       d.config.metrics_max_finished_jobs, d.config.metrics_finished_max_age_seconds)
+                                       d.config.metrics_max_finished_jobs, d.config.metrics_finished_max_age_seconds,
+                                       cgroups=cgroup_snapshot(d.executor))
         # Finished jobs leave the export when they age out, even if nothing else happens by then.
         ends = [v["finished_at"] for v in self.snapshot["jobs"]
                 if JobState(v["state"]) in TERMINAL and v["finished_at"] is not None]

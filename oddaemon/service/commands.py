@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 from oddaemon import __version__
 from oddaemon.core import scheduler as sch
 from oddaemon.core.errors import CommandError, ErrorKind, error_reply
+from oddaemon.core.sweep import sweep_summary, sweep_view
 from oddaemon.core.views import list_row
 
 if TYPE_CHECKING:
@@ -90,6 +91,19 @@ class Commands:
             return self.daemon.view(name)
         raise CommandError(ErrorKind.NOT_FOUND, f"no job named '{name}'")
 
+    def sweep(self, name: str) -> dict:
+        """A sweep's table (``core.sweep.sweep_view``) from its variants' views."""
+        variants = [j.name for j in self.daemon.state.jobs.values() if j.spec.sweep.of == name]
+        if not variants:
+            raise CommandError(ErrorKind.NOT_FOUND, f"no sweep named '{name}'")
+        return sweep_view(name, [self.daemon.view(v, shown=0) for v in variants])
+
+    def sweeps(self) -> list[dict]:
+        """Every sweep in one line each, in the order its first variant was submitted."""
+        names = dict.fromkeys(j.spec.sweep.of for j in sorted(self.daemon.state.jobs.values(), key=lambda j: j.seq)
+                              if j.spec.sweep.of)
+        return [sweep_summary(self.sweep(name)) for name in names]
+
     # ---- mutating
     def submit_text(self, text: str | bytes, filename: str = "submitted.toml") -> dict:
         """Validate exactly as the spool does; the text is kept as a spool file either way. A file
@@ -118,6 +132,10 @@ class Commands:
         return self.submit_text(data, os.path.basename(path))
 
     def _submitted(self, name: str) -> dict:
+        if name not in self.daemon.state.jobs:  # a sweep: its variants were submitted
+            view = self.sweep(name)
+            return {"name": name, "state": view["state"], "queue_position": None,
+                    "variants": [row["name"] for row in view["rows"]]}
         job = self.daemon.state.jobs[name]
         return {"name": name, "state": job.state.value, "queue_position": self.daemon.state.queue_position(name)}
 
@@ -161,6 +179,9 @@ class Commands:
         if cmd == "reload":
             self.reload()
             return {"ok": True}
+        if cmd == "sweep":
+            return {"ok": True, "sweep": self.sweep(name)} if isinstance(name, str) else \
+                {"ok": True, "sweeps": self.sweeps()}
         if not isinstance(name, str):
             raise CommandError(ErrorKind.INVALID, f"'{cmd}' needs a job name")
         if cmd == "status":

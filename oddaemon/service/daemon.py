@@ -35,20 +35,24 @@ from oddaemon.core.errors import OddaemonError, user_message
 from oddaemon.core.failures import Failure
 from oddaemon.core.states import TERMINAL
 from oddaemon.core.views import SHOWN_BY_LIST, SHOWN_BY_STATUS, FinishedViews
+from oddaemon.service import cgroup_workers
 from oddaemon.service.announce import Announcer
+from oddaemon.service.cgroup_workers import WorkerCgroups
 from oddaemon.service.commands import Commands
 from oddaemon.service.effects import Effects
 from oddaemon.service.evaluation import Evaluations
 from oddaemon.service.executor import Executor, ExitCallback, RunningWorker
-from oddaemon.service.exits import exit_event
+from oddaemon.service.exits import exit_event, log_exit
 from oddaemon.service.intake import SpoolIntake, Verdict
 from oddaemon.service.job_watch import JobWatching
 from oddaemon.service.launch import WorkerLauncher
 from oddaemon.service.local_executor import LocalExecutor
+from oddaemon.service.notify_hook import NotifyHook
 from oddaemon.service.preflight import Preflights
 from oddaemon.service.reconfigure import pin_budget_of, policy_of, reread_config
 from oddaemon.service.recovery import kill_leftover_workers, load_saved_jobs
 from oddaemon.service.slurm_executor import SlurmExecutor
+from oddaemon.service.sweeps import SweepHalving
 from oddaemon.service.trainguard import TrainGuard
 
 log = logging.getLogger("oddaemon")
@@ -63,7 +67,7 @@ def local_executor(config: Config, loop: Loop, on_exit: ExitCallback, on_output:
                    clock: Callable[[], float]) -> Executor:
     """Workers as processes on this host (the default ``ExecutorFactory``)."""
     return LocalExecutor(loop, config.log_dir, config.log_max_bytes, config.log_backups, config.stop_grace_seconds,
-                         on_exit, clock, on_output=on_output)
+                         on_exit, clock, on_output=on_output, cgroups=WorkerCgroups.detected(config.cgroups.mode, loop))
 
 
 def slurm_executor(config: Config, loop: Loop, on_exit: ExitCallback, on_output: Callable[[str, str], None],
@@ -103,12 +107,21 @@ class Daemon:
                                        self.executor.stop, clock, pin_budget_of(config))
         self.announcer = Announcer(self)  # metrics snapshot, D-Bus signals, sd_notify
         self.watching = JobWatching(loop, self.evaluations, self.guard, self.announcer.snapshot_soon,
-                                    config.state_dir)
+                                    config.state_dir, config.model_dir_poll_interval())
         self.effects = Effects(loop, clock, lambda: self.state, self.store, self.spool, self.intake_, self.executor,
                                self.launcher, self.watching, self.evaluations, lambda: self.dispatch(sch.Tick()))
         self.effects.on_state_change.append(self.announcer.state_changed)
         self.evaluations.listeners.append(self.announcer.checkpoint_evaluated)
         self.intake_.on_rejected = self.announcer.snapshot_soon  # (a rejection changes no job: no dispatch)
+        self.intake_.state = lambda: self.state  # a sweep's variants are checked as one before any is submitted
+        self.evaluations.listeners.append(SweepHalving(lambda: self.state.jobs, self.evaluations.book,
+                                                       self.dispatch).checkpoint_evaluated)
+        self.notify = NotifyHook(config.notify_settings(), loop, clock, lambda: self.state.jobs,
+                                 self.watching.progress.get, self.evaluations.book, self.dispatch,
+                                 lambda counts: (self.announcer.counters.update(notifications=counts),
+                                                 self.announcer.snapshot_soon()))
+        self.effects.on_state_change.append(self.notify.state_changed)
+        self.evaluations.listeners.append(self.notify.checkpoint_evaluated)
         self.control: ControlServer | None = None
         self.finished_views = FinishedViews()
         self.commands = Commands(self)
@@ -232,6 +245,7 @@ class Daemon:
     def _on_worker_exit(self, worker: RunningWorker, returncode: int, failure: Failure | None) -> None:
         detail = failure.message if failure is not None else ""
         self.launcher.ended(worker)
+        log_exit(worker, returncode, failure)
         if self.shutting_down:
             if not self.executor.workers:
                 self.loop.stop()
@@ -260,8 +274,12 @@ class Daemon:
         if progress is not None and job.state not in TERMINAL:
             progress.refresh()
         position = None if job.state in TERMINAL else self.state.queue_position(name)  # O(jobs): not for 1,000 finished
-        return self.finished_views.job_view(job, progress, position, self.executor.log_path(name, "train"),
-                        self.evaluations.book(name), shown)
+        view = self.finished_views.job_view(job, progress, position, self.executor.log_path(name, "train"),
+                                            self.evaluations.book(name), shown)
+        cgroups = cgroup_workers.of(self.executor)  # its workers' cgroups, read now (oddaemon status NAME)
+        if cgroups is not None and shown == SHOWN_BY_STATUS and job.state not in TERMINAL:
+            view = {**view, "resources": cgroups.usage(name)}
+        return view
 
     def gpus(self) -> dict:
         """GPU inventory, free GPUs and who holds which (``Commands.gpus``)."""
@@ -297,6 +315,8 @@ class Daemon:
         self.config = self.intake_.config = self.launcher.config = new
         self.executor.configure(new.log_max_bytes, new.log_backups, new.stop_grace_seconds)
         self.evaluations.pin_budget = pin_budget_of(new)
+        self.notify.configure(new.notify_settings())
+        self.watching.poll_seconds = new.model_dir_poll_interval()  # for watches that start from now on
         log.info("reload: configuration re-read from %s", new.path)
         self.dispatch(sch.PolicyChanged(policy_of(new)))  # e.g. more CPU slots: start what now fits
 
@@ -330,5 +350,6 @@ def run(config: Config, loop: Loop) -> int:
         return 1
     loop.run()
     daemon.evaluations.close()
+    daemon.notify.close()  # (deliveries still waiting are not kept: the log and the history say what was sent)
     log.info("stopped")
     return 0

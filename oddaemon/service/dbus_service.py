@@ -5,7 +5,8 @@ loop the daemon already runs) wrapping the same ``Commands`` object as the contr
 Client side: ``oddaemon.cli.dbus_client.Client.connect(bus)`` for the CLI.
 
 Types:
-* ``ListJobs() -> aa{sv}`` and ``GetJob(name) -> a{sv}``: the job views as typed dictionaries
+* ``ListJobs() -> aa{sv}``, ``GetJob(name) -> a{sv}`` and ``GetSweep(name) -> a{sv}``: the job
+  views (and a sweep's, ``core.sweep.sweep_view``) as typed dictionaries
   (``busctl``, ``gdbus`` and every binding show and decode them without a JSON parser, and new
   view keys need no interface change). D-Bus has no null: a None value is left out, at any
   depth, and its key path is listed under ``null_keys`` (``aas``), from which ``Client``
@@ -45,6 +46,9 @@ INTROSPECTION = f"""
     <method name="ListJobs"><arg name="jobs" type="aa{{sv}}" direction="out"/></method>
     <method name="GetJob">
       <arg name="name" type="s" direction="in"/><arg name="job" type="a{{sv}}" direction="out"/>
+    </method>
+    <method name="GetSweep">
+      <arg name="name" type="s" direction="in"/><arg name="sweep" type="a{{sv}}" direction="out"/>
     </method>
     <method name="Submit">
       <arg name="path" type="s" direction="in"/>
@@ -163,6 +167,9 @@ class Service:
 
     def GetJob(self, name):
         return self._call(lambda: view_to_vardict(self.commands.get_job(name)))
+
+    def GetSweep(self, name):
+        return self._call(lambda: view_to_vardict(self.commands.sweep(name)))
 
     def Submit(self, path, dbus_context=None):
         uid = self._authorize(dbus_context, "Submit")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from oddaemon.adapters.journal import job_fields
 from oddaemon.adapters.loop import Loop
 from oddaemon.adapters.spool import Spool
 from oddaemon.adapters.store import Store
@@ -82,7 +83,11 @@ class Effects:
             self.intake.reject(action.token, [Problem(action.reason)], "the daemon cannot run it")
 
     def _state_changed(self, action: sch.StateChanged) -> None:
-        log.info("job %s: %s -> %s (%s)", action.name, action.old or "new", action.new, action.reason)
+        job = self.state().jobs.get(action.name)
+        failure = job.failure.kind if job is not None and job.failure and action.new in ("backoff", "failed") else None
+        log.info("job %s: %s -> %s (%s)", action.name, action.old or "new", action.new, action.reason,
+                 extra=job_fields(action.name, state=action.new, failure=failure,
+                                  attempt=job.attempt if job is not None else None))
         for listener in self.on_state_change:
             listener(action)
 

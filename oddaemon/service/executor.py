@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from oddaemon.core.failures import Failure
+from oddaemon.core.resources import Limits
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class WorkerLaunch:
     gpu_count: int | None = None  # GPUs a cluster is to allocate (None: the ones in ``gpus``)
     time_limit: str = ""  # the job's own [slurm] time_limit and partition ("" = the daemon's)
     partition: str = ""
+    nodes: int = 1  # Slurm nodes (the train worker of a job with [slurm] nodes > 1: one task per node)
+    limits: Limits | None = None  # its cgroup's limits (train/eval/export; None: no cgroup of its own)
 
     @property
     def gpus_wanted(self) -> int:

@@ -15,7 +15,7 @@ import os
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from inotify_simple import flags
 
@@ -30,6 +30,7 @@ from oddaemon.core.config import Config
 from oddaemon.core.errors import OddaemonError, user_message
 from oddaemon.core.job_validation import parse_job
 from oddaemon.core.jobspec import JobSpec
+from oddaemon.core.sweep import expand, is_definition
 from oddaemon.service.preflight import Preflights
 
 log = logging.getLogger("oddaemon.service.intake")
@@ -37,6 +38,7 @@ log = logging.getLogger("oddaemon.service.intake")
 SETTLE_SECONDS = 1.0  # a file in new/ younger than this at rescan may still be being written
 MAX_REMEMBERED = 1000  # verdicts kept for verdict_within
 PER_TURN = 16  # spool files taken per loop turn (each a read, a rename and a pipe write: well under 1 ms)
+HOLD_SECONDS = 60.0  # the longest a checked job waits for files still being parsed (its `after` may be among them)
 
 
 @dataclass(frozen=True)
@@ -64,6 +66,10 @@ class SpoolIntake:
         self._queue: dict[str, None] = {}  # paths waiting for intake, in arrival order
         self._draining = False
         self.worker_identity: Identity | None = None  # set by the daemon at start (a root daemon's worker user)
+        self.state: Callable[[], sch.State] | None = None  # set by the daemon: a sweep is admitted as one
+        self._held: list[tuple[JobSpec, str]] = []  # checked, waiting for a job they name in `after` to be
+        self._release_pending = False  #              checked too (see submit)
+        self._held_since: dict[str, float] = {}
 
     def start(self, hub: InotifyHub) -> None:
         group = self.config.submit_group
@@ -200,16 +206,22 @@ class SpoolIntake:
             return self.reject(path, result)
         if self.preflights is None:
             return self.submit(result, path)
-        if result.name in self.active_names() or result.name in self.preflights.names():
-            return self.reject(path, [Problem(f"a job named '{result.name}' is already queued, running or being "
-                                              "checked; cancel it first or choose another name")],
+        names = [v.name for v in expand(result)] if is_definition(result) else [result.name]
+        busy = [n for n in names if n in self.active_names() or n in self.preflights.names()]
+        if busy:
+            return self.reject(path, [Problem(f"a job named '{busy[0]}' is already queued, running or being "
+                                              "checked; cancel it first or choose another name"
+                                              + (f" (the sweep's variants are {names[0]} ... {names[-1]})"
+                                                 if names[0] != result.name else ""))],
                                "the daemon cannot run it")
         try:
             held = path if os.path.dirname(path) == self.spool.cur else self.spool.hold(path)
         except OddaemonError as exc:
             log.error("%s", user_message(exc))
             return None
-        self.preflights.add(result, held)
+        # A sweep's preflight checks its first variant's values (the others differ only in those).
+        self.preflights.add(replace(result, pipeline=expand(result)[0].pipeline) if is_definition(result) else result,
+                            held)
         return Verdict(None, result.name, "")
 
     def verdict_within(self, path: str, timeout: float) -> Verdict | None:
@@ -224,15 +236,82 @@ class SpoolIntake:
         return {0, os.geteuid()} | ({self.worker_identity.uid} if self.worker_identity else set())
 
     def submit(self, spec: JobSpec, path: str) -> Verdict:
+        """Hand a checked job to the scheduler. One that waits for (``after``) a job whose own check
+        is still running is held (its file stays in cur/) until that one is accepted or rejected:
+        job files dropped together may finish their checks in any order."""
+        if spec.after and self._dependency_unsettled(spec, path):
+            self._held.append((spec, path))
+            return Verdict(None, spec.name, "")
+        self._held_since.pop(path, None)
+        self._release_held_soon()
+        if is_definition(spec):
+            return self.submit_sweep(spec, path)
         for action in self.dispatch(sch.Submit(spec, token=path)):
             if isinstance(action, sch.Rejected):
                 return Verdict(False, spec.name, action.reason)
+        return Verdict(True, spec.name, "")
+
+    def _dependency_unsettled(self, spec: JobSpec, path: str) -> bool:
+        """A job it waits for that the scheduler does not have may still be on its way: being checked
+        (held until it is decided), or among files still read or parsed (held, for ``HOLD_SECONDS``
+        at most, until those are through)."""
+        active = self.active_names()
+        unknown = [dep for dep in spec.after if dep not in active]
+        if not unknown:
+            return False
+        if self.preflights is not None and not self.preflights.names().isdisjoint(unknown):
+            return True
+        since = self._held_since.setdefault(path, time.monotonic())
+        arriving = bool(self._queue) or (self.parsers is not None and self.parsers.pending > 0)
+        return arriving and time.monotonic() - since < HOLD_SECONDS
+
+    def _release_held_soon(self) -> None:
+        if self._held and not self._release_pending:
+            self._release_pending = True
+            self.loop.call_later(0, self._release_held)
+
+    def _release_held(self) -> None:
+        self._release_pending = False
+        held, self._held = self._held, []
+        for spec, path in held:
+            self.submit(spec, path)  # (held again while what it waits for is still being checked)
+
+    def submit_sweep(self, spec: JobSpec, path: str) -> Verdict:
+        """A sweep is admitted as one: every variant is first stepped through the scheduler on a copy of
+        its state (pure), and one the scheduler would reject (a name taken, a model_dir in use, GPUs
+        this machine lacks) rejects the file, naming it; then all are submitted, and the file is
+        accepted under the sweep's name."""
+        variants = expand(spec)
+        state = self.state() if self.state is not None else None
+        if state is not None:
+            now = time.time()
+            for variant in variants:
+                state, actions = sch.step(state, sch.Submit(variant), now)
+                refused = next((a for a in actions if isinstance(a, sch.Rejected)), None)
+                if refused is not None:
+                    return self.reject(path, [Problem(f"sweep '{spec.name}' ({len(variants)} variants, "
+                                                      f"{variants[0].name} ... {variants[-1].name}): variant "
+                                                      f"{variant.name}: {refused.reason}")],
+                                       "the daemon cannot run it")
+        refused_names = []
+        for variant in variants:
+            if any(isinstance(a, sch.Rejected) for a in self.dispatch(sch.Submit(variant))):
+                refused_names.append(variant.name)  # (the check above makes this the rare race)
+        if refused_names:
+            log.error("sweep %s: variants %s were not accepted", spec.name, ", ".join(refused_names))
+        try:
+            self.spool.accept(path, spec.name)
+        except OddaemonError as exc:
+            log.error("%s", user_message(exc))
+        log.info("sweep %s: %d variants submitted (%s ... %s)", spec.name, len(variants), variants[0].name,
+                 variants[-1].name)
         return Verdict(True, spec.name, "")
 
     def reject(self, path: str, problems: list[Problem],
                because: str = "it is not a valid oddaemon job spec") -> Verdict:
         self.rejected_total += 1
         self.on_rejected()
+        self._release_held_soon()
         text = render_error_file(os.path.basename(path), problems, because)
         try:
             _, error_path = self.spool.reject(path, text)

@@ -1,7 +1,10 @@
 """Job watching: for a job that trains or evaluates, its training progress (read from its event
 files) and the inotify watch on its model_dir, which reports new checkpoints to the evaluation side
 and activity to the train guard. A watch starts with training and ends when the job's evaluator
-stops (``StopEvaluator``), after one last read of the event files.
+stops (``StopEvaluator``), after one last read of the event files. With ``poll_seconds`` (the
+daemon's ``[cluster] model_dir_poll_seconds``: on by default for the Slurm backend, whose nodes
+write model_dirs from other hosts) a bounded poller (``model_dir_poller.py``) calls the same two
+callbacks beside the watch, for writes this host's inotify does not see.
 
 How far each job's event files were read is saved under ``state_dir`` (``layout.progress_file``)
 at most every ``SAVE_SECONDS`` while they grow, and when the watch ends, so a restarted daemon
@@ -21,6 +24,7 @@ from oddaemon.core.errors import OddaemonError, user_message
 from oddaemon.core.jobs import Job
 from oddaemon.formats.pipeline_numbers import pipeline_num_steps
 from oddaemon.service.evaluation import Evaluations
+from oddaemon.service.model_dir_poller import ModelDirPoller
 from oddaemon.service.progress import TrainProgress
 from oddaemon.service.trainguard import TrainGuard
 from oddaemon.service.watch import ModelDirWatcher
@@ -33,8 +37,10 @@ class JobWatching:
     """``state_dir``: where read offsets are kept across restarts (None: nowhere, every start reads all)."""
 
     def __init__(self, loop: Loop, evaluations: Evaluations, guard: TrainGuard, changed: Callable[[], None],
-                 state_dir: str | None = None):
+                 state_dir: str | None = None, poll_seconds: float = 0.0):
         self.loop = loop
+        self.poll_seconds = poll_seconds  # 0: inotify only
+        self.pollers: dict[str, ModelDirPoller] = {}
         self.state_dir = state_dir
         self._save_timers: dict[str, object] = {}
         if state_dir:  # (made at start-up, before anything writes there)
@@ -69,12 +75,20 @@ class JobWatching:
             self.evaluations.rescan(name)
 
         watcher = ModelDirWatcher(self.inotify, self.loop, job.spec.model_dir, on_checkpoints, on_progress)
+        poller = None
+        if self.poll_seconds > 0:  # its bearings first: what the watcher's start reads is then never missed
+            poller = ModelDirPoller(self.loop, job.spec.model_dir, self.poll_seconds, on_checkpoints, on_progress)
+            poller.start()
         try:
             watcher.start()
         except (OddaemonError, OSError) as exc:
             log.error("job %s: cannot watch %s: %s", name, job.spec.model_dir, user_message(exc))
+            if poller is not None:
+                poller.stop()
             return
         self.watchers[name] = watcher
+        if poller is not None:
+            self.pollers[name] = poller
 
     def refresh(self, name: str) -> None:
         """Read what is new in a job's event files (a view, a train worker's exit)."""
@@ -111,3 +125,6 @@ class JobWatching:
         watcher = self.watchers.pop(name, None)
         if watcher is not None:
             watcher.stop()
+        poller = self.pollers.pop(name, None)
+        if poller is not None:
+            poller.stop()

@@ -12,6 +12,7 @@ import os
 from collections.abc import Callable
 
 from oddaemon.adapters import confine
+from oddaemon.adapters.journal import job_fields
 from oddaemon.adapters.loop import Loop
 from oddaemon.adapters.procs import thread_limits, worker_environment
 from oddaemon.adapters.store import Store
@@ -21,6 +22,7 @@ from oddaemon.core.config import Config
 from oddaemon.core.errors import OddaemonError, user_message
 from oddaemon.core.failures import Failure
 from oddaemon.core.jobs import Job
+from oddaemon.core.resources import ROLES, limits_for
 from oddaemon.service.executor import Executor, RunningWorker, WorkerLaunch
 
 log = logging.getLogger("oddaemon")
@@ -96,10 +98,17 @@ class WorkerLauncher:
                                                       nice=self.config.eval_cpu_nice if cpu_eval else 0,
                                                       gpu_count=cluster_gpus(job, role, gpus),
                                                       time_limit=job.spec.slurm.time_limit or "",
-                                                      partition=job.spec.slurm.partition or ""))
+                                                      partition=job.spec.slurm.partition or "",
+                                                      nodes=job.spec.slurm.nodes if role == "train" else 1,
+                                                      limits=limits_for(role, job.spec, self.config.cgroups,
+                                                                        on_cpu=not gpus) if role in ROLES else None))
         except (OddaemonError, OSError) as exc:
-            log.error("job %s: cannot start its %s worker: %s", name, role, user_message(exc))
+            log.error("job %s: cannot start its %s worker: %s", name, role, user_message(exc),
+                      extra=job_fields(name, role=role, attempt=job.attempt))
             return None
+        log.info("job %s: %s worker started (pid %s, attempt %d%s)", name, role, worker.pid, job.attempt,
+                 f", GPUs {','.join(map(str, gpus))}" if gpus else "",
+                 extra=job_fields(name, role=role, attempt=job.attempt))
         if role == "train":
             self.on_train_started(job)
         self.runtime.setdefault(name, {})[role] = self.executor.runtime_record(worker)

@@ -4,7 +4,8 @@ event loop (``service/executor.py`` is the interface; a cluster backend implemen
 It owns the live ``Worker`` objects, their log pumps and their timers. It reports each exit
 through ``on_exit(worker, returncode, failure)`` (a ``Failure`` read from the exit status and the
 log tail, or the one given to ``stop`` when the daemon stopped a hung or diverging worker) and
-never decides anything about jobs: that is the scheduler's job. ``on_output(name, role)`` is
+never decides anything about jobs: that is the scheduler's job. ``cgroups``: each worker launched
+with ``limits`` runs in a cgroup of its own (``service/cgroup_workers.py``). ``on_output(name, role)`` is
 called when a worker writes to its log (activity, for hang detection).
 """
 
@@ -21,6 +22,7 @@ from oddaemon.adapters.loop import Loop
 from oddaemon.adapters.procs import Worker, process_start_time, spawn
 from oddaemon.core import layout
 from oddaemon.core.failures import Failure, classify_failure, describe_returncode
+from oddaemon.service.cgroup_workers import WorkerCgroups
 from oddaemon.service.executor import ExitCallback, WorkerLaunch
 
 log = logging.getLogger("oddaemon.service.local_executor")
@@ -28,8 +30,9 @@ log = logging.getLogger("oddaemon.service.local_executor")
 class LocalExecutor:
     def __init__(self, loop: Loop, log_dir: str, log_max_bytes: int, log_backups: int,
                  stop_grace: float, on_exit: ExitCallback, clock: Callable[[], float] = time.time,
-                 on_output: Callable[[str, str], None] | None = None):
+                 on_output: Callable[[str, str], None] | None = None, cgroups: WorkerCgroups | None = None):
         self.loop = loop
+        self.cgroups = cgroups
         self.log_dir = log_dir
         self.log_max_bytes = log_max_bytes
         self.log_backups = log_backups
@@ -62,8 +65,15 @@ class LocalExecutor:
         rlog.write(f"==== oddaemon: starting {role} attempt {launch.attempt} at "
                    f"{time.strftime('%Y-%m-%d %H:%M:%S')} "
                    f"(CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')!r})\n".encode())
-        worker = spawn(name, role, launch.attempt, launch.argv, env, launch.cwd, self.clock(), stdin=launch.stdin,
-                       pass_fds=launch.pass_fds, identity=self.identity, nice=launch.nice)
+        place = (self.cgroups.prepare(name, role, launch.limits)
+                 if self.cgroups is not None and launch.limits is not None else None)
+        try:
+            worker = spawn(name, role, launch.attempt, launch.argv, env, launch.cwd, self.clock(), stdin=launch.stdin,
+                           pass_fds=launch.pass_fds, identity=self.identity, nice=launch.nice, place=place)
+        except Exception:  # (OperationError: it could not be started)
+            if place is not None:
+                self.cgroups.not_started(name, role)
+            raise
         pump = LogPump(worker.output_fd, rlog)
         handles = [
             self.loop.add_reader(worker.output_fd, lambda: self._pump(worker, pump)),
@@ -109,11 +119,14 @@ class LocalExecutor:
         if self.workers.get((worker.name, worker.role)) is worker:
             del self.workers[(worker.name, worker.role)]
         failure = self._imposed.pop(worker.pid, None)
+        imposed, note = failure is not None, ""
         if failure is None and returncode != 0:
             failure = classify_failure(returncode, pump.explaining_tail(), worker.role)
+        if self.cgroups is not None:  # its peak memory; host-oom when the OOM killer ended it in its cgroup
+            failure, note = self.cgroups.ended(worker.name, worker.role, returncode, failure, imposed)
         self._log_for(worker.name, worker.role).write(
             f"==== oddaemon: {worker.role} attempt {worker.attempt} ended: "
-            f"{describe_returncode(returncode)}"
+            f"{describe_returncode(returncode)}{note}"
             f"{' (' + failure.message + ')' if failure else ''}\n".encode())
         self.on_exit(worker, returncode, failure)
 

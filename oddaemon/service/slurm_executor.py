@@ -14,6 +14,7 @@ scheduler's restart rules apply as to any exit. Logs: Slurm appends the worker's
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 
 from oddaemon.adapters.loop import Loop
 from oddaemon.adapters.slurm_cli import CommandResult, SlurmCommands
+from oddaemon.adapters.store import atomic_write_json
 from oddaemon.core import slurm
 from oddaemon.core.failures import Failure, classify_failure
 from oddaemon.service.executor import ExitCallback, RunningWorker, WorkerLaunch
@@ -47,6 +49,7 @@ class SlurmWorker:
     imposed: Failure | None = None
     log_path: str = ""
     script: str = ""
+    record: str = ""  # <work>/slurm-<role>.json: the daemon's record of submitting it (core.slurm.Submission)
 
 
 class SlurmExecutor:
@@ -63,6 +66,7 @@ class SlurmExecutor:
         self._polling = False
         self._poll_delay = settings.poll_seconds
         self._unreachable_since: float | None = None
+        self._ended_ids: set[int] = set()  # Slurm jobs whose end was reported: never adopted again
 
     # ---- the Executor interface
     @property
@@ -83,19 +87,22 @@ class SlurmExecutor:
         worker = SlurmWorker(launch.name, launch.role, launch.attempt, self.clock(),
                              log_path=self.local.log_path(launch.name, launch.role))
         worker.script = os.path.join(launch.cwd, f"slurm-{launch.role}.sh")
+        worker.record = os.path.join(launch.cwd, f"slurm-{launch.role}.json")
+        previous = self._read_record(worker.record)
         with open(worker.script, "w") as f:
-            f.write(slurm.batch_script(launch.argv, launch.env, launch.cwd))
+            f.write(slurm.batch_script(launch.argv, launch.env, launch.cwd, launch.nodes, launch.role,
+                                       self.settings.port_base))
         os.chmod(worker.script, 0o755)
         os.makedirs(os.path.dirname(worker.log_path), exist_ok=True)
         argv = slurm.sbatch_argv(self.settings, launch.name, launch.role, launch.gpus_wanted, worker.script,
-                                 worker.log_path, launch.time_limit, launch.partition)
+                                 worker.log_path, launch.time_limit, launch.partition, launch.nodes)
         self.local.note(launch.name, launch.role, f"==== oddaemon: submitting {launch.role} attempt {launch.attempt} "
                                                   f"to Slurm ({' '.join(argv[2:-1])})\n")
         self.jobs[(launch.name, launch.role)] = worker
         # A Slurm job of this worker that outlived the daemon before this one (a restart does not
         # cancel cluster jobs: stop_all leaves them running) is adopted, not submitted a second time.
         self.commands.run(["squeue", "--json", "--me", f"--name={slurm.job_name(launch.name, launch.role)}"],
-                          lambda result: self._adopt_or_submit(worker, result, argv))
+                          lambda result: self._adopt_or_submit(worker, result, argv, previous))
         return worker
 
     def stop(self, name: str, role: str, reason: str, failure: Failure | None = None,
@@ -149,18 +156,39 @@ class SlurmExecutor:
             self.local.close_logs_if_idle(name)
 
     # ---- submission and tracking
-    def _adopt_or_submit(self, worker: SlurmWorker, result: CommandResult, argv: list[str]) -> None:
+    @staticmethod
+    def _read_record(path: str) -> slurm.Submission | None:
+        try:
+            with open(path) as f:
+                return slurm.Submission.from_json(json.load(f))
+        except (OSError, ValueError):
+            return None
+
+    def _write_record(self, worker: SlurmWorker, submission: slurm.Submission) -> None:
+        try:
+            atomic_write_json(worker.record, submission.to_json())
+        except OSError as exc:  # a restart then adopts by name alone, as without records
+            log.warning("job %s: cannot write %s: %s", worker.name, worker.record, exc.strerror)
+
+    def _adopt_or_submit(self, worker: SlurmWorker, result: CommandResult, argv: list[str],
+                         previous: slurm.Submission | None) -> None:
         if self.jobs.get((worker.name, worker.role)) is not worker:
             return
         try:
             found = slurm.parse_squeue_json(result.stdout) if result.ok else {}
         except ValueError:
             found = {}
-        alive = sorted(j for j, job in found.items() if job.phase != "ended")
-        if not alive:
-            self.commands.run(argv, lambda answer: self._submitted(worker, answer))
+        chosen, stale = slurm.adoptable({j: job for j, job in found.items() if j not in self._ended_ids}, previous)
+        for job in stale:
+            log.warning("job %s: not adopting Slurm job %d (%s, named like its %s worker): submitted before the "
+                        "daemon's record of submitting that worker (a reused id or a leftover)", worker.name,
+                        job.job_id, job.state, worker.role)
+        if chosen is None:
+            submission = slurm.Submission(worker.attempt, self.clock())
+            self._write_record(worker, submission)
+            self.commands.run(argv, lambda answer: self._submitted(worker, answer, submission))
             return
-        worker.job_id, worker.state = alive[-1], found[alive[-1]].state
+        worker.job_id, worker.state = chosen.job_id, chosen.state
         log.warning("job %s: adopting Slurm job %d (%s), still %s from before the daemon restarted", worker.name,
                     worker.job_id, worker.role, worker.state)
         self.local.note(worker.name, worker.role, f"==== oddaemon: adopted Slurm job {worker.job_id}, which ran on "
@@ -169,7 +197,7 @@ class SlurmExecutor:
             self._scancel(worker)
         self._poll_soon()
 
-    def _submitted(self, worker: SlurmWorker, result: CommandResult) -> None:
+    def _submitted(self, worker: SlurmWorker, result: CommandResult, submission: slurm.Submission) -> None:
         if not result.ok:
             self._ended(worker, 127, Failure("slurm", f"Slurm did not take the {worker.role} worker: "
                                                       f"{result.describe()}"))
@@ -180,6 +208,7 @@ class SlurmExecutor:
             self._ended(worker, 127, Failure("slurm", f"Slurm did not take the {worker.role} worker: {exc}"))
             return
         worker.state = "PENDING"
+        self._write_record(worker, slurm.Submission(submission.attempt, submission.submitted_at, worker.job_id))
         self.local.note(worker.name, worker.role, f"==== oddaemon: Slurm job {worker.job_id}\n")
         log.info("job %s: %s worker is Slurm job %d", worker.name, worker.role, worker.job_id)
         if worker.stop_reason:
@@ -262,6 +291,8 @@ class SlurmExecutor:
         if self.jobs.get((worker.name, worker.role)) is not worker:
             return
         del self.jobs[(worker.name, worker.role)]
+        if worker.job_id is not None:
+            self._ended_ids.add(worker.job_id)
         if worker.imposed is not None:
             failure = worker.imposed
         self.local.note(worker.name, worker.role,

@@ -2,11 +2,12 @@
 and the creation of ``train/`` and ``eval/``) plus one on each of ``model_dir/train`` and
 ``model_dir/eval`` (event files, for progress and evaluation metrics by step).
 
-No polling: checkpoint changes go to ``on_checkpoints`` (the evaluation side re-lists the
-directory), coalesced to one call per loop turn however many events a burst brought (a trainer
-saving 100 checkpoints a second makes ~500 events a second; one re-listing per turn sees them all),
-event-file changes to ``on_progress`` (coalesced over a short delay, since the trainer appends to
-its event file at every logged step). A queue overflow calls both.
+No polling here (for writers this host's inotify cannot see, e.g. Slurm nodes writing to NFS,
+``model_dir_poller.py`` calls the same two callbacks): checkpoint changes go to ``on_checkpoints``
+(the evaluation side re-lists the directory), coalesced to one call per loop turn however many
+events a burst brought (a trainer saving 100 checkpoints a second makes ~500 events a second; one
+re-listing per turn sees them all), event-file changes to ``on_progress`` (coalesced over a short
+delay, since the trainer appends to its event file at every logged step). A queue overflow calls both.
 
 If ``model_dir`` itself goes away under a running job (deleted, or moved), the kernel drops the
 watch (``IN_IGNORED``); the watcher then creates the directory again, as at start, watches it anew

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from oddaemon.core.job_validation import ValidationContext
 from oddaemon.core.jobspec import ALLOWED_KEYS, CHECKPOINT_TYPES, EVAL_DEVICES, TABLES, WHEN_BEHIND
+from oddaemon.core.notifications import EVENTS as NOTIFY_EVENTS
 
 KINDS = ("random_bytes", "token_soup", "toml_doc", "valid_job", "mutated", "deep_nesting", "huge_array",
          "long_values")
@@ -207,6 +208,7 @@ class _Gen:
         r, t = self.rng, self.tree
         choices = {
             "name": lambda: basic_string(self.job_name()), "priority": lambda: str(r.randint(-1000, 1000)),
+            "after": lambda: "[]",  # (a name would be unknown to the daemon: rejected at submission)
             "pipeline_config": lambda: basic_string(t.pipeline),
             "model_dir": lambda: basic_string(f"{t.root}/runs/{self.job_name()}/{r.randint(0, 10**6)}"),
             "num_classes": lambda: str(r.randint(1, 100_000)), "batch_size": lambda: str(r.randint(1, 64)),
@@ -224,6 +226,9 @@ class _Gen:
             "hang_timeout_seconds": lambda: r.choice(["0", "600", "1.5e3"]),
             "oom_retry_halve_batch": lambda: r.choice(["true", "false"]),
             "min_batch_size": lambda: str(r.randint(1, 8)),
+            # [train]/[eval] cgroup limits: bytes or a size with a unit (at least 16 MiB), a CPU weight
+            "memory_max": lambda: r.choice(['"8G"', '"512M"', str(r.randint(16 << 20, 1 << 40))]),
+            "cpu_weight": lambda: str(r.randint(1, 10_000)),
             "enabled": lambda: r.choice(["true", "false"]), "device": lambda: basic_string(r.choice(EVAL_DEVICES)),
             "sample_1_of_n_eval_examples": lambda: str(r.randint(1, 100)),
             "metric": lambda: basic_string(r.choice(["DetectionBoxes_Precision/mAP", "DetectionBoxes_Recall/AR@100"])),
@@ -234,6 +239,13 @@ class _Gen:
             "when_behind": lambda: basic_string(r.choice(WHEN_BEHIND)), "max_behind": lambda: str(r.randint(1, 10_000)),
             "time_limit": lambda: r.choice(['"90"', '"12:00:00"', '"2-00:00:00"']),
             "partition": lambda: basic_string(r.choice(SLURM_PARTITIONS)), "nodes": lambda: "1",
+            # [notify]: events from the list; targets [] (a name would be unknown to a daemon with none)
+            "events": lambda: "[" + ", ".join(f'"{e}"' for e in r.sample(NOTIFY_EVENTS, r.randint(0, 5))) + "]",
+            "targets": lambda: "[]", "stalled_after_seconds": lambda: r.choice(["1", "900", "2.5e3"]),
+            # [sweep]: each alone (valid_job makes the table coherent: valid_sweep)
+            "method": lambda: '"grid"', "values": lambda: "{ num_classes = [1, 2] }",
+            "samples": lambda: "1", "seed": lambda: str(r.randint(0, 2**63 - 1)),
+            "halving_steps": lambda: "[10, 20]", "keep_fraction": lambda: repr(r.uniform(0.1, 0.9)),
         }
         make = choices.get(key)
         return make() if make else None
@@ -281,10 +293,32 @@ class _Gen:
             gpus = r.choice([(1, "1"), (2, "[0, 1]"), (0, "0")])
             doc["train"] = [kv for kv in doc["train"] if kv[0] != "gpus"] + [("gpus", gpus[1])]
             doc["pipeline"].append(("batch_size", str(max(gpus[0], 1) * r.randint(1, 16))))
+        doc["sweep"] = self.valid_sweep(doc) if doc["sweep"] and r.random() < 0.25 else []  # mostly plain jobs
         for section in TABLES:
             if not doc[section] and r.random() < 0.5:
                 del doc[section]
         return self.render(doc).encode()
+
+    def valid_sweep(self, doc: dict[str, list[tuple[str, str]]]) -> list[tuple[str, str]]:
+        """A [sweep] table the validator accepts with the rest of ``doc``: values over a [pipeline] key
+        it leaves out (one no cross-check involves), random or grid, halving when evaluation is on."""
+        r, t = self.rng, self.tree
+        taken = {k for k, _ in doc["pipeline"]}
+        lists = {"num_classes": "[1, 2, 3]", "num_steps": "[10, 20, 30]",
+                 "label_map_path": f"[{basic_string(t.label_map)}]",
+                 "fine_tune_checkpoint_type": '["detection", "full", "fine_tune"]'}
+        free = [k for k in lists if k not in taken]
+        if not free:
+            return []
+        keys = r.sample(free, r.randint(1, len(free)))
+        items = [("values", "{ " + ", ".join(f"{k} = {lists[k]}" for k in keys) + " }")]
+        if r.random() < 0.5 and any(k != "label_map_path" for k in keys):
+            items += [("method", '"random"'), ("samples", "2"), ("seed", str(r.randint(0, 10**9)))]
+        elif r.random() < 0.5:
+            items.append(("method", '"grid"'))
+        if ("enabled", "false") not in doc["eval"] and r.random() < 0.5:
+            items += [("halving_steps", "[10, 20]"), ("keep_fraction", repr(r.uniform(0.1, 0.9)))]
+        return items
 
     def base_job(self, skip: str) -> str:
         """The required keys, valid, at the top level (without ``skip``), for a hostile part to follow."""

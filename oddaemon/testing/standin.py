@@ -20,7 +20,8 @@ done as TF does it:
   ``crash_times`` budget, counted in ``model_dir/.standin-crashes``; ``crash_text`` replaces
   crash_at_step's last line, ``crash_log`` its whole output (a log a real TF run produced, see
   tests/fixtures/tf). ``nan_loss_from_step`` trains on with NaN losses (the TF2 OD API does), and
-  ``oom_above_batch`` fails with the out-of-memory failure while the batch size is above it.
+  ``oom_above_batch`` fails with the out-of-memory failure while the batch size is above it;
+  ``allocate_mib_at_step`` takes ``allocate_mib`` MiB of host memory at that step and holds it.
 
 Values are float32-exact, so ``train_scalars``/``eval_metrics`` equal what is read back.
 """
@@ -38,7 +39,7 @@ import time
 
 from oddaemon.core.failures import marker_line
 from oddaemon.core.slurm import REQUEUE_EXIT
-from oddaemon.testing import standin_eval
+from oddaemon.testing import standin_eval, standin_tasks
 from oddaemon.testing.standin_core import (
     CRASH_MARKER,
     DEFAULT_BATCH_SIZE,
@@ -121,6 +122,18 @@ def _fail(setup: Setup, failure: str, step: int) -> int:
     return setup.directives["exit_code"]
 
 
+_HELD: list[bytes] = []
+
+
+def _allocate(mib: int) -> None:
+    """Take ``mib`` MiB of host memory and keep it (a leaking data loader), a page-touched MiB at a time: past
+    its cgroup's memory_max the kernel's OOM killer ends the worker on the way."""
+    err(f"standin: allocating {mib} MiB of host memory")
+    for _ in range(mib):
+        _HELD.append(b"\x01" * (1024 * 1024))
+    err(f"standin: holding {len(_HELD)} MiB")
+
+
 def _read_inputs(setup: Setup, fresh: bool) -> int | None:
     """Read the inputs as train_loop's first step does; the exit status when they fail, else None."""
     try:
@@ -160,6 +173,11 @@ def _records_summaries(setup: Setup, start: int, num_steps: int):
 
 
 def train(setup: Setup) -> int:
+    rank, tasks = standin_tasks.tasks(os.environ)  # several Slurm nodes: one task each, task 0 trains
+    if tasks > 1:
+        standin_tasks.record(setup.model_dir, rank, tasks)
+        if rank != 0:
+            return standin_tasks.follow(setup.model_dir, rank)
     num_steps = setting(setup.pipeline, "num_steps", DEFAULT_NUM_STEPS)
     step_seconds = setup.directives["step_seconds"]
     manager = CheckpointManager(setup.model_dir, setup.max_to_keep, setup.directives["checkpoint_bytes"],
@@ -200,6 +218,8 @@ def train(setup: Setup) -> int:
             failure = _failure_due(setup, step + 1)
             if failure:
                 return _fail(setup, failure, step + 1)
+            if setup.directives["allocate_mib_at_step"] == step + 1:
+                _allocate(setup.directives["allocate_mib"])
             started = time.monotonic()
             sleep(step_seconds)
             step += 1
@@ -226,12 +246,15 @@ def train(setup: Setup) -> int:
         writer.close()
     if checkpointed != step:
         manager.save(step)
+    if tasks > 1:
+        standin_tasks.chief_done(setup.model_dir)
     err(f"standin: training finished at step {step}")
     return 0
 
 
 def preflight(setup: Setup, result_path: str) -> None:
     problem = setup.directives["preflight_problem"]
+    time.sleep(setup.directives["preflight_seconds"])
     result = {"ok": problem is None, "problems": [problem] if problem else [], "warnings": [],
               "effective": {"num_steps": setting(setup.pipeline, "num_steps", DEFAULT_NUM_STEPS)}}
     temp = f"{result_path}.tmp{os.getpid()}"

@@ -19,6 +19,7 @@ DIRECTIVE_DEFAULTS: dict[str, float | int | None] = {
     "hang_at_step": None, "oom_at_step": None, "nan_at_step": None, "log_lines_per_step": 0,
     "eval_seconds": 0.05, "eval_crash": None, "map_peak_step": None, "ignore_sigterm": 0,
     "eval_crash_times": None, "export_seconds": 0.05, "preflight_problem": None,
+    "preflight_seconds": 0.0,  # how long the preflight check of the job takes
     "crash_text": None, "nan_loss_from_step": None, "oom_above_batch": None, "export_crash_text": None,
     "checkpoint_bytes": None, "crash_log": None, "checkpoint_shards": 1,
     # TF's cadence (model_lib_v2.train_loop with the real worker's num_steps_per_iteration): scalars
@@ -27,8 +28,10 @@ DIRECTIVE_DEFAULTS: dict[str, float | int | None] = {
     "summary_every_n": None, "summary_max_queue": 10, "summary_flush_seconds": 120.0, "log_every_n": 100,
     "eval_ready_seconds": 0.5,  # the real evaluator builds its model before it is ready
     "eval_input_name": None,  # eval_input_reader.name: the real evaluator writes to eval/<name>
+    "map_lr_scale": None,  # mAP times min(1, learning_rate_base * this): a sweep's variants score apart
+    "allocate_mib_at_step": None, "allocate_mib": 256,  # host memory taken (and held) at that step
 }
-_DIRECTIVE_TYPES = {key: float if key.endswith("_seconds")
+_DIRECTIVE_TYPES = {key: float if key.endswith(("_seconds", "_scale"))
                     else str if key.endswith(("_problem", "_text", "_log", "_name"))
                     else int for key in DIRECTIVE_DEFAULTS}
 _PIPELINE_NUMBERS = {"num_steps": int, "batch_size": int, "learning_rate_base": float,
@@ -116,11 +119,11 @@ def train_scalars(step: int, pipeline: dict | None, step_seconds: float = DIRECT
     return {tag: float32(value) for tag, value in values.items()}
 
 
-def eval_metrics(step: int, map_peak_step: int | None = None) -> dict[str, float]:
+def eval_metrics(step: int, map_peak_step: int | None = None, scale: float = 1.0) -> dict[str, float]:
     """COCO detection metrics and eval losses of the checkpoint at ``step`` (float32 values). mAP rises
-    as 0.5*(1-exp(-step/50)); with ``map_peak_step`` it mirrors down after that step."""
+    as 0.5*(1-exp(-step/50)) (times ``scale``); with ``map_peak_step`` it mirrors down after that step."""
     progress = step if map_peak_step is None or step <= map_peak_step else max(0, 2 * map_peak_step - step)
-    mean_ap = 0.5 * (1 - math.exp(-progress / 50))
+    mean_ap = 0.5 * (1 - math.exp(-progress / 50)) * scale
     metrics = {key: min(1.0, mean_ap * ratio) for key, ratio in _MAP_RATIOS.items()}
     localization = 0.6 / (1 + 0.05 * progress) + 0.06
     classification = 1.2 / (1 + 0.05 * progress) + 0.12

@@ -28,6 +28,7 @@ from oddaemon.testing.standin_core import (
     log_tf,
     print_traceback,
     read_index,
+    setting,
     sleep,
     take_failure_budget,
 )
@@ -101,7 +102,9 @@ def evaluate_one(setup: Setup, prefix: str, result_path: str) -> dict:
                    f"RuntimeError: standin: eval_crash at step {step}")
         sys.stderr.flush()
         os._exit(1)
-    metrics = eval_metrics(step, setup.directives["map_peak_step"])
+    lr_scale = setup.directives["map_lr_scale"]
+    scale = 1.0 if lr_scale is None else min(1.0, setting(setup.pipeline, "learning_rate_base", 0.08) * lr_scale)
+    metrics = eval_metrics(step, setup.directives["map_peak_step"], scale)
     writer = _eval_writer(setup)
     for tag, value in metrics.items():
         writer.add_scalars(step, {tag: value})

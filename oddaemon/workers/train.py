@@ -2,7 +2,8 @@
 
 Writes the effective config (the ``[pipeline]`` edits applied) to ``model_dir/pipeline.config``,
 then runs ``model_lib_v2.train_loop`` on it, the same loop as ``model_main_tf2.py``, under
-MirroredStrategy when more than one GPU is visible.
+MirroredStrategy when more than one GPU is visible, or MultiWorkerMirroredStrategy when it is one of
+several tasks of a Slurm step (``[slurm] nodes`` > 1, ``workers/multiworker.py``).
 
 Two details of train_loop decide how it is called (see ``plan_phases``):
 
@@ -136,6 +137,7 @@ def _capture_checkpoint_managers(tf) -> None:
 def _on_warning(signum, frame) -> None:
     # Python runs this in the main thread between bytecodes: after a training iteration's
     # tf.function returned, never inside it, so the variables are those of a completed step.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)  # a second one (srun forwards to a process group) waits
     raise RequeueRequested
 
 
@@ -158,6 +160,10 @@ def run(args) -> int:
     import tensorflow as tf
 
     gpus = _gpus()  # memory growth must be set before anything initializes the GPUs
+    from oddaemon.workers import multiworker
+
+    task = multiworker.slurm_task(os.environ)  # one of several Slurm tasks: before any other TF op
+    strategy = multiworker.strategy(task, len(gpus)) if task else None
     from object_detection import model_lib_v2
 
     from oddaemon.workers import pipeline
@@ -188,21 +194,40 @@ def run(args) -> int:
     err(f"oddaemon.workers train: job {spec.get('name', '')!r} attempt {job.get('attempt', 1)}: "
         f"{'resuming from step ' + str(start) + ' (' + latest + ')' if latest else 'starting at step 0'}, "
         f"num_steps {num_steps}, checkpoint every {every_n} steps, {len(gpus)} GPU(s), "
-        f"effective config {config_path}")
+        f"effective config {config_path}"
+        f"{f', Slurm task {task.rank} of {task.count} (MultiWorkerMirroredStrategy)' if task else ''}")
+    if task:
+        multiworker.remove_temporary(model_dir, task)  # what a killed earlier attempt of this task left
     if not phases:
         err(f"oddaemon.workers train: step {start} already reaches num_steps {num_steps}; nothing to train")
         return EXIT_OK
 
-    strategy = strategy_for(gpus)
+    if strategy is None:
+        strategy = strategy_for(gpus)
     started = time.monotonic()
     _capture_checkpoint_managers(tf)
-    signal.signal(signal.SIGUSR2, _on_warning)
+    if task is None:
+        signal.signal(signal.SIGUSR2, _on_warning)
+    else:  # several tasks: noted, and agreed on between two iterations, so that all save at one step
+        warned: list[int] = []
+        signal.signal(signal.SIGUSR2, lambda signum, frame: warned.append(signum))
+        multiworker.agree_on_warning(tf, strategy, lambda: bool(warned), RequeueRequested)
     try:
         _train_phases(tf, model_lib_v2, strategy, phases, config_path, model_dir, max_to_keep)
     except RequeueRequested:
+        if task is not None and not task.chief:
+            _managers[-1].save()  # into its temporary dir: the save is a collective, the chief's needs it
+            multiworker.remove_temporary(model_dir, task)
+            err(f"oddaemon.workers train: Slurm task {task.rank}: saved with the chief on the cluster's warning")
+            return EXIT_OK
         return _save_and_requeue(model_dir)
     finally:
         signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    if task is not None and not task.chief:
+        multiworker.remove_temporary(model_dir, task)
+        err(f"oddaemon.workers train: Slurm task {task.rank} finished at step {num_steps} "
+            f"(the chief, task 0, wrote the checkpoints)")
+        return EXIT_OK
     final = latest_checkpoint(model_dir)
     final_step = checkpoint_step(final) if final else None
     if final_step != num_steps:

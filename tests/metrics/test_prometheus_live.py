@@ -13,6 +13,7 @@ One scenario for the whole module (about 20 s): with ``[gpus] devices = [0]``
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import time
 
@@ -118,9 +119,18 @@ def test_the_jobs_went_through_their_lives(scenario):
 EXPRESSIONS = dashboard_expressions()
 
 
+# Per-job resources come from the workers' cgroups (README "Per-job cgroups"): none without a cgroup
+# backend; IO, pressure and the daemon's own leaf with cgroup v2 only; memory_max only where one is set
+RESOURCES = re.compile(r"oddaemon_(job_(cpu_seconds|memory|io)\w*|daemon_\w+)")
+
+
 @pytest.mark.parametrize("where,expr", EXPRESSIONS, ids=[where for where, _ in EXPRESSIONS])
 def test_every_dashboard_query_returns_data(scenario, where, expr):
     result = scenario.prom.query(expr, scenario.at)
+    if not result and RESOURCES.search(expr):
+        backend = [r["metric"]["backend"] for r in scenario.prom.query("oddaemon_cgroups == 1", scenario.at)]
+        pytest.skip(f"{where}: {expr}: no series with the cgroup backend here ({', '.join(backend) or '?'}) and "
+                    "the scenario's limits")
     assert result, f"{where}: {expr} returned nothing"
 
 
@@ -131,8 +141,9 @@ def test_the_job_variable_lists_every_exported_job(scenario):
 
 def test_daemon_wide_values(scenario):
     s = scenario
-    assert s.values("oddaemon_jobs", "state") == {"queued": 1, "running": 1, "backoff": 0, "stopping": 0,
-                                                  "evaluating": 0, "succeeded": 2, "failed": 1, "cancelled": 0}
+    assert s.values("oddaemon_jobs", "state") == {"waiting": 0, "queued": 1, "running": 1, "backoff": 0,
+                                                  "stopping": 0, "evaluating": 0, "succeeded": 2, "failed": 1,
+                                                  "cancelled": 0}
     assert s.value("oddaemon_queue_length") == 1
     assert s.value("oddaemon_gpus") == 1 and s.value("oddaemon_gpus_allocated") == 1
     assert s.values("oddaemon_gpu_allocated", "job_name") == {"beta": 1}

@@ -53,6 +53,7 @@ class Daemonish:
     rejected_total: int = 0
     jobs: list[tuple[Job, int | None, EvalBook | None]] = field(default_factory=list)
     serving_now: bool = True
+    executor: object = None  # no cgroups: the snapshot says backend "none"
 
     def views(self, shown: int = 20) -> list[dict]:
         return [job_view(job, Progress(step) if step is not None else None, None, "", book, shown)

@@ -175,3 +175,67 @@ def test_a_daemon_going_away_leaves_its_slurm_jobs_running(tmp_path):
     assert executor.workers == {} and not any(c[0] == "scancel" for c in slurm.calls)
     loop.advance(10)
     assert exits == [] and not any(c == ["squeue", "--json", "--jobs=50"] for c in slurm.calls)
+
+
+def squeue_at(*jobs: tuple[int, str, int]) -> str:
+    """squeue --json of jobs (id, state, submit time) named like the train worker of job "a"."""
+    return json.dumps({"jobs": [{"job_id": j, "name": "oddaemon-a-train", "job_state": s, "state_reason": "None",
+                                 "exit_code": 0, "restart_cnt": 0, "submit_time": t} for j, s, t in jobs]})
+
+
+def test_each_submission_is_recorded_before_sbatch_runs_and_with_the_id_it_answered(tmp_path):
+    loop, slurm, executor, exits = make(tmp_path)
+    slurm.answer("sbatch", 0, "41\n")
+    executor.start(launch(tmp_path))
+    loop.advance(0)
+    with open(tmp_path / "work" / "slurm-train.json") as f:
+        assert json.load(f) == {"attempt": 1, "submitted_at": 1000.0, "job_id": 41}
+
+
+def test_a_restarted_daemon_adopts_only_a_job_submitted_after_its_record(tmp_path):
+    """Job ids are reused and a leftover may carry the worker's name: the daemon's record of its last
+    submission (submitted at 1000, id 41) tells them apart. Job 41 now is a job submitted long before
+    (the controller's ids started again), job 45 the one the daemon submitted: 45 is adopted."""
+    loop, slurm, executor, exits = make(tmp_path)
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "slurm-train.json").write_text(json.dumps({"attempt": 1, "submitted_at": 1000.0,
+                                                                    "job_id": 41}))
+    slurm.answer("adopt?", 0, squeue_at((41, "RUNNING", 200), (45, "RUNNING", 1001)))
+    slurm.answer("squeue", 0, squeue_at((45, "COMPLETED", 1001)))
+    worker = executor.start(launch(tmp_path))
+    loop.advance(0)
+    assert worker.job_id == 45 and not any(c[0] == "sbatch" for c in slurm.calls)
+    loop.advance(1.0)
+    assert exits == [("train", 0, None)]
+
+
+def test_a_leftover_older_than_the_record_is_not_adopted_and_the_worker_is_submitted(tmp_path, caplog):
+    loop, slurm, executor, exits = make(tmp_path)
+    (tmp_path / "work").mkdir()
+    (tmp_path / "work" / "slurm-train.json").write_text(json.dumps({"attempt": 1, "submitted_at": 900.0,
+                                                                    "job_id": 41}))
+    slurm.answer("adopt?", 0, squeue_at((41, "RUNNING", 100)))
+    slurm.answer("sbatch", 0, "60\n")
+    worker = executor.start(launch(tmp_path))
+    loop.advance(0)
+    assert worker.job_id == 60 and [c[0] for c in slurm.calls] == ["squeue", "sbatch"]
+    assert "not adopting Slurm job 41" in caplog.text
+    with open(tmp_path / "work" / "slurm-train.json") as f:
+        assert json.load(f) == {"attempt": 1, "submitted_at": 1000.0, "job_id": 60}
+
+
+def test_a_job_whose_end_was_reported_is_not_adopted_by_the_next_attempt(tmp_path):
+    """Attempt 1's Slurm job ended (reported) but still shows as cleaning up when attempt 2 starts:
+    attempt 2 is submitted, not handed the job that already ended."""
+    loop, slurm, executor, exits = make(tmp_path)
+    slurm.answer("sbatch", 0, "41\n")
+    slurm.answer("squeue", 0, squeue((41, "FAILED", 3 << 8)))
+    executor.start(launch(tmp_path))
+    loop.advance(0)
+    loop.advance(1.0)
+    assert [rc for _, rc, _ in exits] == [3]
+    slurm.answers["adopt?"] = [CommandResult(("squeue",), 0, squeue_at((41, "COMPLETING", 2000)), "")]
+    slurm.answers["sbatch"] = [CommandResult(("sbatch",), 0, "42\n", "")]
+    second = executor.start(launch(tmp_path))
+    loop.advance(0)
+    assert second.job_id == 42

@@ -102,7 +102,7 @@ class DaemonEnv:
             "pins": {"min_free_bytes": o.get("pins_min_free_bytes", 0), "min_free_percent": o.get("pins_min_free_percent", 0),
                      "max_bytes_per_job": o.get("pins_max_bytes_per_job")},
             # a Slurm backend (tests/support/slurm.py): None leaves the keys out, the default is "local"
-            "cluster": {"backend": o.get("cluster_backend")},
+            "cluster": {"backend": o.get("cluster_backend"), "model_dir_poll_seconds": o.get("model_dir_poll_seconds")},
             "slurm": {"conf": o.get("slurm_conf"), "poll_seconds": o.get("slurm_poll_seconds"),
                       "partition": o.get("slurm_partition")},
         }

@@ -233,8 +233,10 @@ class Installed:
 
     def unit_pids(self) -> list[int]:
         """Every process of oddaemon.service (its cgroup's members)."""
-        # cgroup v2 ("0::/system.slice/...") or, on a cgroup v1 host, the name=systemd hierarchy.
-        out = self.sh("grep -l ':/system.slice/oddaemon.service$' /proc/[0-9]*/cgroup 2>/dev/null || true").stdout
+        # cgroup v2 ("0::/system.slice/...") or, on a cgroup v1 host, the name=systemd hierarchy; with
+        # per-job cgroups (Delegate=yes on v2) the daemon's leaf "daemon" and its workers' "job-NAME-ROLE"
+        out = self.sh("grep -lE ':/system.slice/oddaemon.service(/[^/]+)?$' /proc/[0-9]*/cgroup 2>/dev/null "
+                      "|| true").stdout
         return sorted(int(line.split("/")[2]) for line in out.split())
 
 

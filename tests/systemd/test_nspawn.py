@@ -133,7 +133,14 @@ def test_status_shows_the_status_line_and_the_workers_in_the_cgroup(installed):
     assert re.search(rf"─\d+ \S+ -m oddaemon.testing.standin train --job /var/lib/oddaemon/\S+/{LONG}/job.json", out), out
     workers = inst.workers()
     assert len(workers) == 1 and workers[0] in inst.unit_pids(), (workers, inst.unit_pids())
-    assert re.search(r"^(0:|\d+:name=systemd):/system.slice/oddaemon.service$", inst.cgroup_of(workers[0]), re.M)
+    assert re.search(rf"^(0:|\d+:name=systemd):/system.slice/oddaemon.service(/job-{LONG}-train)?$",
+                     inst.cgroup_of(workers[0]), re.M)
+    # the daemon says once which per-job cgroup backend it found (README "Per-job cgroups"); where it
+    # has one (v2, Delegate=yes), the worker is in its job's own group
+    said = inst.sh("journalctl -u oddaemon.service -o cat | grep -m1 'per-job cgroups'", check=False).stdout
+    assert re.search(r"per-job cgroups(: cgroup v2 under| off: )", said), said
+    if "cgroup v2 under" in said:
+        assert f"0::/system.slice/oddaemon.service/job-{LONG}-train" in inst.cgroup_of(workers[0])
     for pid in workers:
         env = inst.sh(f"tr '\\0' '\\n' < /proc/{pid}/environ").stdout
         assert not re.search(r"^(NOTIFY_SOCKET|WATCHDOG_USEC|WATCHDOG_PID)=", env, re.M), env
@@ -395,7 +402,8 @@ TF_DATA = "/srv/oddaemon/tfdemo"
 
 
 OOM_HOG = (  # joins the service's cgroup, then fills memory page by page until the OOM killer takes it
-    "echo $$ > /sys/fs/cgroup/system.slice/oddaemon.service/cgroup.procs && "
+    "d=/sys/fs/cgroup/system.slice/oddaemon.service; [ -d $d/daemon ] && d=$d/daemon; "  # (per-job cgroups: a leaf)
+    "echo $$ > $d/cgroup.procs && "
     "exec python3 -c 'import time; chunks = []\nwhile True: chunks.append(b\"x\" * (1 << 24))'")
 
 

@@ -183,7 +183,7 @@ def test_the_dbus_policy_is_well_formed_and_names_the_service():
     assert ("group", "oddaemon-submit") in policies and ("user", "oddaemon") in policies
     default = policies[("context", "default")]
     allowed_members = {a.get("send_member") for a in default.iter("allow") if a.get("send_interface", "").endswith("Manager")}
-    assert allowed_members == {"ListJobs", "GetJob"}
+    assert allowed_members == {"ListJobs", "GetJob", "GetSweep"}
 
 
 @pytest.mark.slow

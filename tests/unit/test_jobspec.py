@@ -361,15 +361,18 @@ def test_to_dict_is_json_safe_and_round_trips():
 
 
 def test_allowed_keys_match_the_dataclasses():
-    assert ALLOWED_KEYS[""] == ("name", "pipeline_config", "model_dir", "priority", "pipeline", "train", "eval",
-                                "slurm")
+    assert ALLOWED_KEYS[""] == ("name", "pipeline_config", "model_dir", "priority", "after", "pipeline", "train",
+                                "eval", "slurm", "notify", "sweep")
     assert ALLOWED_KEYS["slurm"] == ("time_limit", "partition", "nodes")
+    assert ALLOWED_KEYS["sweep"] == ("method", "values", "samples", "seed", "halving_steps", "keep_fraction")
+    assert ALLOWED_KEYS["notify"] == ("events", "targets", "stalled_after_seconds")
     assert "num_classes" in ALLOWED_KEYS["pipeline"] and len(ALLOWED_KEYS["pipeline"]) == 12
     assert ALLOWED_KEYS["train"] == ("gpus", "checkpoint_every_n", "checkpoint_max_to_keep", "max_restarts",
-                                     "hang_timeout_seconds", "oom_retry_halve_batch", "min_batch_size")
+                                     "hang_timeout_seconds", "oom_retry_halve_batch", "min_batch_size", "memory_max",
+                                     "cpu_weight")
     assert ALLOWED_KEYS["eval"] == ("enabled", "device", "sample_1_of_n_eval_examples", "metric", "higher_is_better",
                                     "export_best", "export_when", "patience", "min_delta", "when_behind", "max_behind",
-                                    "max_pinned_bytes")
+                                    "max_pinned_bytes", "memory_max", "cpu_weight")
 
 
 def test_render_error_file(tree, ctx):
@@ -464,7 +467,7 @@ def test_workers_count_gpus_by_the_same_rule():
 
 def test_slurm_table_is_validated_like_the_others(tree, ctx):
     """[slurm] in a job: a time limit in Slurm's format, a partition from the daemon's allowed set
-    ([slurm] partitions), one node; each problem names its key."""
+    ([slurm] partitions), nodes up to its [slurm] max_nodes (default 1); each problem names its key."""
     from dataclasses import replace  # noqa: PLC0415 - only this test varies the context
 
     good = parse(BASE + '[slurm]\ntime_limit = "12:00:00"\npartition = "a100"\n', tree,
@@ -475,5 +478,6 @@ def test_slurm_table_is_validated_like_the_others(tree, ctx):
     assert any("[slurm] time_limit: must be a Slurm time limit" in t for t in texts)
     assert any("[slurm] partition: must be one of the partitions this daemon lets jobs choose ([slurm] "
                "partitions: none), got 'a100'" in t for t in texts)
-    assert any("[slurm] nodes: must be 1 (several nodes per job are not supported yet)" in t for t in texts)
+    assert any("[slurm] nodes: must be a whole number of Slurm nodes from 1 to 1 (this daemon's [slurm] "
+               "max_nodes)" in t for t in texts)
     assert any("unknown key 'qos' in [slurm]" in t for t in texts)
