@@ -18,6 +18,7 @@ import re
 import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 WAITING = frozenset({"PENDING", "CONFIGURING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD",
                      "SUSPENDED", "STOPPED"})
@@ -221,6 +222,40 @@ def parse_squeue_json(text: str) -> dict[int, SlurmJob]:
         except (KeyError, TypeError, ValueError):
             continue  # a job this parser cannot read is not one of ours to track
         jobs[job.job_id] = job
+    return jobs
+
+
+# The look for a worker's job to adopt: squeue's plain output, which honours --me and --name (22.05's
+# --json prints every job the controller holds, whatever the filters: per submission, on a busy
+# cluster, megabytes). Fields: id, name, state, reason, submit time (local ISO time), nodes.
+ADOPT_FORMAT = "%i|%j|%T|%r|%V|%N"
+
+
+def adopt_lookup_argv(name: str) -> list[str]:
+    """``squeue`` for this user's live jobs named ``name`` (``job_name``), one ``ADOPT_FORMAT`` line each."""
+    return ["squeue", "--me", "--noheader", f"--name={name}", f"--format={ADOPT_FORMAT}"]
+
+
+def _local_epoch(text: str) -> int:
+    """squeue's ``%V`` (``2026-12-03T13:10:11``, this host's local time) as epoch seconds; 0 when it
+    gives none (``N/A``): such a job counts as new (``adoptable``)."""
+    try:
+        return int(datetime.fromisoformat(text).timestamp())
+    except ValueError:
+        return 0
+
+
+def parse_squeue_lines(text: str) -> dict[int, SlurmJob]:
+    """The jobs of ``adopt_lookup_argv``'s output by id (lines it cannot read are skipped)."""
+    jobs = {}
+    for line in text.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) != 6:
+            continue
+        if not parts[0].isdigit():
+            continue  # an array or heterogeneous job ("12_3", "12+1"): not one oddaemon submits
+        job_id = int(parts[0])
+        jobs[job_id] = SlurmJob(job_id, parts[1], parts[2], parts[3], 0, 0, _local_epoch(parts[4]), parts[5])
     return jobs
 
 

@@ -262,8 +262,25 @@ class SpoolIntake:
         if self.preflights is not None and not self.preflights.names().isdisjoint(unknown):
             return True
         since = self._held_since.setdefault(path, time.monotonic())
-        arriving = bool(self._queue) or (self.parsers is not None and self.parsers.pending > 0)
+        arriving = (bool(self._queue) or (self.parsers is not None and self.parsers.pending > 0)
+                    or self._other_files_in_flight(path))
         return arriving and time.monotonic() - since < HOLD_SECONDS
+
+    def _other_files_in_flight(self, path: str) -> bool:
+        """Another job file still in new/ or cur/ (not yet taken, or being parsed or checked), apart
+        from the held ones: the spool itself says whether a dependency may still arrive, whatever
+        stage its check is in."""
+        held = {p for _, p in self._held}
+        for folder in (self.spool.new, self.spool.cur):
+            try:
+                names = os.listdir(folder)
+            except OSError:
+                continue
+            for name in names:
+                other = os.path.join(folder, name)
+                if is_candidate(name) and other != path and other not in held:
+                    return True
+        return False
 
     def _release_held_soon(self) -> None:
         if self._held and not self._release_pending:

@@ -101,7 +101,7 @@ class SlurmExecutor:
         self.jobs[(launch.name, launch.role)] = worker
         # A Slurm job of this worker that outlived the daemon before this one (a restart does not
         # cancel cluster jobs: stop_all leaves them running) is adopted, not submitted a second time.
-        self.commands.run(["squeue", "--json", "--me", f"--name={slurm.job_name(launch.name, launch.role)}"],
+        self.commands.run(slurm.adopt_lookup_argv(slurm.job_name(launch.name, launch.role)),
                           lambda result: self._adopt_or_submit(worker, result, argv, previous))
         return worker
 
@@ -174,10 +174,9 @@ class SlurmExecutor:
                          previous: slurm.Submission | None) -> None:
         if self.jobs.get((worker.name, worker.role)) is not worker:
             return
-        try:
-            found = slurm.parse_squeue_json(result.stdout) if result.ok else {}
-        except ValueError:
-            found = {}
+        found = slurm.parse_squeue_lines(result.stdout) if result.ok else {}
+        name = slurm.job_name(worker.name, worker.role)  # (--name is exact; kept as a guard)
+        found = {j: job for j, job in found.items() if job.name == name}
         chosen, stale = slurm.adoptable({j: job for j, job in found.items() if j not in self._ended_ids}, previous)
         for job in stale:
             log.warning("job %s: not adopting Slurm job %d (%s, named like its %s worker): submitted before the "

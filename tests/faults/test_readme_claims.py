@@ -40,18 +40,13 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from oddaemon.adapters.control import DaemonUnreachable, request
-from tests.support.harness import DaemonEnv, mount, train_marker, wait_for, worker_pids
+from tests.support.harness import DaemonEnv, free_port, mount, train_marker, wait_for, worker_pids
 
 SYSTEM_PYTHON = "/usr/bin/python3"
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mounts, other users and groups)")
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def fetch(port: int, headers: dict | None = None, timeout: float = 30) -> tuple[dict, bytes]:
     req = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers=headers or {})

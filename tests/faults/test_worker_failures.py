@@ -8,26 +8,15 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import stat
-import urllib.request
 
-from tests.support.harness import train_marker, wait_for, worker_pids
+from tests.support.harness import free_port, scrape, train_marker, wait_for, worker_pids
 
 
 def train_keys(text: str, keys: str) -> str:
     return text.replace("[train]\n", f"[train]\n{keys}\n", 1)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        return reply.read().decode()
 
 
 def still_serving(env, name: str) -> None:

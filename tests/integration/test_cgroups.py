@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import os
 import re
-import urllib.request
 
 import pytest
 
 from oddaemon.adapters import cgroups
 from oddaemon.core import cgroup_text
-from tests.support.harness import DaemonEnv, wait_for
+from tests.support.harness import DaemonEnv, scrape, wait_for
 from tests.support.prom import free_port
 
 MiB = 1024 * 1024
@@ -132,10 +131,6 @@ def test_a_worker_past_its_memory_max_is_killed_alone_and_recorded_host_oom(env)
     assert env.wait_state("calm", "succeeded", 120)["restarts"] == 0
     assert "oom" in env.cli("status", "hog").stdout
 
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
-        return r.read().decode()
 
 
 def sample(text: str, metric: str, name: str, role: str) -> float | None:

@@ -9,23 +9,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
-import urllib.request
 
-from tests.support.harness import wait_for
+from tests.support.harness import free_port, scrape, wait_for
 
 MAP = "DetectionBoxes_Precision/mAP"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def scrape(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
-        return reply.read().decode()
 
 
 def sweep_text(env, name: str, sweep: str, num_steps: int, **directives) -> str:

@@ -5,6 +5,7 @@ that left the controller's memory, a stop before sbatch answered, Slurm's own en
 from __future__ import annotations
 
 import json
+from datetime import datetime
 
 from oddaemon.adapters.slurm_cli import CommandResult
 from oddaemon.core.failures import Failure
@@ -32,7 +33,18 @@ class ScriptedSlurm:
         default = '{"jobs": []}' if tool == "adopt?" else ""
         queue = self.answers.get(tool) or [CommandResult((argv[0],), 0, default, "")]
         result = queue.pop(0) if len(queue) > 1 else queue[0]
+        if tool == "adopt?":  # the tests give jobs as squeue --json; the look reads squeue's plain lines
+            result = CommandResult(result.argv, result.returncode, adopt_lines(result.stdout), result.stderr)
         self.loop.call_later(0, lambda: done(result))
+
+
+def adopt_lines(squeue_json: str) -> str:
+    """The jobs of an ``squeue --json`` text as ``slurm.adopt_lookup_argv`` prints them."""
+    if not squeue_json.startswith("{"):
+        return squeue_json
+    return "".join(f"{j['job_id']}|{j['name']}|{j['job_state']}|{j['state_reason']}|"
+                   f"{datetime.fromtimestamp(j['submit_time']).isoformat(timespec='seconds')}|localhost\n"
+                   for j in json.loads(squeue_json)["jobs"])
 
 
 def squeue(*jobs: tuple[int, str, int]) -> str:
@@ -65,7 +77,8 @@ def test_submission_tracking_and_a_clean_end(tmp_path):
     worker = executor.start(launch(tmp_path))
     assert executor.workers[("a", "train")] is worker and worker.job_id is None
     loop.advance(0)
-    assert slurm.calls[0] == ["squeue", "--json", "--me", "--name=oddaemon-a-train"]  # nothing to adopt
+    assert slurm.calls[0] == ["squeue", "--me", "--noheader", "--name=oddaemon-a-train",
+                              "--format=%i|%j|%T|%r|%V|%N"]  # nothing to adopt
     assert worker.job_id == 41 and slurm.calls[1][0] == "sbatch" and "--gres=gpu:1" in slurm.calls[1]
     loop.advance(1.0)
     assert worker.state == "PENDING" and exits == []
@@ -239,3 +252,16 @@ def test_a_job_whose_end_was_reported_is_not_adopted_by_the_next_attempt(tmp_pat
     second = executor.start(launch(tmp_path))
     loop.advance(0)
     assert second.job_id == 42
+
+
+def test_only_a_job_named_like_the_worker_is_adopted(tmp_path):
+    """A live job of another oddaemon job (submitted a moment before) is not adopted, should squeue
+    list it (22.05's --json ignored --name): the worker is submitted."""
+    loop, slurm, executor, exits = make(tmp_path)
+    other = json.dumps({"jobs": [{"job_id": 3, "name": "oddaemon-b-train", "job_state": "PENDING",
+                                  "state_reason": "None", "exit_code": 0, "restart_cnt": 0, "submit_time": 1}]})
+    slurm.answer("adopt?", 0, other)
+    slurm.answer("sbatch", 0, "4\n")
+    worker = executor.start(launch(tmp_path))
+    loop.advance(0)
+    assert worker.job_id == 4 and any(c[0] == "sbatch" for c in slurm.calls)

@@ -64,3 +64,19 @@ def test_the_record_reads_back_and_nonsense_is_no_record():
     assert Submission.from_json({"attempt": 1, "submitted_at": 5, "job_id": None}) == Submission(1, 5.0)
     for bad in (None, [], {"attempt": 1}, {"attempt": "x", "submitted_at": 1}, "text"):
         assert Submission.from_json(bad) is None
+
+
+def test_the_adopt_look_reads_squeues_plain_lines_which_honour_the_filters():
+    from datetime import datetime  # noqa: PLC0415
+
+    argv = slurm.adopt_lookup_argv("oddaemon-a-train")
+    assert argv[:4] == ["squeue", "--me", "--noheader", "--name=oddaemon-a-train"]
+    text = ("41|oddaemon-a-train|RUNNING|None|2026-12-03T13:10:11|node1\n"
+            "42|oddaemon-a-train|PENDING|Priority|N/A|\n"
+            "12_3|oddaemon-a-train|PENDING|None|2026-12-03T13:10:11|\n"
+            "garbage line\n")
+    jobs = slurm.parse_squeue_lines(text)
+    assert sorted(jobs) == [41, 42]
+    assert jobs[41].state == "RUNNING" and jobs[41].nodes == "node1" and jobs[41].phase == "running"
+    assert jobs[41].submit_time == int(datetime(2026, 12, 3, 13, 10, 11).timestamp())
+    assert jobs[42].submit_time == 0 and jobs[42].phase == "waiting"  # no submit time: counts as new
