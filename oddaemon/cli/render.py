@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 
-from oddaemon.core.resources import usage_line
 from oddaemon.core.views import format_duration, progress_bar, sparkline
 
 
@@ -97,8 +96,11 @@ def format_status(job: dict) -> str:
         lines.append(f"  loss       {sparkline(losses)}  {losses[0]:.3g} -> {losses[-1]:.3g} "
                      f"(steps {history[0][0]}-{history[-1][0]})")
     lines += format_evaluation(job["evaluation"])
-    for role, usage in (job.get("resources") or {}).items():  # its workers' cgroups (per-job cgroups)
-        lines.append(f"  resources  {usage_line(role, usage)}")
+    if job.get("resources"):  # its workers' cgroups (per-job cgroups)
+        from oddaemon.core.resources import usage_line  # noqa: PLC0415 (dataclasses: `list` needs none of it)
+
+        for role, usage in job["resources"].items():
+            lines.append(f"  resources  {usage_line(role, usage)}")
     lines += [f"  model_dir  {job['model_dir']}", f"  log        {job['train_log']}"]
     if job["last_exit"]:
         lines.append(f"  last exit  {job['last_exit']}")

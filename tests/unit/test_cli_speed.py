@@ -25,7 +25,9 @@ from oddaemon.service.commands import Commands
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 HEAVY = ("gi", "pydbus", "prometheus_client", "tensorflow", "oddaemon.service", "oddaemon.core.config",
          "oddaemon.core.job_validation", "oddaemon.core.evalbook", "oddaemon.adapters.loop", "oddaemon.cli.follow",
-         "oddaemon.cli.dbus_client")
+         "oddaemon.cli.dbus_client",
+         # dataclasses imports inspect (5 ms); the cgroup usage lines are imported only for a status that has some
+         "oddaemon.core.resources", "oddaemon.core.checks", "dataclasses", "inspect")
 
 # In a fresh interpreter: a fake daemon on the control socket (a thread: socket and json only), the
 # CLI's main() for one command, then which heavy modules the process holds and what was asked.
