@@ -4,14 +4,9 @@ are unknown or make a cycle reject the file, and waiting survives a daemon resta
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import re
-import shutil
-import subprocess
-
-import pytest
 
 from tests.support.harness import free_port, scrape, wait_for
 
@@ -157,57 +152,3 @@ def test_waiting_survives_a_daemon_restart_and_runs_after(daemon_env):
     assert "resuming after daemon restart" in [h["reason"] for h in a["history"]]
     assert states(b)[:3] == ["waiting", "queued", "running"]
     assert a["finished_at"] <= b["started_at"]
-
-
-@pytest.fixture
-def private_bus(tmp_path):
-    """A private dbus-daemon (no system bus needed), stopped at teardown; garbage is collected only
-    between tests (see tests/dbus/conftest.py: a collection during D-Bus traffic can deadlock)."""
-    if shutil.which("dbus-daemon") is None:
-        pytest.skip("dbus-daemon is not installed (apt-get install dbus-daemon)")
-    pytest.importorskip("pydbus")
-    proc = subprocess.Popen(["dbus-daemon", "--session", "--print-address=1", "--nofork", "--nopidfile"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(tmp_path))
-    gc.collect()
-    gc.disable()
-    try:
-        address = proc.stdout.readline().strip()
-        assert address, f"dbus-daemon printed no address: {proc.stderr.read()}"
-        yield address
-    finally:
-        gc.enable()
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        gc.collect()
-
-
-def test_dbus_job_views_show_waiting_and_what_it_waits_for(daemon_env, private_bus):
-    from oddaemon.cli import dbus_client  # noqa: PLC0415 (needs PyGObject)
-
-    daemon_env.write_config(dbus=private_bus, max_cpu_jobs=2)
-    env = daemon_env.start()
-    env.drop("a.toml", env.job_text("a", num_steps=400, every=100, step_seconds=0.05))
-    env.drop("b.toml", env.job_text("b", num_steps=4, extra='after = ["a"]'))
-    env.wait_state("b", "waiting", 30)
-    client = wait_for(lambda: _connect(dbus_client, private_bus), 30, what="the daemon on the private bus")
-    try:
-        b = client.get_job("b")
-        assert (b["state"], b["after"], b["waiting_for"]) == ("waiting", ["a"], ["a"])
-        assert b["reason"] == "submitted; waiting for a (after)"
-        assert [v["state"] for v in client.list_jobs() if v["name"] == "b"] == ["waiting"]
-        client.cancel("b")
-        assert client.get_job("b")["state"] == "cancelled" and client.get_job("b")["waiting_for"] == []
-        client.cancel("a")
-    finally:
-        client.close()
-
-
-def _connect(dbus_client, address: str):
-    try:
-        return dbus_client.Client.connect(address, timeout=2)
-    except dbus_client.DBusUnavailable:
-        return None
