@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+from collections.abc import Callable
 
 from oddaemon.core.errors import OperationError
 from oddaemon.core.failures import MARKER
@@ -156,17 +157,57 @@ class RotatingLog:
             self._fd = None
 
 
-class LogPump:
-    """Moves bytes from a worker's output pipe into a RotatingLog, line by line, and keeps the
-    last lines in memory so the daemon can explain a failure, and the worker's last
-    ``oddaemon-failure:`` line however many lines (a long TF traceback) came after it."""
+class LineSink:
+    """Whole lines into a log (``write``), the last lines kept in memory so the daemon can explain a
+    failure, and the worker's last ``oddaemon-failure:`` line however many lines (a long TF
+    traceback) came after it. A partial line waits for its end (up to ``MAX_PARTIAL_LINE``)."""
 
-    def __init__(self, fd: int, log: RotatingLog, tail_lines: int = 200):
-        self.fd = fd
-        self.log = log
+    def __init__(self, write: Callable[[bytes], None], tail_lines: int = 200):
+        self.write = write
         self.tail: collections.deque[str] = collections.deque(maxlen=tail_lines)
         self.marker: str | None = None
         self._partial = b""
+
+    def take(self, chunk: bytes) -> None:
+        data = self._partial + chunk
+        cut = data.rfind(b"\n") + 1
+        if cut == 0 and len(data) < MAX_PARTIAL_LINE:
+            self._partial = data
+            return
+        if cut == 0:
+            cut = len(data)
+        whole, self._partial = data[:cut], data[cut:]
+        self.write(whole)
+        lines = whole.decode("utf-8", "replace").splitlines()
+        if FAILURE_MARKER in whole:
+            self.marker = next(line for line in reversed(lines) if MARKER in line)
+        for line in lines[-self.tail.maxlen:]:
+            self.tail.append(line)
+
+    @property
+    def pending(self) -> int:
+        """Bytes of a line not ended yet (taken, not written)."""
+        return len(self._partial)
+
+    def explaining_tail(self) -> list[str]:
+        """The last lines, and the failure marker line at the end when it scrolled out of them."""
+        tail = list(self.tail)
+        if self.marker is not None and self.marker not in tail:
+            tail.append(self.marker)
+        return tail
+
+    def flush_partial(self) -> None:
+        if self._partial:
+            self.take(b"\n")
+
+
+class LogPump(LineSink):
+    """Moves bytes from a worker's output pipe into a RotatingLog, line by line (``LineSink``)."""
+
+    def __init__(self, fd: int, log: RotatingLog, tail_lines: int = 200):
+        super().__init__(log.write, tail_lines)
+        self.fd = fd
+        self.log = log
         self.closed = False
         os.set_blocking(fd, False)
 
@@ -180,38 +221,11 @@ class LogPump:
             except OSError:
                 chunk = b""
             if not chunk:
-                self._flush_partial()
+                self.flush_partial()
                 self.close()
                 return False
-            self._take(chunk)
+            self.take(chunk)
         return False
-
-    def _take(self, chunk: bytes) -> None:
-        data = self._partial + chunk
-        cut = data.rfind(b"\n") + 1
-        if cut == 0 and len(data) < MAX_PARTIAL_LINE:
-            self._partial = data
-            return
-        if cut == 0:
-            cut = len(data)
-        whole, self._partial = data[:cut], data[cut:]
-        self.log.write(whole)
-        lines = whole.decode("utf-8", "replace").splitlines()
-        if FAILURE_MARKER in whole:
-            self.marker = next(line for line in reversed(lines) if MARKER in line)
-        for line in lines[-self.tail.maxlen:]:
-            self.tail.append(line)
-
-    def explaining_tail(self) -> list[str]:
-        """The last lines, and the failure marker line at the end when it scrolled out of them."""
-        tail = list(self.tail)
-        if self.marker is not None and self.marker not in tail:
-            tail.append(self.marker)
-        return tail
-
-    def _flush_partial(self) -> None:
-        if self._partial:
-            self._take(b"\n")
 
     def close(self) -> None:
         if not self.closed:

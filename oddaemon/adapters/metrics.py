@@ -165,8 +165,14 @@ class SnapshotCollector(Collector):
         }
         restarts = CounterMetricFamily("oddaemon_job_restarts", "Restarts of the job's training after failures",
                                        labels=["job_name"])
+        slurm = InfoMetricFamily("oddaemon_job_slurm", "The job's Slurm job by role (the Slurm backend): its "
+                                 "Slurm job id, state and node list; after its end, the last one's",
+                                 labels=["job_name", "role"])
         for v in snap["jobs"]:
             name = v["name"]
+            for role, job in sorted((v.get("slurm") or {}).items()):
+                slurm.add_metric([name, role], {"slurm_job_id": "" if job["job_id"] is None else str(job["job_id"]),
+                                                "slurm_state": job["state"], "nodes": job["nodes"]})
             g["state"].add_metric([name, v["state"]], 1)
             restarts.add_metric([name], v["restarts"])
             g["gpus"].add_metric([name], len(v["gpus"]))
@@ -184,6 +190,7 @@ class SnapshotCollector(Collector):
             _evaluation(g, name, v["evaluation"])
         yield from g.values()
         yield restarts
+        yield slurm
 
     @staticmethod
     def _sweeps(snap: Snapshot) -> Iterator[Metric]:

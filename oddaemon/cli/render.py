@@ -19,6 +19,7 @@ def format_list(reply: dict) -> str:
         step, target = shown(job["step"]), shown(job["target_steps"])
         state = job["state"] + (f" #{job['queue_position']}" if job["queue_position"] else "")
         member = f"[sweep {job['sweep']['name']}] " if job.get("sweep") else ""
+        member += slurm_tag(job.get("slurm"))
         rows.append(f"{job['name']:<24} {state:<10} {gpus:<6} {step + '/' + target:>13} "
                     f"{progress_bar(job['progress']):<22} {format_duration(job['eta_seconds']):>7}  "
                     f"{member}{job['reason']}")
@@ -27,6 +28,27 @@ def format_list(reply: dict) -> str:
     rows.append(f"-- {len(reply['queue'])} queued; " + (f"{waiting} waiting for other jobs; " if waiting else "")
                 + f"GPUs in use {total - free}/{total}")
     return "\n".join(rows)
+
+
+def slurm_tag(slurm: dict | None) -> str:
+    """``[slurm 41 RUNNING node1]``: the job's train (else export) Slurm job, for a list row."""
+    if not slurm:
+        return ""
+    role = "train" if "train" in slurm else sorted(slurm)[0]
+    job = slurm[role]
+    where = f" {job['nodes']}" if job["nodes"] else ""
+    return f"[slurm {shown(job['job_id'])} {job['state']}{where}{'' if role == 'train' else ' ' + role}] "
+
+
+def slurm_lines(slurm: dict | None) -> list[str]:
+    """``oddaemon status``: each of the job's Slurm jobs (its last one, once it ended)."""
+    lines = []
+    for role, job in sorted((slurm or {}).items()):
+        why = f" ({job['reason']})" if job["reason"] and job["reason"] != "None" else ""
+        where = f" on {job['nodes']}" if job["nodes"] else ""
+        lines.append(f"  slurm      {role}: job {shown(job['job_id'])} {job['state']}{why}{where}"
+                     f" (attempt {job['attempt']})")
+    return lines
 
 
 def format_value(value: object) -> str:
@@ -78,6 +100,7 @@ def format_status(job: dict) -> str:
              f"  ETA {format_duration(job['eta_seconds'])}",
              f"  gpus       {','.join(map(str, job['gpus'])) or 'none (CPU)'}   "
              f"attempt {job['attempt']}, restarts {job['restarts']}"]
+    lines += slurm_lines(job.get("slurm"))
     if job.get("sweep"):
         member = job["sweep"]
         lines.append(f"  sweep      {member['name']} #{member['index']}: "

@@ -1,5 +1,5 @@
 """Slurm, read and written as text: the ``sbatch`` command line for a worker, ``sbatch --parsable``'s
-answer, ``squeue --json``'s jobs (Slurm 22.05's OpenAPI v0.0.38 shape) and ``scontrol show job -o``'s
+answer, ``squeue``'s jobs (its ``--Format`` fields) and ``scontrol show job -o``'s
 line, and what each Slurm job state means for the daemon: still waiting, running, or ended with an
 exit status and a failure kind. Pure: the commands run in ``adapters/slurm_cli.py``.
 
@@ -13,7 +13,6 @@ and *ended* in every other state, each with its failure kind: TIMEOUT and DEADLI
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 from collections.abc import Mapping, Sequence
@@ -61,7 +60,7 @@ class SlurmSettings:
 
 @dataclass(frozen=True)
 class SlurmJob:
-    """One job as ``squeue --json`` (or ``scontrol show job -o``) shows it."""
+    """One job as ``squeue`` (or ``scontrol show job -o``) shows it."""
 
     job_id: int
     name: str
@@ -205,57 +204,51 @@ def parse_sbatch(stdout: str) -> tuple[int, str]:
     return int(match.group(1)), match.group(2) or ""
 
 
-def parse_squeue_json(text: str) -> dict[int, SlurmJob]:
-    """The jobs of ``squeue --json`` by id. Raises ValueError on what is not its JSON."""
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"squeue --json printed no JSON: {exc}") from None
-    if not isinstance(doc, dict) or not isinstance(doc.get("jobs"), list):
-        raise ValueError("squeue --json printed no job list")
-    jobs = {}
-    for j in doc["jobs"]:
-        try:
-            job = SlurmJob(int(j["job_id"]), str(j.get("name", "")), str(j["job_state"]),
-                           str(j.get("state_reason", "")), int(j.get("exit_code") or 0),
-                           int(j.get("restart_cnt") or 0), int(j.get("submit_time") or 0), str(j.get("nodes", "")))
-        except (KeyError, TypeError, ValueError):
-            continue  # a job this parser cannot read is not one of ours to track
-        jobs[job.job_id] = job
-    return jobs
-
-
-# The look for a worker's job to adopt: squeue's plain output, which honours --me and --name (22.05's
-# --json prints every job the controller holds, whatever the filters: per submission, on a busy
-# cluster, megabytes). Fields: id, name, state, reason, submit time (local ISO time), nodes.
-ADOPT_FORMAT = "%i|%j|%T|%r|%V|%N"
+# What the daemon reads of ``squeue``: its ``--Format`` fields (``|`` after each), one line per job.
+# Not ``--json``: 22.05's ignores every filter (--me, --name, --jobs) and prints each job the
+# controller holds: on a busy cluster megabytes per call, and past ``MAX_OUTPUT`` no answer at all.
+# ``exit_code`` is the wait status (exit code << 8 | signal), as in ``squeue --json``.
+SQUEUE_FORMAT = "JobID:|,Name:|,State:|,Reason:|,SubmitTime:|,NodeList:|,exit_code:|,RestartCnt:|"
+_SQUEUE_FIELDS = 8
 
 
 def adopt_lookup_argv(name: str) -> list[str]:
-    """``squeue`` for this user's live jobs named ``name`` (``job_name``), one ``ADOPT_FORMAT`` line each."""
-    return ["squeue", "--me", "--noheader", f"--name={name}", f"--format={ADOPT_FORMAT}"]
+    """``squeue`` for this user's live jobs named ``name`` (``job_name``): the look before submitting."""
+    return ["squeue", "--me", "--noheader", f"--name={name}", f"--Format={SQUEUE_FORMAT}"]
+
+
+def poll_argv() -> list[str]:
+    """The one ``squeue`` of a poll cycle: every job of this user in any state Slurm still holds
+    (ended ones until ``MinJobAge``, with their exit status), whatever their number: the daemon picks
+    its own by id. Not ``--jobs=<ids>``: one argument holds at most 128 KiB (``MAX_ARG_STRLEN``)."""
+    return ["squeue", "--me", "--noheader", "--states=all", f"--Format={SQUEUE_FORMAT}"]
 
 
 def _local_epoch(text: str) -> int:
-    """squeue's ``%V`` (``2026-12-03T13:10:11``, this host's local time) as epoch seconds; 0 when it
-    gives none (``N/A``): such a job counts as new (``adoptable``)."""
+    """squeue's submit time (``2026-12-03T13:10:11``, this host's local time) as epoch seconds; 0 when
+    it gives none (``N/A``): such a job counts as new (``adoptable``)."""
     try:
         return int(datetime.fromisoformat(text).timestamp())
     except ValueError:
         return 0
 
 
+def _number(text: str) -> int:
+    return int(text) if text.strip().isdigit() else 0
+
+
 def parse_squeue_lines(text: str) -> dict[int, SlurmJob]:
-    """The jobs of ``adopt_lookup_argv``'s output by id (lines it cannot read are skipped)."""
+    """The jobs of an ``SQUEUE_FORMAT`` output by id (lines it cannot read are skipped)."""
     jobs = {}
     for line in text.splitlines():
         parts = line.strip().split("|")
-        if len(parts) != 6:
-            continue
-        if not parts[0].isdigit():
-            continue  # an array or heterogeneous job ("12_3", "12+1"): not one oddaemon submits
+        if parts and parts[-1] == "":
+            parts.pop()  # the separator after the last field
+        if len(parts) != _SQUEUE_FIELDS or not parts[0].isdigit():
+            continue  # not such a line, or an array or heterogeneous job ("12_3", "12+1"): not one oddaemon submits
         job_id = int(parts[0])
-        jobs[job_id] = SlurmJob(job_id, parts[1], parts[2], parts[3], 0, 0, _local_epoch(parts[4]), parts[5])
+        jobs[job_id] = SlurmJob(job_id, parts[1], parts[2], parts[3], _number(parts[6]), _number(parts[7]),
+                                _local_epoch(parts[4]), "" if parts[5] in ("", "(null)") else parts[5])
     return jobs
 
 

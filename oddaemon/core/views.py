@@ -32,7 +32,7 @@ SHOWN_BY_LIST = 20  # oddaemon list, ListJobs, systemctl status
 # What ``oddaemon list`` shows of a job (``cli.render.format_list``): the control socket's
 # ``{"cmd": "list", "brief": true}`` sends only these (``list --json`` and D-Bus send whole views).
 LIST_COLUMNS = ("name", "state", "reason", "wants_gpus", "gpus", "queue_position", "step", "target_steps",
-                "progress", "eta_seconds", "waiting_for", "sweep")
+                "progress", "eta_seconds", "waiting_for", "sweep", "slurm")
 # At most this many finished jobs' views are kept (then the oldest kept are let go).
 KEPT_FINISHED_VIEWS = 100_000
 
@@ -135,6 +135,7 @@ def _build_view(job: Job, progress_view: dict | None, queue_position: int | None
         "evaluation": evaluation_view(job, book, shown),
         "history": [{"time": t, "state": s, "reason": r} for t, s, r in job.history],
         "sweep": sweep_membership(job),
+        "slurm": None,  # its Slurm jobs by role, under the Slurm backend (the daemon adds them: SlurmExecutor)
     }
     empty = {"step": None, "target_steps": job.spec.pipeline.num_steps, "progress": None,
              "steps_per_second": None, "eta_seconds": None, "losses": {}, "learning_rate": None, "updated_at": None,

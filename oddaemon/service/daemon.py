@@ -99,6 +99,7 @@ class Daemon:
         self.guard = TrainGuard(loop, clock, self._stop_failed_train)  # hung workers, NaN losses
         self.launcher = WorkerLauncher(config, loop, self.store, self.executor, lambda: self.state.jobs,
                                        self.dispatch, self._refuse, self._train_started)
+        self.executor.on_change = self._worker_changed  # (a cluster's job got its id, began to run, moved)
         self.preflights = self._preflights() if config.worker_preflight else None
         self.parsers = ParserPool(loop)  # job files are parsed in child processes, within limits
         self.intake_ = SpoolIntake(config, self.spool, loop, self.dispatch, self._active_names, self.preflights,
@@ -226,6 +227,10 @@ class Daemon:
         self.guard.begin(job.name, self.config.hang_timeout_seconds if timeout is None else timeout)
         self.evaluations.training_started(job)  # its evaluator builds its model while the trainer builds its own
 
+    def _worker_changed(self, worker: RunningWorker) -> None:
+        self.launcher.worker_changed(worker)
+        self.announcer.snapshot_soon()
+
     def _refuse(self, name: str, failure: Failure) -> None:
         """An evaluator or export was refused: the job fails (``refused``), as when its train worker
         is. A running train process is stopped, and its exit reports the refusal; otherwise the
@@ -279,6 +284,10 @@ class Daemon:
         cgroups = cgroup_workers.of(self.executor)  # its workers' cgroups, read now (oddaemon status NAME)
         if cgroups is not None and shown == SHOWN_BY_STATUS and job.state not in TERMINAL:
             view = {**view, "resources": cgroups.usage(name)}
+        cluster = getattr(self.executor, "cluster_view", None)  # its Slurm jobs (the Slurm backend)
+        slurm_jobs = cluster(name) if cluster is not None else None
+        if slurm_jobs is not None:
+            view = {**view, "slurm": slurm_jobs}
         return view
 
     def gpus(self) -> dict:

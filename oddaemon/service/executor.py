@@ -45,7 +45,9 @@ class WorkerLaunch:
 
 
 class RunningWorker(Protocol):
-    """What the service layer reads of a started worker, whichever executor runs it."""
+    """What the service layer reads of a started worker, whichever executor runs it. A cluster's
+    worker also has ``running`` (False while its job waits in the cluster's queue); a local one runs
+    from its start."""
 
     name: str
     role: str
@@ -61,6 +63,10 @@ class Executor(Protocol):
     """Starts, stops and watches workers; owns their logs. Never decides anything about jobs."""
 
     workers: Mapping[tuple[str, str], RunningWorker]  # (job name, role) -> the live worker
+    # Told of a worker that changed after its start (a cluster's job got its id, began to run, moved
+    # nodes); the daemon sets it. A local executor has nothing to tell. A cluster executor also has
+    # ``cluster_view(name) -> dict | None``: what ``oddaemon status`` shows of the job's cluster jobs.
+    on_change: Callable[[RunningWorker], None]
     identity: object | None  # whom workers run as (None: the daemon's own user)
 
     def start(self, launch: WorkerLaunch) -> RunningWorker: ...

@@ -30,7 +30,8 @@ log = logging.getLogger("oddaemon")
 
 class WorkerLauncher:
     """Starts a job's workers through ``executor``; records each in the runtime file (pids a
-    restarted daemon must not leave running) and tells ``on_train_started`` (hang detection).
+    restarted daemon must not leave running) and tells ``on_train_started`` (hang detection, the
+    warm evaluator) once a train worker runs: at once for a process, when Slurm runs it for a cluster job.
 
     ``refuse(name, failure)``: an evaluator or export could not start because a path left the
     allowed roots (the job fails ``refused``). A refused train worker is reported as its exit."""
@@ -49,6 +50,7 @@ class WorkerLauncher:
         self.runtime: dict[str, dict[str, dict]] = {}
         self.shutting_down = False  # nothing new starts then
         self._refusals: dict[str, Failure] = {}  # why a train worker was not started (a path left the roots)
+        self._running_trainers: dict[str, RunningWorker] = {}  # train workers on_train_started was told of
 
     def start_train(self, action: sch.StartTrain) -> None:
         if self.shutting_down:
@@ -109,11 +111,29 @@ class WorkerLauncher:
         log.info("job %s: %s worker started (pid %s, attempt %d%s)", name, role, worker.pid, job.attempt,
                  f", GPUs {','.join(map(str, gpus))}" if gpus else "",
                  extra=job_fields(name, role=role, attempt=job.attempt))
-        if role == "train":
-            self.on_train_started(job)
         self.runtime.setdefault(name, {})[role] = self.executor.runtime_record(worker)
         self.store.save_runtime(name, self.runtime[name])
+        if role == "train" and getattr(worker, "running", True):  # (a cluster's job waiting in its queue:
+            self._train_running(job, worker)                        # when it runs, worker_changed)
         return worker
+
+    def worker_changed(self, worker: RunningWorker) -> None:
+        """The executor says a worker changed (a cluster job got its id, or began to run): its runtime
+        record is written again, and a train worker that now runs is started for the daemon too."""
+        roles = self.runtime.get(worker.name)
+        current = self.executor.workers.get((worker.name, worker.role))
+        if roles is None or worker.role not in roles or current is not worker:
+            return
+        roles[worker.role] = self.executor.runtime_record(worker)
+        self.store.save_runtime(worker.name, roles)
+        job = self.jobs().get(worker.name)
+        if worker.role == "train" and getattr(worker, "running", True) and job is not None:
+            self._train_running(job, worker)
+
+    def _train_running(self, job: Job, worker: RunningWorker) -> None:
+        if self._running_trainers.get(job.name) is not worker:  # once per train worker
+            self._running_trainers[job.name] = worker
+            self.on_train_started(job)
 
     def start_preflight_server(self, name: str, args: list[str], stdin: int,
                                pass_fds: tuple[int, ...]) -> RunningWorker | None:
@@ -134,6 +154,8 @@ class WorkerLauncher:
 
     def ended(self, worker: RunningWorker) -> None:
         """A worker exited: it leaves the runtime file (the file goes with the job's last worker)."""
+        if self._running_trainers.get(worker.name) is worker:
+            del self._running_trainers[worker.name]
         roles = self.runtime.get(worker.name, {})
         roles.pop(worker.role, None)
         if roles:

@@ -45,6 +45,7 @@ class LocalExecutor:
         self.workers: dict[tuple[str, str], Worker] = {}
         self._logs: dict[tuple[str, str], RotatingLog] = {}
         self._handles: dict[int, list[object]] = {}
+        self.on_change: Callable[[Worker], None] = lambda worker: None  # (a process runs from its start: never told)
 
     def log_path(self, name: str, role: str) -> str:
         return layout.log_file(self.log_dir, name, role)
@@ -87,6 +88,10 @@ class LocalExecutor:
         """A line of the daemon's own in a job's log (e.g. its preflight verdict)."""
         self._log_for(name, role).write(text.encode())
         self.close_logs_if_idle(name)
+
+    def write_log(self, name: str, role: str, data: bytes) -> None:
+        """Whole lines into a job's rotating log (a Slurm worker's output, copied: ``slurm_output.py``)."""
+        self._log_for(name, role).write(data)
 
     def runtime_record(self, worker: Worker) -> dict:
         return {"pid": worker.pid, "start_time": process_start_time(worker.pid), "attempt": worker.attempt,

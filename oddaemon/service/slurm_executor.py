@@ -3,13 +3,20 @@
 evaluation side do not know which runs. Served workers (the warm evaluator, warm preflight), which
 speak over pipes, run on the daemon's host through the local executor it wraps.
 
-Submission (``sbatch --parsable``) and tracking are asynchronous: one ``squeue --json --jobs=...``
-per poll cycle for all of the daemon's Slurm jobs (the cost stays flat with their number), then
-``scontrol show job -o`` for a job ``squeue`` no longer lists. An unreachable controller is retried
+Submission (``sbatch --parsable``) and tracking are asynchronous: one ``squeue --me --states=all``
+per poll cycle for all of the daemon's Slurm jobs (``core.slurm.poll_argv``: the cost stays flat with
+their number), then ``scontrol show job -o`` for a job ``squeue`` no longer lists (it left the
+controller's memory, ``MinJobAge``, between two cycles). An unreachable controller is retried
 with backoff and never fails a job; a job Slurm ended (time limit, node failure, preemption, its
 memory limit) is reported as the worker's exit with its failure kind (``core/slurm.py``), and the
-scheduler's restart rules apply as to any exit. Logs: Slurm appends the worker's output to the same
-``<log_dir>/<name>/<role>.log`` a local worker writes.
+scheduler's restart rules apply as to any exit. Logs: Slurm writes the worker's output to
+``<log_dir>/<name>/slurm-<role>.out``, which the daemon copies into the job's rotating
+``<role>.log`` as it grows (``slurm_output.py``).
+
+A Slurm job may wait in Slurm's queue for hours: its worker is ``running`` only once Slurm runs it,
+and ``on_change(worker)`` says so (and every change of its Slurm id, state or nodes), so that what
+belongs to a running trainer (its warm evaluator, its hang timer) starts then, not at submission.
+``cluster_view`` is what ``oddaemon list/status``, D-Bus and the metrics show of a job's Slurm jobs.
 """
 
 from __future__ import annotations
@@ -27,9 +34,9 @@ from oddaemon.core import slurm
 from oddaemon.core.failures import Failure, classify_failure
 from oddaemon.service.executor import ExitCallback, RunningWorker, WorkerLaunch
 from oddaemon.service.local_executor import LocalExecutor
+from oddaemon.service.slurm_output import FOLLOW_SECONDS, FollowedOutput, output_path
 
 log = logging.getLogger("oddaemon.slurm")
-TAIL_BYTES = 64 * 1024  # of a worker's log, to classify its failure
 MAX_POLL_SECONDS = 60.0
 
 
@@ -50,6 +57,14 @@ class SlurmWorker:
     log_path: str = ""
     script: str = ""
     record: str = ""  # <work>/slurm-<role>.json: the daemon's record of submitting it (core.slurm.Submission)
+    nodes: str = ""  # the node list Slurm gave it ("" while it waits)
+    output: FollowedOutput | None = None  # Slurm's output file, copied into its log
+    running: bool = False  # Slurm has run it (RUNNING or later): the worker has started
+
+    def shown(self) -> dict:
+        """What ``cluster_view`` shows of it."""
+        return {"job_id": self.job_id, "state": self.state, "reason": self.reason, "nodes": self.nodes,
+                "attempt": self.attempt}
 
 
 class SlurmExecutor:
@@ -67,6 +82,9 @@ class SlurmExecutor:
         self._poll_delay = settings.poll_seconds
         self._unreachable_since: float | None = None
         self._ended_ids: set[int] = set()  # Slurm jobs whose end was reported: never adopted again
+        self._last_seen: dict[tuple[str, str], dict] = {}  # (name, role) -> its last Slurm job, once it ended
+        self.on_change: Callable[[SlurmWorker], None] = lambda worker: None
+        self._follow_handle: object | None = None
 
     # ---- the Executor interface
     @property
@@ -94,8 +112,10 @@ class SlurmExecutor:
                                        self.settings.port_base))
         os.chmod(worker.script, 0o755)
         os.makedirs(os.path.dirname(worker.log_path), exist_ok=True)
+        raw = output_path(worker.log_path, launch.role)
+        worker.output = FollowedOutput(raw, lambda data: self.local.write_log(launch.name, launch.role, data))
         argv = slurm.sbatch_argv(self.settings, launch.name, launch.role, launch.gpus_wanted, worker.script,
-                                 worker.log_path, launch.time_limit, launch.partition, launch.nodes)
+                                 raw, launch.time_limit, launch.partition, launch.nodes)
         self.local.note(launch.name, launch.role, f"==== oddaemon: submitting {launch.role} attempt {launch.attempt} "
                                                   f"to Slurm ({' '.join(argv[2:-1])})\n")
         self.jobs[(launch.name, launch.role)] = worker
@@ -128,16 +148,28 @@ class SlurmExecutor:
         for worker in self.jobs.values():
             log.info("job %s: Slurm job %s (%s) runs on without the daemon (%s)", worker.name, worker.job_id,
                      worker.role, reason)
+            if worker.output is not None:
+                self._copy(worker)
+                worker.output.leave()
         self.jobs.clear()
-        if self._poll_handle is not None:
-            self.loop.remove(self._poll_handle)
-            self._poll_handle = None
+        for handle in (self._poll_handle, self._follow_handle):
+            if handle is not None:
+                self.loop.remove(handle)
+        self._poll_handle = self._follow_handle = None
 
     def runtime_record(self, worker: RunningWorker) -> dict:
         if isinstance(worker, SlurmWorker):
             return {"pid": -1, "start_time": None, "attempt": worker.attempt, "role": worker.role,
-                    "started_at": worker.started_at, "slurm_job_id": worker.job_id}
+                    "started_at": worker.started_at, "slurm_job_id": worker.job_id, "slurm_state": worker.state,
+                    "slurm_nodes": worker.nodes}
         return self.local.runtime_record(worker)
+
+    def cluster_view(self, name: str) -> dict | None:
+        """A job's Slurm jobs by role (``SlurmWorker.shown``): the live ones, else the last that ended
+        (since this daemon started); None when it has had none."""
+        shown = {role: seen for (job, role), seen in self._last_seen.items() if job == name}
+        shown.update({w.role: w.shown() for w in self.jobs.values() if w.name == name})
+        return shown or None
 
     def log_path(self, name: str, role: str) -> str:
         return self.local.log_path(name, role)
@@ -187,13 +219,14 @@ class SlurmExecutor:
             self._write_record(worker, submission)
             self.commands.run(argv, lambda answer: self._submitted(worker, answer, submission))
             return
-        worker.job_id, worker.state = chosen.job_id, chosen.state
+        worker.job_id, worker.state, worker.nodes = chosen.job_id, chosen.state, chosen.nodes
         log.warning("job %s: adopting Slurm job %d (%s), still %s from before the daemon restarted", worker.name,
                     worker.job_id, worker.role, worker.state)
         self.local.note(worker.name, worker.role, f"==== oddaemon: adopted Slurm job {worker.job_id}, which ran on "
                                                   "while the daemon restarted\n")
         if worker.stop_reason:
             self._scancel(worker)
+        self._changed(worker, running=chosen.phase == "running")
         self._poll_soon()
 
     def _submitted(self, worker: SlurmWorker, result: CommandResult, submission: slurm.Submission) -> None:
@@ -212,7 +245,31 @@ class SlurmExecutor:
         log.info("job %s: %s worker is Slurm job %d", worker.name, worker.role, worker.job_id)
         if worker.stop_reason:
             self._scancel(worker)
+        self._changed(worker)
         self._poll_soon()
+
+    def _changed(self, worker: SlurmWorker, running: bool = False) -> None:
+        if running:
+            worker.running = True
+            self._follow_soon()
+        self.on_change(worker)
+
+    # ---- its output, into its log
+    def _follow_soon(self) -> None:
+        if self._follow_handle is None:
+            self._follow_handle = self.loop.call_later(FOLLOW_SECONDS, self._follow)
+
+    def _follow(self) -> None:
+        self._follow_handle = None
+        running = [w for w in self.jobs.values() if w.running and w.output is not None]
+        for worker in running:
+            self._copy(worker)
+        if running:
+            self._follow_soon()
+
+    def _copy(self, worker: SlurmWorker) -> None:
+        if worker.output.read() and self.local.on_output is not None:
+            self.local.on_output(worker.name, worker.role)  # (the hang guard's activity)
 
     def _scancel(self, worker: SlurmWorker) -> None:
         def done(result: CommandResult) -> None:
@@ -231,14 +288,14 @@ class SlurmExecutor:
         if not ids:
             return
         self._polling = True
-        self.commands.run(["squeue", "--json", f"--jobs={','.join(map(str, ids))}"], self._polled)
+        self.commands.run(slurm.poll_argv(), self._polled)
 
     def _polled(self, result: CommandResult) -> None:
         self._polling = False
         try:
             if not result.ok:
                 raise ValueError(result.describe())
-            listed = slurm.parse_squeue_json(result.stdout)
+            listed = slurm.parse_squeue_lines(result.stdout)
         except ValueError as exc:
             self._unreachable(str(exc))
             return
@@ -275,21 +332,32 @@ class SlurmExecutor:
         self.commands.run(["scontrol", "show", "job", "-o", str(worker.job_id)], done)
 
     def _observe(self, worker: SlurmWorker, job: slurm.SlurmJob) -> None:
-        if (job.state, job.reason) != (worker.state, worker.reason):
-            log.info("job %s: Slurm job %d is %s (%s)", worker.name, job.job_id, job.state, job.reason)
-        worker.state, worker.reason = job.state, job.reason
+        nodes = job.nodes or worker.nodes  # (an ended job keeps the nodes it ran on)
+        changed = (job.state, job.reason, nodes) != (worker.state, worker.reason, worker.nodes)
+        if changed:
+            log.info("job %s: Slurm job %d is %s (%s)%s", worker.name, job.job_id, job.state, job.reason,
+                     f" on {nodes}" if nodes else "")
+        worker.state, worker.reason, worker.nodes = job.state, job.reason, nodes
         if job.phase != "ended":
+            if changed or (job.phase == "running" and not worker.running):
+                self._changed(worker, running=job.phase == "running")
             return
         end = slurm.ending(job)
         failure = Failure(end.kind, end.message) if end.kind else None
+        if worker.output is not None:
+            worker.output.finish()  # all of its output in its log before the end is told
         if failure is None and end.returncode != 0:
-            failure = classify_failure(end.returncode, self._log_tail(worker).splitlines(), worker.role)
+            tail = worker.output.explaining_tail() if worker.output is not None else []
+            failure = classify_failure(end.returncode, tail, worker.role)
         self._ended(worker, end.returncode, failure)
 
     def _ended(self, worker: SlurmWorker, returncode: int, failure: Failure | None) -> None:
         if self.jobs.get((worker.name, worker.role)) is not worker:
             return
         del self.jobs[(worker.name, worker.role)]
+        if worker.output is not None:
+            worker.output.finish()  # (again, harmless, where _observe did)
+        self._last_seen[(worker.name, worker.role)] = worker.shown()
         if worker.job_id is not None:
             self._ended_ids.add(worker.job_id)
         if worker.imposed is not None:
@@ -298,12 +366,3 @@ class SlurmExecutor:
                         f"==== oddaemon: {worker.role} attempt {worker.attempt} ended in Slurm: "
                         f"{worker.state}{' (' + failure.message + ')' if failure else ''}\n")
         self.on_exit(worker, returncode, failure)
-
-    @staticmethod
-    def _log_tail(worker: SlurmWorker) -> str:
-        try:
-            with open(worker.log_path, "rb") as f:
-                f.seek(max(0, os.fstat(f.fileno()).st_size - TAIL_BYTES))
-                return f.read().decode("utf-8", "replace")
-        except OSError:
-            return ""

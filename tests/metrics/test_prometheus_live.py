@@ -126,17 +126,17 @@ EXPRESSIONS = dashboard_expressions()
 # Per-job resources come from the workers' cgroups (README "Per-job cgroups"): none without a cgroup
 # backend; IO, pressure and the daemon's own leaf with cgroup v2 only; memory_max only where one is set
 RESOURCES = re.compile(r"oddaemon_(job_(cpu_seconds|memory|io)\w*|daemon_\w+)")
-# Sweeps and notifications have their series tested with a real daemon where they happen
-# (tests/integration/test_sweeps.py, test_notifications.py); this scenario has neither a sweep nor a
-# notification target, so their panels have no series here
-NOT_IN_SCENARIO = re.compile(r"oddaemon_(sweep_\w+|notifications_total)")
+# Sweeps, notifications and Slurm jobs have their series tested with a real daemon where they happen
+# (tests/integration/test_sweeps.py, test_notifications.py, tests/slurm/test_slurm_backend.py); this
+# scenario has no sweep, no notification target and the local backend, so their panels have no series here
+NOT_IN_SCENARIO = re.compile(r"oddaemon_(sweep_\w+|notifications_total|job_slurm_info)")
 
 
 @pytest.mark.parametrize("where,expr", EXPRESSIONS, ids=[where for where, _ in EXPRESSIONS])
 def test_every_dashboard_query_returns_data(scenario, where, expr):
     result = scenario.prom.query(expr, scenario.at)
     if not result and NOT_IN_SCENARIO.search(expr):
-        pytest.skip(f"{where}: {expr}: the scenario has no sweep and no notification target")
+        pytest.skip(f"{where}: {expr}: the scenario has no sweep, no notification target, no Slurm")
     if not result and RESOURCES.search(expr):
         backend = [r["metric"]["backend"] for r in scenario.prom.query("oddaemon_cgroups == 1", scenario.at)]
         pytest.skip(f"{where}: {expr}: no series with the cgroup backend here ({', '.join(backend) or '?'}) and "

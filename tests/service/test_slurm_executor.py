@@ -5,11 +5,12 @@ that left the controller's memory, a stop before sbatch answered, Slurm's own en
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime
 
 from oddaemon.adapters.slurm_cli import CommandResult
 from oddaemon.core.failures import Failure
-from oddaemon.core.slurm import SlurmSettings
+from oddaemon.core.slurm import SQUEUE_FORMAT, SlurmSettings, poll_argv
 from oddaemon.service.executor import WorkerLaunch
 from oddaemon.service.local_executor import LocalExecutor
 from oddaemon.service.slurm_executor import SlurmExecutor
@@ -29,22 +30,23 @@ class ScriptedSlurm:
 
     def run(self, argv, done, stdin=b""):
         self.calls.append(argv)
-        tool = "adopt?" if argv[0] == "squeue" and "--me" in argv else argv[0]  # the look for a job to adopt
-        default = '{"jobs": []}' if tool == "adopt?" else ""
-        queue = self.answers.get(tool) or [CommandResult((argv[0],), 0, default, "")]
+        # squeue with --name is the look for a job to adopt; without, the poll
+        tool = "adopt?" if argv[0] == "squeue" and any(a.startswith("--name=") for a in argv) else argv[0]
+        queue = self.answers.get(tool) or [CommandResult((argv[0],), 0, "", "")]
         result = queue.pop(0) if len(queue) > 1 else queue[0]
-        if tool == "adopt?":  # the tests give jobs as squeue --json; the look reads squeue's plain lines
-            result = CommandResult(result.argv, result.returncode, adopt_lines(result.stdout), result.stderr)
+        if argv[0] == "squeue":  # the tests give jobs as JSON; squeue prints SQUEUE_FORMAT's lines
+            result = CommandResult(result.argv, result.returncode, format_lines(result.stdout), result.stderr)
         self.loop.call_later(0, lambda: done(result))
 
 
-def adopt_lines(squeue_json: str) -> str:
-    """The jobs of an ``squeue --json`` text as ``slurm.adopt_lookup_argv`` prints them."""
-    if not squeue_json.startswith("{"):
-        return squeue_json
+def format_lines(jobs_json: str) -> str:
+    """The jobs of a ``{"jobs": [...]}`` text (squeue --json's names) as ``slurm.SQUEUE_FORMAT`` prints them."""
+    if not jobs_json.startswith("{"):
+        return jobs_json
     return "".join(f"{j['job_id']}|{j['name']}|{j['job_state']}|{j['state_reason']}|"
-                   f"{datetime.fromtimestamp(j['submit_time']).isoformat(timespec='seconds')}|localhost\n"
-                   for j in json.loads(squeue_json)["jobs"])
+                   f"{datetime.fromtimestamp(j['submit_time']).isoformat(timespec='seconds')}|"
+                   f"{j.get('nodes', 'localhost')}|{j['exit_code']}|{j['restart_cnt']}|\n"
+                   for j in json.loads(jobs_json)["jobs"])
 
 
 def squeue(*jobs: tuple[int, str, int]) -> str:
@@ -78,7 +80,7 @@ def test_submission_tracking_and_a_clean_end(tmp_path):
     assert executor.workers[("a", "train")] is worker and worker.job_id is None
     loop.advance(0)
     assert slurm.calls[0] == ["squeue", "--me", "--noheader", "--name=oddaemon-a-train",
-                              "--format=%i|%j|%T|%r|%V|%N"]  # nothing to adopt
+                              f"--Format={SQUEUE_FORMAT}"]  # nothing to adopt
     assert worker.job_id == 41 and slurm.calls[1][0] == "sbatch" and "--gres=gpu:1" in slurm.calls[1]
     loop.advance(1.0)
     assert worker.state == "PENDING" and exits == []
@@ -87,7 +89,7 @@ def test_submission_tracking_and_a_clean_end(tmp_path):
     loop.advance(1.0)
     assert exits == [("train", 0, None)] and ("a", "train") not in executor.workers
     polls = [c for c in slurm.calls if c[0] == "squeue"]
-    assert polls[1:] and all(c == ["squeue", "--json", "--jobs=41"] for c in polls[1:])  # one call per cycle
+    assert polls[1:] and all(c == poll_argv() for c in polls[1:])  # one call per cycle
 
 
 def test_an_unreachable_controller_backs_off_and_fails_no_job(tmp_path):
@@ -187,11 +189,11 @@ def test_a_daemon_going_away_leaves_its_slurm_jobs_running(tmp_path):
     executor.stop_all("daemon shutting down")
     assert executor.workers == {} and not any(c[0] == "scancel" for c in slurm.calls)
     loop.advance(10)
-    assert exits == [] and not any(c == ["squeue", "--json", "--jobs=50"] for c in slurm.calls)
+    assert exits == [] and not any(c == poll_argv() for c in slurm.calls)
 
 
 def squeue_at(*jobs: tuple[int, str, int]) -> str:
-    """squeue --json of jobs (id, state, submit time) named like the train worker of job "a"."""
+    """Jobs (id, state, submit time) named like the train worker of job "a"."""
     return json.dumps({"jobs": [{"job_id": j, "name": "oddaemon-a-train", "job_state": s, "state_reason": "None",
                                  "exit_code": 0, "restart_cnt": 0, "submit_time": t} for j, s, t in jobs]})
 
@@ -256,7 +258,7 @@ def test_a_job_whose_end_was_reported_is_not_adopted_by_the_next_attempt(tmp_pat
 
 def test_only_a_job_named_like_the_worker_is_adopted(tmp_path):
     """A live job of another oddaemon job (submitted a moment before) is not adopted, should squeue
-    list it (22.05's --json ignored --name): the worker is submitted."""
+    list it (22.05's --json ignored --name; kept as a guard): the worker is submitted."""
     loop, slurm, executor, exits = make(tmp_path)
     other = json.dumps({"jobs": [{"job_id": 3, "name": "oddaemon-b-train", "job_state": "PENDING",
                                   "state_reason": "None", "exit_code": 0, "restart_cnt": 0, "submit_time": 1}]})
@@ -265,3 +267,98 @@ def test_only_a_job_named_like_the_worker_is_adopted(tmp_path):
     worker = executor.start(launch(tmp_path))
     loop.advance(0)
     assert worker.job_id == 4 and any(c[0] == "sbatch" for c in slurm.calls)
+
+
+def jobs_json(*jobs: tuple[int, str, str]) -> str:
+    """Jobs (id, state, nodes) of job "a"'s train worker."""
+    return json.dumps({"jobs": [{"job_id": j, "name": "oddaemon-a-train", "job_state": s, "state_reason":
+                                 "Resources" if s == "PENDING" else "None", "exit_code": 0, "restart_cnt": 0,
+                                 "submit_time": 1, "nodes": n} for j, s, n in jobs]})
+
+
+def test_a_worker_runs_when_slurm_runs_it_and_each_change_is_told(tmp_path):
+    """Queued in Slurm is not running: the worker says ``running`` only once Slurm runs it, and
+    ``on_change`` hears of its id, each state and its nodes (what list/status/metrics show)."""
+    loop, slurm, executor, exits = make(tmp_path)
+    told = []
+    executor.on_change = lambda w: told.append((w.job_id, w.state, w.reason, w.nodes, w.running))
+    slurm.answer("sbatch", 0, "41\n")
+    for answer in (jobs_json((41, "PENDING", "")), jobs_json((41, "PENDING", "")),
+                   jobs_json((41, "RUNNING", "node2")), jobs_json((41, "RUNNING", "node2")),
+                   jobs_json((41, "COMPLETED", "node2"))):
+        slurm.answer("squeue", 0, answer)
+    worker = executor.start(launch(tmp_path))
+    assert worker.running is False
+    loop.advance(0)
+    assert told == [(41, "PENDING", "", "", False)]  # sbatch answered
+    loop.advance(1.0)
+    loop.advance(1.0)
+    assert worker.running is False and told[1:] == [(41, "PENDING", "Resources", "", False)]  # twice: told once
+    assert executor.cluster_view("a") == {"train": {"job_id": 41, "state": "PENDING", "reason": "Resources",
+                                                    "nodes": "", "attempt": 1}}
+    loop.advance(1.0)
+    assert worker.running is True and told[-1] == (41, "RUNNING", "None", "node2", True)
+    n = len(told)
+    loop.advance(1.0)
+    assert len(told) == n  # nothing changed: nothing told
+    loop.advance(1.0)
+    assert exits == [("train", 0, None)]
+    # once it ended, the view keeps its last Slurm job (the id to look up in sacct)
+    assert executor.cluster_view("a")["train"]["state"] == "COMPLETED"
+    assert executor.cluster_view("b") is None
+    record = executor.runtime_record(worker)
+    assert (record["slurm_job_id"], record["slurm_nodes"]) == (41, "node2")
+
+
+def test_the_poll_is_one_squeue_whatever_the_number_of_jobs(tmp_path):
+    """Three workers, one squeue per cycle (this user's jobs in every state: ended ones come with their
+    exit status, so no scontrol is needed for them), each worker picked out by its id."""
+    loop, slurm, executor, exits = make(tmp_path)
+    for k in range(3):
+        slurm.answer("sbatch", 0, f"{70 + k}\n")
+    listed = json.dumps({"jobs": [{"job_id": 70 + k, "name": f"oddaemon-{n}-train", "job_state": s,
+                                   "state_reason": "None", "exit_code": code, "restart_cnt": 0, "submit_time": 1}
+                                  for k, (n, s, code) in enumerate((("a", "COMPLETED", 0), ("b", "FAILED", 2 << 8),
+                                                                    ("c", "RUNNING", 0)))]
+                         + [{"job_id": 99, "name": "someone-else", "job_state": "RUNNING", "state_reason": "None",
+                             "exit_code": 0, "restart_cnt": 0, "submit_time": 1}]})
+    slurm.answer("squeue", 0, listed)
+    for name in ("a", "b", "c"):
+        work = tmp_path / name
+        work.mkdir()
+        executor.start(WorkerLaunch(name, "train", 1, ["python"], {}, str(work)))
+    loop.advance(0)
+    loop.advance(1.0)
+    assert sorted(rc for _, rc, _ in exits) == [0, 2]
+    polls = [c for c in slurm.calls if c == poll_argv()]
+    assert len(polls) == 1 and not any(c[0] == "scontrol" for c in slurm.calls)
+    assert set(executor.jobs) == {("c", "train")}
+
+
+def test_a_running_jobs_slurm_output_is_copied_into_its_rotating_log_and_counts_as_activity(tmp_path):
+    loop, slurm, executor, exits = make(tmp_path)
+    active = []
+    executor.local.on_output = lambda name, role: active.append((name, role))
+    slurm.answer("sbatch", 0, "41\n")
+    slurm.answer("squeue", 0, jobs_json((41, "RUNNING", "node1")))
+    slurm.answer("squeue", 0, jobs_json((41, "RUNNING", "node1")))
+    slurm.answer("squeue", 0, jobs_json((41, "COMPLETED", "node1")))
+    executor.start(launch(tmp_path))
+    loop.advance(0)
+    sbatch = next(c for c in slurm.calls if c[0] == "sbatch")
+    raw = str(tmp_path / "logs" / "a" / "slurm-train.out")
+    assert f"--output={raw}" in sbatch  # Slurm writes beside the log, not into it
+    loop.advance(1.0)  # seen running
+    with open(raw, "a") as f:
+        f.write("I1203 step 100 loss 0.5\n")
+    loop.advance(1.0)
+    with open(tmp_path / "logs" / "a" / "train.log") as f:
+        assert "I1203 step 100 loss 0.5\n" in f.read()
+    assert ("a", "train") in active
+    with open(raw, "a") as f:
+        f.write("done")
+    loop.advance(1.0)
+    assert exits == [("train", 0, None)] and not os.path.exists(raw)
+    with open(tmp_path / "logs" / "a" / "train.log") as f:
+        text = f.read()
+    assert text.index("done\n") < text.index("ended in Slurm: COMPLETED")

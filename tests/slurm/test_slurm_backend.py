@@ -6,13 +6,17 @@ and every checkpoint is still evaluated, in order (the warm evaluator runs on th
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import tempfile
+import time
 
 import pytest
 
 from tests.support import slurm as test_slurm
-from tests.support.harness import DaemonEnv, assert_evaluated_in_order, wait_for
+from tests.support.harness import DaemonEnv, assert_evaluated_in_order, free_port, scrape, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(test_slurm.missing() is not None,
                                                    reason=test_slurm.missing() or "")]
@@ -131,3 +135,79 @@ def test_the_warning_signal_saves_a_checkpoint_and_the_job_is_resubmitted(slurm_
     saved = int(log.split("saved a checkpoint at step ")[1].split()[0])
     assert f"resuming from step {saved}" in log  # the second attempt started where the first one saved
     assert job["evaluation"]["counts"]["evaluated"] == job["evaluation"]["total"]
+
+
+def test_a_job_slurm_keeps_waiting_shows_as_pending_and_starts_nothing_until_slurm_runs_it(slurm_env, cluster):
+    """The node is drained, so Slurm keeps the train job pending: list, status and the metrics show its
+    Slurm job id and state; neither its warm evaluator (on this host) nor its hang timer (4 s here)
+    starts while it waits, so waiting is not "hung". Once the node is back, Slurm runs it on the node
+    they then show, and every checkpoint is evaluated."""
+    port = free_port()
+    env = slurm_env
+    env.write_config(metrics_listen=f"127.0.0.1:{port}")
+    env.start()
+    assert cluster.run("scontrol", "update", "nodename=localhost", "state=drain", "reason=oddaemon-test").returncode == 0
+    try:
+        text = env.job_text("queued", gpus=0, num_steps=20, every=5, keep=10, step_seconds=0.1)
+        env.drop("queued.toml", text.replace("[train]\n", "[train]\nhang_timeout_seconds = 4\n"))
+        pending = wait_for(lambda: ((env.job("queued") or {}).get("slurm") or {}).get("train", {}).get("job_id")
+                           and env.job("queued")["slurm"]["train"]["state"] == "PENDING" and env.job("queued"),
+                           120, what="the train worker's Slurm job to be pending")
+        slurm_id = pending["slurm"]["train"]["job_id"]
+        assert f"[slurm {slurm_id} PENDING]" in env.cli("list").stdout
+        assert f"slurm      train: job {slurm_id} PENDING" in env.cli("status", "queued").stdout
+        series = f'oddaemon_job_slurm_info{{job_name="queued",nodes="",role="train",slurm_job_id="{slurm_id}",' \
+                 f'slurm_state="PENDING"}} 1.0'
+        wait_for(lambda: series in scrape(port), 30, what=f"the metric {series}")
+        with open(os.path.join(env.state, "runtime", "queued.json")) as f:
+            assert json.load(f)["train"]["slurm_job_id"] == slurm_id
+        time.sleep(8)  # twice the hang timeout, Slurm still holding the job
+        job = env.job("queued")
+        assert job["state"] == "running" and job["restarts"] == 0 and job["slurm"]["train"]["state"] == "PENDING"
+        assert "queued: eval worker started" not in env.daemon_log() and "hung" not in env.daemon_log()
+    finally:
+        cluster.run("scontrol", "update", "nodename=localhost", "state=resume")
+    done = env.wait_state("queued", "succeeded", timeout=180)
+    assert done["restarts"] == 0, done["history"]
+    assert done["slurm"]["train"] == {"job_id": slurm_id, "state": "COMPLETED", "reason": "None",
+                                      "nodes": "localhost", "attempt": 1}
+    assert "queued: eval worker started" in env.daemon_log()  # the warm evaluator started when Slurm ran the job
+    assert done["evaluation"]["counts"]["evaluated"] == done["evaluation"]["total"] >= 4
+
+
+def test_logs_follow_shows_the_slurm_jobs_output_through_the_rotated_log(slurm_env, cluster):
+    """slurmd writes the worker's output to slurm-train.out; the daemon copies it into train.log,
+    which rotates at [logs] max_bytes (4 KiB here, the least allowed) as a local worker's does: `oddaemon logs -f`,
+    started while Slurm runs the job, shows every step line the worker printed, in order, and the
+    output file is gone once the job ended (its content is in the rotated logs)."""
+    env = slurm_env
+    env.write_config(log_max_bytes=4096, log_backups=50)
+    env.start()
+    env.drop("chatty.toml", env.job_text("chatty", gpus=0, num_steps=120, every=40, keep=5, step_seconds=0.05,
+                                         log_every_n=5))
+    wait_for(lambda: ((env.job("chatty") or {}).get("slurm") or {}).get("train", {}).get("state") == "RUNNING",
+             120, what="Slurm to run the job")
+    follower = subprocess.Popen([sys.executable, "-m", "oddaemon", "--config", env.config_path, "logs", "-f", "chatty"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        env.wait_state("chatty", "succeeded", timeout=180)
+        wait_for(lambda: not os.path.exists(os.path.join(env.logs, "chatty", "slurm-train.out")), 30,
+                 what="the Slurm output file to be copied and removed")
+        time.sleep(1.5)  # the follower reads on
+    finally:
+        follower.terminate()
+        shown, _ = follower.communicate(timeout=30)
+    steps = [int(line.split("Step ")[1].split()[0]) for line in shown.splitlines() if line.startswith("INFO:tensorflow:Step ")]
+    assert steps[-1] == 120 and steps == sorted(steps) and len(steps) == len(set(steps)), steps
+    logs = sorted(f for f in os.listdir(os.path.join(env.logs, "chatty")) if f.startswith("train.log"))
+    assert "train.log.1" in logs, logs  # it rotated while Slurm wrote
+    for name in logs:
+        assert os.path.getsize(os.path.join(env.logs, "chatty", name)) <= 4096, name
+    texts = []
+    for name in sorted(logs, key=lambda f: -int(f.rsplit(".", 1)[1]) if f[-1].isdigit() else 0):
+        with open(os.path.join(env.logs, "chatty", name)) as f:
+            texts.append(f.read())
+    everything = "".join(texts)
+    all_steps = [int(line.split("Step ")[1].split()[0]) for line in everything.splitlines()
+                 if line.startswith("INFO:tensorflow:Step ")]
+    assert all_steps == list(range(5, 121, 5)), all_steps  # every line once, in order, across the rotations

@@ -44,7 +44,8 @@ def running_view():
 
 
 def snapshot():
-    views = [running_view(), view("queued1", "queued"), view("old", "succeeded", finished_at=10.0),
+    slurm = {"train": {"job_id": 41, "state": "RUNNING", "reason": "None", "nodes": "node[1-2]", "attempt": 3}}
+    views = [{**running_view(), "slurm": slurm}, view("queued1", "queued"), view("old", "succeeded", finished_at=10.0),
              view("recent", "failed", finished_at=990.0)]
     gpus = {"total": [0, 1, 2], "free": [2], "holders": {0: ("effdet_d0", "train"), 1: ("effdet_d0", "train")}}
     counters = {"rejected_files": 4, "worker_restarts": 2, "checkpoints_evaluated": 2}
@@ -115,3 +116,11 @@ def test_empty_snapshot_still_exports_build_info():
 def test_promtool_accepts_the_exposition(exposition):
     out = subprocess.run(["promtool", "check", "metrics"], input=exposition, capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_a_slurm_jobs_id_state_and_nodes_are_an_info_series(exposition):
+    s = samples(exposition)
+    key = ("oddaemon_job_slurm_info", (("job_name", "effdet_d0"), ("nodes", "node[1-2]"), ("role", "train"),
+                                       ("slurm_job_id", "41"), ("slurm_state", "RUNNING")))
+    assert s[key] == 1.0
+    assert [k for k in s if k[0] == "oddaemon_job_slurm_info"] == [key]  # local jobs have none

@@ -1,7 +1,7 @@
 """Which live Slurm job a restarted daemon adopts (core/slurm.py ``adoptable``): Slurm reuses job ids
 and a job of the same name may be a leftover of an earlier run, so only a job submitted no earlier
-than the daemon's record of submitting that worker is its own. The fixture is a real squeue --json
-capture (squeue_mixed.json) with ids, names, states and submit times edited."""
+than the daemon's record of submitting that worker is its own. The fixture is a real squeue capture
+(as squeue_mixed.txt) with ids, names, states and submit times edited."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ FIXTURES = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", 
 
 
 def same_name() -> dict[int, SlurmJob]:
-    with open(os.path.join(FIXTURES, "squeue_same_name.json")) as f:
-        return slurm.parse_squeue_json(f.read())
+    with open(os.path.join(FIXTURES, "squeue_same_name.txt")) as f:
+        return slurm.parse_squeue_lines(f.read())
 
 
 def job(job_id: int, submit_time: int, state: str = "RUNNING") -> SlurmJob:
@@ -66,14 +66,14 @@ def test_the_record_reads_back_and_nonsense_is_no_record():
         assert Submission.from_json(bad) is None
 
 
-def test_the_adopt_look_reads_squeues_plain_lines_which_honour_the_filters():
+def test_the_adopt_look_reads_squeues_format_lines_which_honour_the_filters():
     from datetime import datetime  # noqa: PLC0415
 
     argv = slurm.adopt_lookup_argv("oddaemon-a-train")
     assert argv[:4] == ["squeue", "--me", "--noheader", "--name=oddaemon-a-train"]
-    text = ("41|oddaemon-a-train|RUNNING|None|2026-12-03T13:10:11|node1\n"
-            "42|oddaemon-a-train|PENDING|Priority|N/A|\n"
-            "12_3|oddaemon-a-train|PENDING|None|2026-12-03T13:10:11|\n"
+    text = ("41|oddaemon-a-train|RUNNING|None|2026-12-03T13:10:11|node1|0|0|\n"
+            "42|oddaemon-a-train|PENDING|Priority|N/A||0|0|\n"
+            "12_3|oddaemon-a-train|PENDING|None|2026-12-03T13:10:11||0|0|\n"
             "garbage line\n")
     jobs = slurm.parse_squeue_lines(text)
     assert sorted(jobs) == [41, 42]

@@ -1,6 +1,7 @@
-"""core/slurm.py on what Slurm 22.05 prints (tests/fixtures/slurm/: squeue --json captured from a
-real one-node cluster: running, pending, failed with exit 3, cancelled, completed) and on states
-those captures do not show, from squeue's man page."""
+"""core/slurm.py on what Slurm 22.05 prints (tests/fixtures/slurm/squeue_mixed.txt: the poll's
+``squeue --me --states=all --Format=...`` captured from a real one-node cluster: completed, failed
+with exit 3, cancelled while pending, running, pending for resources, held) and on states that
+capture does not show, from squeue's man page."""
 
 from __future__ import annotations
 
@@ -18,20 +19,19 @@ def fixture(name: str) -> str:
         return f.read()
 
 
-def test_squeue_json_of_a_real_cluster():
-    jobs = slurm.parse_squeue_json(fixture("squeue_mixed.json"))
-    assert {j: (x.name, x.state, x.reason) for j, x in jobs.items()} == {
-        1: ("oddtest-a", "FAILED", "NonZeroExitCode"), 2: ("oddtest-b", "FAILED", "NonZeroExitCode"),
-        3: ("odd-long", "RUNNING", "None"), 4: ("odd-pend", "PENDING", "Resources"),
-        5: ("odd-time", "PENDING", "Priority")}
-    assert [jobs[j].phase for j in (1, 3, 4)] == ["ended", "running", "waiting"]
-    assert slurm.ending(jobs[1]) == slurm.Ending(3)  # exit_code 768: the script's exit 3
-
-
-def test_a_cancelled_and_a_completed_job():
-    jobs = slurm.parse_squeue_json(fixture("squeue_after_cancel.json"))
-    assert (jobs[3].state, slurm.ending(jobs[3])) == ("CANCELLED", slurm.Ending(-15))
-    assert (jobs[4].state, slurm.ending(jobs[4])) == ("COMPLETED", slurm.Ending(0))
+def test_squeue_of_a_real_cluster():
+    assert slurm.poll_argv() == ["squeue", "--me", "--noheader", "--states=all", f"--Format={slurm.SQUEUE_FORMAT}"]
+    jobs = slurm.parse_squeue_lines(fixture("squeue_mixed.txt"))
+    assert {j: (x.name, x.state, x.reason, x.nodes) for j, x in jobs.items()} == {
+        1: ("oddtest-done", "COMPLETED", "None", "localhost"), 2: ("oddtest-fail", "FAILED", "NonZeroExitCode", "localhost"),
+        3: ("odd-long", "RUNNING", "None", "localhost"), 4: ("odd-cancel", "CANCELLED", "Resources", ""),
+        5: ("odd-pend", "RUNNING", "None", "localhost"), 6: ("odd-more", "PENDING", "Resources", ""),
+        7: ("odd-held", "PENDING", "JobHeldUser", "")}
+    assert [jobs[j].phase for j in (2, 3, 6, 7)] == ["ended", "running", "waiting", "waiting"]
+    assert slurm.ending(jobs[2]) == slurm.Ending(3)  # exit_code 768: the script's exit 3
+    assert slurm.ending(jobs[4]) == slurm.Ending(-15)  # cancelled
+    assert slurm.ending(jobs[1]) == slurm.Ending(0)
+    assert all(x.submit_time > 1_700_000_000 for x in jobs.values())
 
 
 @pytest.mark.parametrize("state, kind", [("TIMEOUT", "time-limit"), ("DEADLINE", "time-limit"),
@@ -58,12 +58,13 @@ def test_sbatch_answers():
             slurm.parse_sbatch(bad)
 
 
-def test_squeue_output_that_is_not_its_json():
-    for bad in ("", "slurm_load_jobs error: Unable to contact slurm controller", '{"jobs": 3}'):
-        with pytest.raises(ValueError):
-            slurm.parse_squeue_json(bad)
-    # a job entry it cannot read is left out, the others kept
-    assert list(slurm.parse_squeue_json('{"jobs": [{"job_id": "x"}, {"job_id": 5, "job_state": "RUNNING"}]}')) == [5]
+def test_squeue_lines_it_cannot_read_are_left_out():
+    text = ("slurm_load_jobs error: Unable to contact slurm controller\n"
+            "12_3|oddaemon-a-train|PENDING|None|2026-12-03T13:10:11||0|0|\n"  # an array job: not one of ours
+            "x|y|RUNNING|None|N/A||0|0|\n" "5|n|RUNNING|None|N/A|(null)|zz|1|\n" "6|too|few|\n")
+    jobs = slurm.parse_squeue_lines(text)
+    assert list(jobs) == [5]
+    assert (jobs[5].submit_time, jobs[5].nodes, jobs[5].exit_status, jobs[5].restarts) == (0, "", 0, 1)
 
 
 def test_scontrol_line():

@@ -1,0 +1,45 @@
+"""service/slurm_output.py: a Slurm worker's output file (written by slurmd, past any rotation of the
+daemon's) copied line by line into the job's rotating log, finished and removed at the job's end, and
+taken up where it stopped by the daemon that adopts the job after a restart."""
+
+from __future__ import annotations
+
+import os
+
+from oddaemon.service.slurm_output import FollowedOutput, output_path
+
+
+def append(path: str, text: str) -> None:
+    with open(path, "a") as f:
+        f.write(text)
+
+
+def test_whole_lines_are_copied_as_they_come_and_the_rest_at_the_end(tmp_path):
+    raw = output_path(str(tmp_path / "job" / "train.log"), "train")
+    assert raw == str(tmp_path / "job" / "slurm-train.out")
+    os.makedirs(os.path.dirname(raw))
+    copied = []
+    out = FollowedOutput(raw, copied.append)
+    assert out.read() == 0 and copied == []  # not written yet: the job waits in Slurm's queue
+    append(raw, "step 1\nstep 2\nstep")
+    assert out.read() > 0 and copied == [b"step 1\nstep 2\n"]  # the partial line waits for its end
+    append(raw, " 3\noddaemon-failure: oom: out of GPU memory\nlast words")
+    out.read()
+    assert b"".join(copied) == b"step 1\nstep 2\nstep 3\noddaemon-failure: oom: out of GPU memory\n"
+    out.finish()
+    assert b"".join(copied).endswith(b"last words\n") and not os.path.exists(raw)
+    assert out.explaining_tail()[-1] == "last words" and "oddaemon-failure: oom" in out.explaining_tail()[-2]
+
+
+def test_a_daemon_that_stops_leaves_how_far_it_copied_and_the_next_goes_on_from_there(tmp_path):
+    raw = str(tmp_path / "slurm-train.out")
+    first, second = [], []
+    out = FollowedOutput(raw, first.append)
+    append(raw, "a\nb\npart")
+    out.leave()  # the daemon stops; the Slurm job runs on
+    append(raw, "ial\nc\n")
+    again = FollowedOutput(raw, second.append)
+    again.read()
+    assert b"".join(first) + b"".join(second) == b"a\nb\npartial\nc\n"  # nothing twice, nothing lost
+    again.finish()
+    assert not os.path.exists(raw) and not os.path.exists(raw + ".copied")
