@@ -76,6 +76,7 @@ class Config:
     slurm_poll_seconds: float = 3.0
     slurm_max_nodes: int = 1  # the most nodes a job's [slurm] nodes may ask for (several: MultiWorkerMirroredStrategy)
     slurm_port_base: int = 8888  # the first TCP port the tasks of a several-node job listen on (SlurmClusterResolver)
+    slurm_warning_seconds: int = 120  # Slurm's warning signal this long before a job's time limit
     model_dir_poll_seconds: float | None = None  # None = "auto": polled every 2 s with Slurm, not polled locally
     notify_targets: tuple[notifications.Target, ...] = ()  # [notify.targets.NAME] (core/notifications.py)
     notify_default_targets: tuple[str, ...] = ()
@@ -118,7 +119,7 @@ class Config:
     def slurm_settings(self) -> SlurmSettings:
         return SlurmSettings(self.slurm_partition, self.slurm_eval_partition, self.slurm_account, self.slurm_qos,
                              self.slurm_time_limit, self.slurm_gres, self.slurm_extra_args, self.slurm_poll_seconds,
-                             port_base=self.slurm_port_base)
+                             warning_seconds=self.slurm_warning_seconds, port_base=self.slurm_port_base)
 
     def model_dir_poll_interval(self) -> float:
         """Seconds between two polls of an active job's model_dir (0: inotify only; core/model_dir_poll.py)."""
@@ -282,7 +283,8 @@ SCHEMA: dict[str, dict[str, tuple[str, Callable[[Any], Any]]]] = {
               "partitions": ("slurm_partitions", _slurm_partitions),
               "poll_seconds": ("slurm_poll_seconds", finite_number(0.2, inclusive=True)),
               "max_nodes": ("slurm_max_nodes", whole_number(1, 4096)),
-              "port_base": ("slurm_port_base", whole_number(1024, 65_000))},
+              "port_base": ("slurm_port_base", whole_number(1024, 65_000)),
+              "warning_seconds": ("slurm_warning_seconds", whole_number(10, 86_400))},
     "notify": {"targets": ("notify_targets", notifications.check_targets),
                "default_targets": ("notify_default_targets", _names),
                "default_events": ("notify_default_events", notifications.check_event_list),

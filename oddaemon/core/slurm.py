@@ -163,8 +163,11 @@ def sbatch_argv(settings: SlurmSettings, name: str, role: str, gpus: int, script
     return [*argv, *settings.extra_args, script]
 
 
-_FORWARD = [f"trap 'kill -{WARNING_SIGNAL} $child' {WARNING_SIGNAL}", "trap 'kill -TERM $child' TERM",
-            "while true; do wait $child; status=$?; kill -0 $child 2>/dev/null || break; done"]
+# The shell forwards Slurm's signals to the worker: its traps are set before the worker starts (a
+# warning that comes first, as Slurm may send it up to a minute early, must not kill the shell).
+_TRAPS = [f"trap '[ -n \"${{child:-}}\" ] && kill -{WARNING_SIGNAL} $child' {WARNING_SIGNAL}",
+          "trap '[ -n \"${child:-}\" ] && kill -TERM $child' TERM"]
+_WAIT = ["while true; do wait $child; status=$?; kill -0 $child 2>/dev/null || break; done"]
 
 
 def batch_script(argv: Sequence[str], env: Mapping[str, str], cwd: str, nodes: int = 1, role: str = "train",
@@ -182,15 +185,15 @@ def batch_script(argv: Sequence[str], env: Mapping[str, str], cwd: str, nodes: i
               if k != "CUDA_VISIBLE_DEVICES" and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k)]
     lines.append(f"cd {shlex.quote(cwd)}")
     if nodes <= 1:
-        return "\n".join([*lines, f"{shlex.join(argv)} &", "child=$!", *_FORWARD, "exit $status", ""])
+        return "\n".join([*lines, *_TRAPS, f"{shlex.join(argv)} &", "child=$!", *_WAIT, "exit $status", ""])
     chief_exit = CHIEF_EXIT_FILE.format(role=role)
     task = "\n".join([  # what each task runs (bash -c): the chief in the background, to forward the signal too
         'if [ "$SLURM_PROCID" != 0 ]; then',
         f'  exec {shlex.join(argv)} >>"slurm-{role}-task$SLURM_PROCID.log" 2>&1', "fi",
-        f"{shlex.join(argv)} &", "child=$!", *_FORWARD, f"echo $status > {chief_exit}", "exit $status"])
+        *_TRAPS, f"{shlex.join(argv)} &", "child=$!", *_WAIT, f"echo $status > {chief_exit}", "exit $status"])
     srun = ["srun", "--kill-on-bad-exit=1", f"--nodes={nodes}", "--ntasks-per-node=1", "bash", "-c", task]
-    lines += [f"export {PORT_BASE_VARIABLE}={port_base}", f"rm -f {chief_exit}", f"{shlex.join(srun)} &",
-              "child=$!", *_FORWARD,
+    lines += [f"export {PORT_BASE_VARIABLE}={port_base}", f"rm -f {chief_exit}", *_TRAPS, f"{shlex.join(srun)} &",
+              "child=$!", *_WAIT,
               f"if [ -s {chief_exit} ]; then status=$(cat {chief_exit}); fi", "exit $status", ""]
     return "\n".join(lines)
 

@@ -119,7 +119,7 @@ class DaemonEnv:
             # a Slurm backend (tests/support/slurm.py): None leaves the keys out, the default is "local"
             "cluster": {"backend": o.get("cluster_backend"), "model_dir_poll_seconds": o.get("model_dir_poll_seconds")},
             "slurm": {"conf": o.get("slurm_conf"), "poll_seconds": o.get("slurm_poll_seconds"),
-                      "partition": o.get("slurm_partition")},
+                      "partition": o.get("slurm_partition"), "warning_seconds": o.get("slurm_warning_seconds")},
         }
         text = []
         for section, values in sections.items():

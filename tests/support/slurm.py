@@ -109,8 +109,10 @@ class _Network:
 
 
 class SlurmCluster:
-    def __init__(self, root: str, cpus: int = 2, slurmd_prefix: tuple[str, ...] = (), nodes: int = 1):
+    def __init__(self, root: str, cpus: int = 2, slurmd_prefix: tuple[str, ...] = (), nodes: int = 1,
+                 slurmd_timeout: int | None = None):
         self.root = root
+        self.slurmd_timeout = slurmd_timeout  # seconds until a silent node is DOWN (None: Slurm's 300)
         self.nodes = nodes
         self.network = _Network(nodes) if nodes > 1 else None
         self.slurmd_prefix = slurmd_prefix  # e.g. unseen_writes.UnseenRoot.unseen_argv(): its jobs write unseen
@@ -171,6 +173,7 @@ SchedulerType=sched/backfill
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 ReturnToService=2
+{f"SlurmdTimeout={self.slurmd_timeout}" if self.slurmd_timeout else ""}
 MinJobAge=300
 KillWait=5
 MpiDefault=none
@@ -191,6 +194,35 @@ PartitionName=eval Nodes=ALL MaxTime=INFINITE State=UP
             self.procs.append(f"{r}/slurmd-{name}.pid")
         wait_for(self.idle, 60, what="the test Slurm node(s) to be idle")
         return self
+
+    def crash_node(self) -> int:
+        """The one node dies as a machine does (one-node clusters): its slurmd, the job steps and every
+        process of its jobs are killed at once (SIGKILL); only processes of this cluster (their
+        SLURM_CONF) are touched. Returns how many were killed."""
+        killed = 0
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                with open(f"/proc/{entry}/environ", "rb") as f:
+                    environ = f.read().split(b"\0")
+                with open(f"/proc/{entry}/comm") as f:
+                    comm = f.read().strip()
+            except OSError:
+                continue
+            ours = f"SLURM_CONF={self.conf}".encode() in environ
+            if ours and (comm in ("slurmd", "slurmstepd") or any(v.startswith(b"SLURM_JOB_ID=") for v in environ)):
+                try:
+                    os.kill(int(entry), signal.SIGKILL)
+                    killed += 1
+                except ProcessLookupError:
+                    pass
+        return killed
+
+    def restart_node(self) -> None:
+        """slurmd again after ``crash_node``; ReturnToService=2 brings the node back into service."""
+        subprocess.run([*self.slurmd_prefix, _binary("slurmd")], env=self.env, check=True, capture_output=True,
+                       timeout=30)
 
     def idle(self) -> bool:
         states = self.run("sinfo", "-h", "-N", "-o", "%T", "-p", "train").stdout.split()
