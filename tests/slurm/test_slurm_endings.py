@@ -85,3 +85,18 @@ def test_the_time_limits_warning_saves_a_checkpoint_and_the_job_resumes_in_a_new
     assert "TIMEOUT" not in log
     ev = done["evaluation"]
     assert ev["counts"]["evaluated"] == ev["total"] and not ev["counts"].get("missed"), ev["counts"]
+
+
+def test_scontrol_requeue_of_a_daemons_job_is_refused_and_the_job_carries_on(env, cluster):
+    """The daemon submits --no-requeue (it owns restarts: README "scontrol requeue"): Slurm refuses an
+    operator's requeue with its reason, and the job is not disturbed: no restart, nothing missed."""
+    env.start()
+    env.drop("kept.toml", env.job_text("kept", gpus=0, num_steps=40, every=10, keep=10, step_seconds=0.1))
+    running = wait_for(lambda: (j := env.job("kept")) and (j.get("slurm") or {}).get("train", {}).get("state")
+                       == "RUNNING" and j, 120, what="Slurm to run the job")
+    answer = cluster.run("scontrol", "requeue", str(running["slurm"]["train"]["job_id"]))
+    assert answer.returncode != 0 and "disabled" in answer.stderr, answer
+    done = env.wait_state("kept", "succeeded", timeout=180)
+    assert done["restarts"] == 0 and done["attempt"] == 1, done["history"]
+    ev = done["evaluation"]
+    assert ev["counts"]["evaluated"] == ev["total"] >= 4 and not ev["counts"].get("missed"), ev["counts"]
