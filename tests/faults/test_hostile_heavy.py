@@ -69,9 +69,10 @@ def test_a_forged_file_name_reaches_no_log_line_raw(daemon_env):
     forged = "t08c\n2026-12-02 03:20:00,000 INFO accepted job FORGED\x1b[31mRED.toml"
     env.drop(forged, "name = 5\n")
     wait_for(lambda: any(n.endswith(".error") for n in env.rejected()), 30, what="the rejection")
-    log = env.daemon_log()
+    escaped = "t08c\\n2026-12-02 03:20:00,000 INFO accepted job FORGED\\x1b[31mRED.toml"
+    # (the daemon logs the rejection after setting the file aside: wait for its line too)
+    log = wait_for(lambda: escaped in (text := env.daemon_log()) and text, 30, what="the rejection's log line")
     assert "\x1b" not in log and "\n2026-12-02 03:20:00,000 INFO accepted job FORGED" not in log
-    assert "t08c\\n2026-12-02 03:20:00,000 INFO accepted job FORGED\\x1b[31mRED.toml" in log
     first = error_text(env, "t08c").splitlines()[0]
     assert "\x1b" not in first and "t08c\\n2026" in first
     status = env.cli("list")

@@ -47,6 +47,12 @@ http.server.HTTPServer((opts["--host"], int(opts["--port"])), Handler).serve_for
 '''
 
 
+def interruptible() -> None:
+    """SIGINT as a terminal's Ctrl-C finds it: a suite started in the background (``cmd &``) has it
+    ignored, which its children inherit, and Python then installs no KeyboardInterrupt handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Board:
     """``oddaemon tensorboard ...`` as a process; its stdout lines read by a thread."""
 
@@ -54,7 +60,7 @@ class Board:
         self.lines: list[str] = []
         self.proc = subprocess.Popen([sys.executable, "-m", "oddaemon", "-c", config or env.config_path, "tensorboard",
                                       *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, **(extra_env or {})})
+                                     env={**os.environ, **(extra_env or {})}, preexec_fn=interruptible)
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
