@@ -16,7 +16,7 @@ import time
 import pytest
 
 from tests.support import slurm as test_slurm
-from tests.support.harness import DaemonEnv, assert_evaluated_in_order, free_port, scrape, wait_for
+from tests.support.harness import assert_evaluated_in_order, free_port, scrape, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(test_slurm.missing() is not None,
                                                    reason=test_slurm.missing() or "")]
@@ -28,14 +28,6 @@ def cluster():
     c = test_slurm.SlurmCluster(root).start()
     yield c
     c.stop()
-
-
-@pytest.fixture
-def slurm_env(tmp_path, cluster):
-    env = DaemonEnv(str(tmp_path), config_overrides={"cluster_backend": "slurm", "slurm_conf": cluster.conf,
-                                                     "slurm_poll_seconds": 0.5, "slurm_partition": "train"})
-    yield env
-    env.close()
 
 
 def slurm_jobs_of(cluster, name: str) -> list[dict]:

@@ -12,7 +12,7 @@ import tempfile
 import pytest
 
 from tests.support import slurm as test_slurm
-from tests.support.harness import DaemonEnv, wait_for
+from tests.support.harness import wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(test_slurm.missing() is not None,
                                                    reason=test_slurm.missing() or "")]
@@ -27,11 +27,8 @@ def cluster():
 
 
 @pytest.fixture
-def env(tmp_path, cluster):
-    e = DaemonEnv(str(tmp_path), config_overrides={"cluster_backend": "slurm", "slurm_conf": cluster.conf,
-                                                   "slurm_poll_seconds": 0.5, "slurm_partition": "train"})
-    yield e
-    e.close()
+def env(slurm_env):
+    return slurm_env  # (tests/slurm/conftest.py)
 
 
 def newest_evaluated(env, name: str) -> int:
