@@ -149,8 +149,7 @@ class SlurmExecutor:
             log.info("job %s: Slurm job %s (%s) runs on without the daemon (%s)", worker.name, worker.job_id,
                      worker.role, reason)
             if worker.output is not None:
-                self._copy(worker)
-                worker.output.leave()
+                worker.output.leave()  # (copies what is new, then keeps how far)
         self.jobs.clear()
         for handle in (self._poll_handle, self._follow_handle):
             if handle is not None:
@@ -356,7 +355,7 @@ class SlurmExecutor:
             return
         del self.jobs[(worker.name, worker.role)]
         if worker.output is not None:
-            worker.output.finish()  # (again, harmless, where _observe did)
+            worker.output.finish()  # (where _observe did not already: sbatch refused, scontrol forgot it)
         self._last_seen[(worker.name, worker.role)] = worker.shown()
         if worker.job_id is not None:
             self._ended_ids.add(worker.job_id)

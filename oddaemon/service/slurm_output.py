@@ -39,6 +39,7 @@ class FollowedOutput:
         self.path = path
         self.sink = LineSink(write)
         self.offset = self._copied()  # bytes of the file read so far
+        self.finished = False
         self._fd: int | None = None
 
     def _copied(self) -> int:
@@ -72,7 +73,11 @@ class FollowedOutput:
         return self.sink.explaining_tail()
 
     def finish(self) -> None:
-        """The Slurm job ended: the rest copied (a last line without its newline too), the file removed."""
+        """The Slurm job ended: the rest copied (a last line without its newline too), the file removed.
+        Once: the executor finishes it where the job's end is seen, whichever way that was."""
+        if self.finished:
+            return
+        self.finished = True
         self.read()
         self.sink.flush_partial()
         self._close()

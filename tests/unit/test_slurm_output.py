@@ -29,6 +29,9 @@ def test_whole_lines_are_copied_as_they_come_and_the_rest_at_the_end(tmp_path):
     out.finish()
     assert b"".join(copied).endswith(b"last words\n") and not os.path.exists(raw)
     assert out.explaining_tail()[-1] == "last words" and "oddaemon-failure: oom" in out.explaining_tail()[-2]
+    append(raw, "the next attempt's first line\n")  # the next Slurm job writes the same path
+    out.finish()  # once only: the next attempt's output is its own follower's
+    assert b"next attempt" not in b"".join(copied) and os.path.exists(raw)
 
 
 def test_a_daemon_that_stops_leaves_how_far_it_copied_and_the_next_goes_on_from_there(tmp_path):
