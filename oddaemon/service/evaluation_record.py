@@ -72,6 +72,15 @@ class EvaluationRecord:
     def result_path(self, n: int) -> str:
         return os.path.join(self.results, f"ckpt-{n}.json")
 
+    def forget_result(self, n: int) -> None:
+        """Remove ckpt-``n``'s result file, if any (before its first attempt: one left by a lost book)."""
+        try:
+            os.unlink(self.result_path(n))
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("job %s: cannot remove %s: %s", self.name, self.result_path(n), exc.strerror)
+
     def save(self) -> None:
         """Persist what changed (a journal line per changed checkpoint: ``bookfile``)."""
         self.bookfile.save(self.book)

@@ -102,7 +102,9 @@ class EvaluatorDriver:
         self.book.start(due.n, now)
         self.record.save()  # the journal line; its fsync runs off this path (bookfile: "Durability")
         sending = time.perf_counter()
-        self.evaluator.request(due.prefix, self.record.result_path(due.n), due.n)
+        if due.attempts == 1:  # a result file left from a book that was lost is not this evaluation's
+            self.record.forget_result(due.n)
+        self.evaluator.request(due.prefix, self.record.result_path(due.n), due.n, due.attempts)
         if self.trace is not None:
             sent = time.perf_counter()
             self.trace.sent(self.name, due.n, recording - checking, sending - recording, sent - sending, False)
@@ -146,6 +148,21 @@ class EvaluatorDriver:
         self.outcomes.evaluated(n, finished)
         self.pump()
 
+    def _result_written(self, n: int) -> bool:
+        """The dead evaluator wrote ckpt-``n``'s result file (atomically) but not its reply: the
+        evaluation is done; it is taken as such instead of being run (and written) a second time."""
+        path = self.record.result_path(n)
+        try:
+            read_result(path)
+        except ValueError:
+            return False
+        log.info("job %s: the evaluator exited after writing the result of ckpt-%d; taking it", self.name, n)
+        evaluator, self.evaluator = self.evaluator, None
+        self.dispatch(msg.EvaluatorStopped(self.name))
+        evaluator.busy = None
+        self.on_done(n, path)
+        return True
+
     def on_failed(self, n: int, error: str) -> None:
         retried = self.book.fail(n, error, self.clock())
         log.warning("job %s: evaluation of ckpt-%d failed (%s)%s", self.name, n, error,
@@ -159,6 +176,9 @@ class EvaluatorDriver:
         """The evaluator process exited: the checkpoint it was on counts a failed attempt."""
         if self.evaluator is not None:
             self.evaluator.close()  # may still deliver a "done" it wrote before exiting
+            busy = self.evaluator.busy
+            if busy is not None and self._result_written(busy):
+                return
         self.evaluator = None
         self.dispatch(msg.EvaluatorStopped(self.name))
         n = self.book.interrupted(self.clock(), f"evaluator exited ({detail or returncode})")

@@ -67,9 +67,11 @@ class WarmEvaluator:
         log.info("job %s: warm evaluator started on %s (pid %d)", self.name, where, worker.pid)
         return True
 
-    def request(self, prefix: str, result: str, n: int) -> None:
+    def request(self, prefix: str, result: str, n: int, attempt: int = 1) -> None:
+        """Evaluate ckpt-``n``; ``attempt`` > 1 tells the worker that an earlier attempt may have written
+        its events already (then it takes them instead of writing them twice)."""
         self.busy = n
-        if not self.channel.send({"checkpoint": prefix, "result": result}):
+        if not self.channel.send({"checkpoint": prefix, "result": result, "attempt": attempt}):
             self.stop("evaluator pipe broken")
 
     def _broken(self, why: str) -> None:

@@ -19,6 +19,7 @@ DIRECTIVE_DEFAULTS: dict[str, float | int | None] = {
     "hang_at_step": None, "oom_at_step": None, "nan_at_step": None, "log_lines_per_step": 0,
     "eval_seconds": 0.05, "eval_crash": None, "map_peak_step": None, "ignore_sigterm": 0,
     "eval_crash_times": None, "export_seconds": 0.05, "preflight_problem": None,
+    "eval_crash_point": None,  # where eval_crash strikes: "before" the events (default), "events", "result"
     "preflight_seconds": 0.0,  # how long the preflight check of the job takes
     "crash_text": None, "nan_loss_from_step": None, "oom_above_batch": None, "export_crash_text": None,
     "checkpoint_bytes": None, "crash_log": None, "checkpoint_shards": 1,
@@ -32,7 +33,7 @@ DIRECTIVE_DEFAULTS: dict[str, float | int | None] = {
     "allocate_mib_at_step": None, "allocate_mib": 256,  # host memory taken (and held) at that step
 }
 _DIRECTIVE_TYPES = {key: float if key.endswith(("_seconds", "_scale"))
-                    else str if key.endswith(("_problem", "_text", "_log", "_name"))
+                    else str if key.endswith(("_problem", "_text", "_log", "_name", "_point"))
                     else int for key in DIRECTIVE_DEFAULTS}
 _PIPELINE_NUMBERS = {"num_steps": int, "batch_size": int, "learning_rate_base": float,
                      "warmup_learning_rate": float, "warmup_steps": int, "total_steps": int}
@@ -230,6 +231,7 @@ class Setup:
     max_to_keep: int | None
     inputs: list[str] = field(default_factory=list)  # train input globs
     fine_tune_checkpoint: str | None = None
+    eval_metric: str = "DetectionBoxes_Precision/mAP"  # the job's [eval] metric: what a retry looks for
 
 
 def load_setup(job_path: str) -> Setup:
@@ -247,7 +249,8 @@ def load_setup(job_path: str) -> Setup:
                      int(setting(train, "checkpoint_every_n", DEFAULT_CHECKPOINT_EVERY_N)),
                      setting(train, "checkpoint_max_to_keep", DEFAULT_MAX_TO_KEEP),
                      [inputs] if isinstance(inputs, str) else list(inputs),
-                     edits.get("fine_tune_checkpoint") or _text_field(text, "fine_tune_checkpoint"))
+                     edits.get("fine_tune_checkpoint") or _text_field(text, "fine_tune_checkpoint"),
+                     str(setting(spec.get("eval") or {}, "metric", "DetectionBoxes_Precision/mAP")))
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise SetupError(f"standin: cannot use job {job_path}: {type(exc).__name__}: {exc}") from None
 

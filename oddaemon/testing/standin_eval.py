@@ -18,6 +18,7 @@ import sys
 import time
 import zlib
 
+from oddaemon.formats.eval_events import metrics_at_step
 from oddaemon.formats.tfevents_writer import EventFileWriter
 from oddaemon.testing.standin_core import (
     Setup,
@@ -85,19 +86,31 @@ def _eval_writer(setup: Setup) -> EventFileWriter:
     """One event file per evaluator process, as the real (warm) evaluator's summary writer keeps, in
     ``eval/<eval_input_reader.name>`` as the real one writes it."""
     if setup.model_dir not in _writers:
-        logdir = os.path.join(setup.model_dir, "eval", setup.directives["eval_input_name"] or "")
-        _writers[setup.model_dir] = EventFileWriter(logdir)
+        _writers[setup.model_dir] = EventFileWriter(_eval_dir(setup))
     return _writers[setup.model_dir]
 
 
-def evaluate_one(setup: Setup, prefix: str, result_path: str) -> dict:
+def _eval_dir(setup: Setup) -> str:
+    return os.path.join(setup.model_dir, "eval", setup.directives["eval_input_name"] or "")
+
+
+def evaluate_one(setup: Setup, prefix: str, result_path: str, attempt: int = 1) -> dict:
     """Evaluate one checkpoint: events under model_dir/eval, result JSON written atomically.
-    Raises EvalFailure for an unreadable or damaged checkpoint; exits the process on a planned crash."""
+    Raises EvalFailure for an unreadable or damaged checkpoint; exits the process on a planned crash.
+    A retry (``attempt`` > 1) whose step is in the event files already takes those values, as the
+    real evaluator does (``formats/eval_events``)."""
     started = time.time()
     step = restore_step(prefix)
+    written = metrics_at_step(_eval_dir(setup), step, setup.eval_metric) if attempt > 1 else None
+    if written is not None:
+        err(f"standin: step {step} of {prefix} is in the eval event files already (an earlier evaluator "
+            "wrote it, then died): its metrics taken, nothing written again")
+        return _write_result(prefix, step, written, started, result_path)
     log_tf(f"Evaluating checkpoint {prefix} (step {step})", "model_lib_v2.py:1006")
     sleep(setup.directives["eval_seconds"])
-    if _crash_due(setup, step):
+    crash = _crash_due(setup, step)
+    point = setup.directives["eval_crash_point"] or "before"
+    if crash and point == "before":
         print_traceback("eager_eval_loop", "eval_dict, losses_dict = compute_eval_dict(features, labels)",
                    f"RuntimeError: standin: eval_crash at step {step}")
         sys.stderr.flush()
@@ -111,6 +124,22 @@ def evaluate_one(setup: Setup, prefix: str, result_path: str) -> dict:
     log_tf(f"Eval metrics at step {step}", "model_lib_v2.py:1015")
     for tag, value in metrics.items():
         log_tf(f"\t+ {tag}: {value:f}", "model_lib_v2.py:1018")
+    if crash and point == "events":
+        _killed(f"after writing the events of step {step}, before its result file")
+    result = _write_result(prefix, step, metrics, started, result_path)
+    if crash and point == "result":
+        _killed(f"after writing the result of step {step}, before its reply")
+    return result
+
+
+def _killed(where: str) -> None:
+    """Die as a SIGKILL (the OOM killer, kill -9) does, at a chosen point of an evaluation."""
+    err(f"standin: eval_crash {where}: SIGKILL")
+    sys.stderr.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _write_result(prefix: str, step: int, metrics: dict, started: float, result_path: str) -> dict:
     result = {"checkpoint": prefix, "step": step, "metrics": metrics, "wall_time": time.time(),
               "duration_seconds": time.time() - started}
     temp = f"{result_path}.tmp{os.getpid()}"
@@ -130,6 +159,13 @@ def evaluate(setup: Setup, prefix: str, result_path: str) -> int:
         err("standin: SIGTERM received while evaluating, exiting")
         return 143
     return 0
+
+
+def _attempt(request: dict) -> int:
+    try:
+        return int(request.get("attempt", 1))
+    except (TypeError, ValueError):
+        return 1
 
 
 def serve(setup: Setup, reply_fd: int) -> int:
@@ -158,7 +194,7 @@ def serve(setup: Setup, reply_fd: int) -> int:
                 reply(event="failed", checkpoint=None, error=f"unreadable request {line.strip()[:200]!r}")
                 continue
             try:
-                evaluate_one(setup, request["checkpoint"], request["result"])
+                evaluate_one(setup, request["checkpoint"], request["result"], _attempt(request))
                 reply(event="done", checkpoint=request["checkpoint"], result=request["result"])
             except EvalFailure as exc:
                 err(f"standin: {exc}")

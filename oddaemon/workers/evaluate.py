@@ -5,7 +5,8 @@
 
 ``eval`` evaluates exactly one checkpoint and exits (``model_main_tf2.py --checkpoint_dir`` instead
 polls the directory forever). ``eval-serve`` is the warm evaluator the daemon speaks to
-(``oddaemon/service/warm.py``): requests are JSON lines on stdin ``{"checkpoint": PREFIX, "result": PATH}``;
+(``oddaemon/service/warm.py``): requests are JSON lines on stdin
+``{"checkpoint": PREFIX, "result": PATH, "attempt": K}`` (K > 1: a retry, see ``Evaluator.evaluate``);
 replies are JSON lines on fd N: ``{"event": "ready"}`` once the model is built, then per request
 ``{"event": "done", "checkpoint": ..., "result": ...}`` (the result file written before) or
 ``{"event": "failed", "checkpoint": ..., "error": ...}`` (the process stays up); EOF on stdin ends it.
@@ -33,6 +34,7 @@ import sys
 import time
 import traceback
 
+from oddaemon.formats.eval_events import metrics_at_step
 from oddaemon.workers import EXIT_OK, EXIT_USAGE, WorkerError, load_job, setting, write_json_atomic
 
 COCO_METRICS = (
@@ -117,12 +119,23 @@ class Evaluator:
         self._shadow_copied = False
         self.summary_dir = os.path.join(spec["model_dir"], "eval", eval_input_config.name)
         self.summary_writer = tf.summary.create_file_writer(self.summary_dir)
+        self.metric = str(setting(spec["eval"], "metric", COCO_METRICS[0]))
 
-    def evaluate(self, prefix: str) -> dict:
-        """Restore ``prefix`` and evaluate it; returns the OUT.json dict."""
+    def evaluate(self, prefix: str, attempt: int = 1) -> dict:
+        """Restore ``prefix`` and evaluate it; returns the OUT.json dict. A retry (``attempt`` > 1)
+        whose step is in the eval event files already (an earlier evaluator wrote it and died before
+        its result file) takes those values and writes nothing again (``formats/eval_events``)."""
         tf = self.tf
         started = time.time()
         step = check_checkpoint(prefix)
+        written = metrics_at_step(self.summary_dir, step, self.metric) if attempt > 1 else None
+        if written is not None:
+            print(f"oddaemon.workers eval-serve: step {step} of {prefix} is in the eval event files already "
+                  "(an earlier evaluator wrote it, then died): its metrics taken, nothing written again",
+                  flush=True)
+            return {"checkpoint": prefix, "step": step, "metrics": written,
+                    "losses": {key: value for key, value in written.items() if key.startswith("Loss/")},
+                    "wall_time": time.time(), "duration_seconds": time.time() - started}
         if self.use_moving_averages and not self._shadow_copied:
             eval_config = self.configs["eval_config"]
             self.model_lib_v2._ensure_model_is_built(self.model, self.eval_input, eval_config.batch_size == 1)
@@ -210,11 +223,12 @@ def serve(args) -> int:
             try:
                 request = json.loads(line)
                 prefix, result_path = str(request["checkpoint"]), str(request["result"])
+                attempt = int(request.get("attempt", 1))
             except (ValueError, KeyError, TypeError):
                 reply(event="failed", checkpoint=None, error=f"unreadable request {line.strip()[:200]!r}")
                 continue
             try:
-                result = evaluator.evaluate(prefix)
+                result = evaluator.evaluate(prefix, attempt)
                 write_json_atomic(result_path, result)
             except WorkerError as exc:
                 print(f"oddaemon.workers eval-serve: {exc}", file=sys.stderr, flush=True)

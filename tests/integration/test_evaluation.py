@@ -76,6 +76,34 @@ def test_a_crashing_evaluator_is_restarted_and_the_checkpoint_retried(daemon_env
     assert "eval_crash at step 10" in log and log.count("ready") == 2
 
 
+def test_an_evaluator_killed_after_writing_the_events_is_retried_without_writing_them_twice(daemon_env):
+    env = daemon_env.start()
+    env.drop("evkill.toml", env.job_text("evkill", num_steps=20, every=5, keep=10, step_seconds=0.02,
+                                         eval_crash=10, eval_crash_times=1, eval_crash_point="events"))
+    job = env.wait_state("evkill", "succeeded", 90)
+    by_step = {c["step"]: c for c in evaluated(job)}
+    assert list(by_step) == [0, 5, 10, 15, 20]
+    assert by_step[10]["attempts"] == 2  # the kill counts; the retry takes the events' values
+    assert eval_steps(env, "evkill") == [0, 5, 10, 15, 20]  # step 10's events once
+    log = open(os.path.join(env.logs, "evkill", "eval.log")).read()
+    assert "after writing the events of step 10" in log and "is in the eval event files already" in log
+    assert evaluator_requests(env, "evkill") == [(1, 0), (2, 5), (3, 10), (4, 15), (5, 20)]
+
+
+def test_an_evaluator_killed_after_writing_the_result_is_taken_at_its_word(daemon_env):
+    env = daemon_env.start()
+    env.drop("evres.toml", env.job_text("evres", num_steps=20, every=5, keep=10, step_seconds=0.02,
+                                        eval_crash=10, eval_crash_times=1, eval_crash_point="result"))
+    job = env.wait_state("evres", "succeeded", 90)
+    by_step = {c["step"]: c for c in evaluated(job)}
+    assert list(by_step) == [0, 5, 10, 15, 20]
+    assert by_step[10]["attempts"] == 1 and not by_step[10]["error"]  # its result file was its word
+    assert eval_steps(env, "evres") == [0, 5, 10, 15, 20]
+    assert evaluator_requests(env, "evres") == [(1, 0), (2, 5), (3, 10), (4, 15), (5, 20)]
+    daemon_log = open(env.stderr_path).read()
+    assert "the evaluator exited after writing the result of ckpt-3; taking it" in daemon_log
+
+
 def test_an_evaluation_that_always_fails_is_recorded_without_stopping_training(daemon_env):
     env = daemon_env.start()
     env.drop("evfail.toml", env.job_text("evfail", num_steps=15, every=5, keep=10, step_seconds=0.02, eval_crash=5))

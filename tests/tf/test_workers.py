@@ -406,6 +406,13 @@ def test_warm_evaluator_serves_checkpoint_after_checkpoint(trained, tmp_path):
             proc.stdin.write(json.dumps({"checkpoint": prefix, "result": str(result)}) + "\n")
             proc.stdin.flush()
             answers.append((json.loads(replies.readline()), time.monotonic() - started))
+        # a retry of a checkpoint whose events are written (as after an evaluator killed before its
+        # result file): the events' values are taken, nothing is written twice
+        map_events = map_events_at(trained["model_dir"] / "eval", 10)
+        proc.stdin.write(json.dumps({"checkpoint": by_step[10], "result": str(tmp_path / "again.json"),
+                                     "attempt": 2}) + "\n")
+        proc.stdin.flush()
+        again = json.loads(replies.readline())
         proc.stdin.close()
         rc = proc.wait(timeout=60)
     finally:
@@ -425,7 +432,17 @@ def test_warm_evaluator_serves_checkpoint_after_checkpoint(trained, tmp_path):
     assert not (tmp_path / "r404.json").exists()
     written = scalars(trained["model_dir"] / "eval")
     assert "DetectionBoxes_Precision/mAP" in written[10] and "DetectionBoxes_Precision/mAP" in written[TRAIN_STEPS]
+    assert again == {"event": "done", "checkpoint": by_step[10], "result": str(tmp_path / "again.json")}
+    assert map_events_at(trained["model_dir"] / "eval", 10) == map_events  # none written again
+    taken = json.loads((tmp_path / "again.json").read_text())
+    assert taken["step"] == 10 and taken["metrics"] == scalars(trained["model_dir"] / "eval")[10]
+    assert "is in the eval event files already" in output
     print(f"warm evaluation of one checkpoint: {warm_seconds:.1f}s")
+
+
+def map_events_at(logdir, step: int) -> int:
+    return sum(1 for event in EventDirReader(str(logdir)).read_new()
+               if event.step == step and "DetectionBoxes_Precision/mAP" in event.values)
 
 
 # ------------------------------------------------------------------------------------------ export
