@@ -10,8 +10,10 @@ rotates as a local worker's does and is what ``oddaemon logs -f`` follows, once 
 job runs and once more at its end, when the copy is complete and the file removed. A copy is the
 worker's activity for the hang guard, as a local worker's output is.
 
-A daemon that stops (and leaves its Slurm jobs running) keeps how far it copied in
-``slurm-<role>.out.copied``; the daemon that adopts the job goes on from there.
+How far whole lines were copied is kept in ``slurm-<role>.out.copied`` after each read that copied
+some (replaced atomically), and at the daemon's stop (which leaves its Slurm jobs running); the
+daemon that adopts the job goes on from there. A daemon killed without stopping copies again at
+most what it copied after its last record (one read, about a second of output), not the whole file.
 """
 
 from __future__ import annotations
@@ -64,10 +66,23 @@ class FollowedOutput:
                 log.warning("cannot read Slurm output %s: %s", self.path, exc.strerror)
                 return total
             if not chunk:
+                if total:
+                    self._record()
                 return total
             self.offset += len(chunk)
             total += len(chunk)
             self.sink.take(chunk)
+
+    def _record(self) -> None:
+        """Keep how far whole lines were copied (a partial last line is read again by the next daemon)."""
+        temp = f"{self.path}.copied.tmp"
+        try:
+            with open(temp, "w") as f:
+                f.write(f"{self.offset - self.sink.pending}\n")
+            os.replace(temp, self.path + ".copied")
+        except OSError as exc:
+            log.warning("cannot write %s.copied: %s (a daemon that adopts this job copies its output again "
+                        "from the start)", self.path, exc.strerror)
 
     def explaining_tail(self) -> list[str]:
         return self.sink.explaining_tail()
@@ -81,7 +96,7 @@ class FollowedOutput:
         self.read()
         self.sink.flush_partial()
         self._close()
-        for path in (self.path, self.path + ".copied"):
+        for path in (self.path, self.path + ".copied", self.path + ".copied.tmp"):
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -93,12 +108,7 @@ class FollowedOutput:
         """The daemon stops, the job runs on: how far whole lines were copied is kept for the next one."""
         self.read()
         self._close()
-        try:
-            with open(self.path + ".copied", "w") as f:
-                f.write(f"{self.offset - self.sink.pending}\n")
-        except OSError as exc:
-            log.warning("cannot write %s.copied: %s (the next daemon copies its output again from the start)",
-                        self.path, exc.strerror)
+        self._record()
 
     def _close(self) -> None:
         if self._fd is not None:

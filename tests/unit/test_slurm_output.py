@@ -46,3 +46,18 @@ def test_a_daemon_that_stops_leaves_how_far_it_copied_and_the_next_goes_on_from_
     assert b"".join(first) + b"".join(second) == b"a\nb\npartial\nc\n"  # nothing twice, nothing lost
     again.finish()
     assert not os.path.exists(raw) and not os.path.exists(raw + ".copied")
+
+
+def test_a_daemon_killed_without_stopping_copies_again_at_most_its_last_read(tmp_path):
+    raw = str(tmp_path / "slurm-train.out")
+    first, second = [], []
+    out = FollowedOutput(raw, first.append)
+    append(raw, "a\nb\n")
+    out.read()
+    append(raw, "c\npart")
+    out.read()  # then the daemon is SIGKILLed: no leave()
+    append(raw, "ial\nd\n")
+    again = FollowedOutput(raw, second.append)  # the next daemon adopts the job
+    again.read()
+    assert b"".join(first) == b"a\nb\nc\n" and b"".join(second) == b"partial\nd\n"  # nothing twice
+    assert not os.path.exists(raw + ".copied.tmp")
