@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from oddaemon.core.config import Config
 from oddaemon.core.errors import OddaemonError, OperationError
-from oddaemon.core.job_validation import under_roots
+from oddaemon.core.job_paths import under_roots
 from oddaemon.core.jobspec import JobSpec
 from oddaemon.formats.pipeline_paths import effective_paths, read_config
 
