@@ -13,6 +13,8 @@ queue, retries with backoff, and the outcome of every delivery handed back to th
 * A target that fails is logged once (a warning) and again when it works again; the tries in
   between are logged at debug level. Every final outcome (``core.notifications.Outcome``) reaches
   ``on_outcome`` on the loop thread, through a pipe the loop reads.
+* ``Sender.close()`` returns what still waits (and what was being tried at that moment), for the
+  daemon to keep across its restart (``core/notify_waiting.py``); ``Sender.resend`` queues it again.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 from oddaemon import __version__
 from oddaemon.adapters.loop import Loop
 from oddaemon.core.notifications import Outcome, Settings, Target, retry_delay, retryable_status
+from oddaemon.core.notify_waiting import Waiting
 
 log = logging.getLogger("oddaemon")
 
@@ -130,6 +133,7 @@ class _TargetQueue:
         self.full_logged = False
         self.down = False  # its last try failed (logged once)
         self.failed_while_down = 0
+        self.trying: _Delivery | None = None  # the delivery the thread is making now
         self.thread = threading.Thread(target=self._run, name=f"oddaemon-notify-{target.name}", daemon=True)
         self.thread.start()
 
@@ -150,17 +154,22 @@ class _TargetQueue:
             self.sender.report(Outcome(dropped.job, dropped.event, self.target.name, "dropped", dropped.tries,
                                        "the target's queue was full"))
 
-    def close(self) -> None:
+    def close(self) -> list[_Delivery]:
+        """Stop the thread (after the try it is making, if any); what waits, that try included."""
         with self.cond:
             self.closed = True
             self.cond.notify()
+            left = list(self.heap) + ([self.trying] if self.trying is not None else [])
+            self.heap = []
+        return sorted(left, key=lambda d: d.seq)
 
     def _next(self) -> _Delivery | None:
         with self.cond:
+            self.trying = None
             while not self.closed:
                 now = self.sender.clock()
                 if self.heap and self.heap[0].due <= now:
-                    delivery = heapq.heappop(self.heap)
+                    delivery = self.trying = heapq.heappop(self.heap)
                     if self.full_logged and len(self.heap) < self.sender.settings.queue_size // 2:
                         self.full_logged = False
                     return delivery
@@ -185,6 +194,8 @@ class _TargetQueue:
         except DeliveryError as exc:
             self._failed(d, str(exc), exc.retry)
             return
+        with self.cond:
+            self.trying = None  # (sent: not kept at a stop from here on)
         if self.down:
             log.info("notify target %s works again (%d notification(s) failed meanwhile)", self.target.name,
                      self.failed_while_down)
@@ -204,10 +215,13 @@ class _TargetQueue:
         if again:
             d.due = self.sender.clock() + retry_delay(d.tries, settings.retry_backoff_seconds)
             with self.cond:
+                self.trying = None
                 if len(self.heap) < settings.queue_size:
                     heapq.heappush(self.heap, d)
                     return
             error += "; no room left to retry"
+        with self.cond:
+            self.trying = None
         self.failed_while_down += 1
         self.sender.report(Outcome(d.job, d.event, self.target.name, "failed", d.tries, error))
 
@@ -244,10 +258,18 @@ class Sender:
                                         "the target was changed or removed by a reload"))
 
     def send(self, job: str, event: str, target: Target, data: bytes) -> None:
+        self._queue(target).put(_Delivery(self.clock(), next(self._seq), job, event, data))
+
+    def resend(self, waiting: Waiting, target: Target) -> None:
+        """A delivery kept by a daemon that stopped: its tries so far, the rest of its backoff."""
+        self._queue(target).put(_Delivery(self.clock() + waiting.delay, next(self._seq), waiting.job,
+                                          waiting.event, waiting.data, waiting.tries))
+
+    def _queue(self, target: Target) -> _TargetQueue:
         queue = self.queues.get(target.name)
         if queue is None:
             queue = self.queues[target.name] = _TargetQueue(target, self)
-        queue.put(_Delivery(self.clock(), next(self._seq), job, event, data))
+        return queue
 
     def pending(self) -> int:
         """Deliveries waiting (first tries and retries), all targets."""
@@ -273,14 +295,17 @@ class Sender:
         while self._outcomes:
             self.on_outcome(self._outcomes.popleft())
 
-    def close(self) -> None:
+    def close(self) -> list[Waiting]:
+        """Stop every sender thread; what still waits (and each try being made now), oldest first."""
         if self._closed:
-            return
-        for queue in self.queues.values():
-            queue.close()
+            return []
+        now, waiting = self.clock(), []
+        for name, queue in self.queues.items():
+            waiting += [Waiting(d.job, d.event, name, d.data, d.tries, d.due - now) for d in queue.close()]
         self.queues.clear()
         self.loop.remove(self._reader)
         with self._lock:
             self._closed = True
             for fd in (self._read_fd, self._write_fd):
                 os.close(fd)
+        return waiting

@@ -72,6 +72,11 @@ def preflight_dir(state_dir: str) -> str:
     return os.path.join(state_dir, "preflight")
 
 
+def waiting_notifications(state_dir: str) -> str:
+    """Notifications a stopping daemon had not sent yet, for the next one (``core/notify_waiting``)."""
+    return os.path.join(state_dir, "notifications-waiting.json")
+
+
 def progress_dir(state_dir: str) -> str:
     return os.path.join(state_dir, "progress")
 

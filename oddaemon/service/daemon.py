@@ -120,7 +120,8 @@ class Daemon:
         self.notify = NotifyHook(config.notify_settings(), loop, clock, lambda: self.state.jobs,
                                  self.watching.progress.get, self.evaluations.book, self.dispatch,
                                  lambda counts: (self.announcer.counters.update(notifications=counts),
-                                                 self.announcer.snapshot_soon()))
+                                                 self.announcer.snapshot_soon()),
+                                 keep_path=layout.waiting_notifications(config.state_dir))
         self.effects.on_state_change.append(self.notify.state_changed)
         self.evaluations.listeners.append(self.notify.checkpoint_evaluated)
         self.control: ControlServer | None = None
@@ -161,6 +162,7 @@ class Daemon:
         # (the signal raced with its start) is killed, so that no job runs twice. Then the saved jobs.
         kill_leftover_workers(self.store)
         self.dispatch(sch.Restore(tuple(load_saved_jobs(self.store))))
+        self.notify.restore()  # (what the daemon that stopped had not sent yet)
         self.parsers.start()
         self.intake_.start(inotify)
         self.control = ControlServer(layout.control_socket(self.config.state_dir), self.loop,
@@ -359,6 +361,6 @@ def run(config: Config, loop: Loop) -> int:
         return 1
     loop.run()
     daemon.evaluations.close()
-    daemon.notify.close()  # (deliveries still waiting are not kept: the log and the history say what was sent)
+    daemon.notify.close()  # (deliveries still waiting are kept for the next start)
     log.info("stopped")
     return 0

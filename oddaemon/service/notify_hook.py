@@ -7,19 +7,24 @@ the evaluator caught up (nothing waiting).
 
 Each event goes to the job's targets (``core/notifications.py`` decides which), through
 ``adapters/notify.py`` (off the loop); each outcome becomes a history entry of the job (the
-``NotificationRecorded`` event) and a count by target and result for the metrics.
+``NotificationRecorded`` event) and a count by target and result for the metrics. What still waits
+when the daemon stops is kept in ``keep_path`` and sent by the next daemon (``core/notify_waiting.py``).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import socket
 from collections.abc import Callable
 
 from oddaemon.adapters.loop import Loop
 from oddaemon.adapters.notify import Sender
+from oddaemon.adapters.store import atomic_write
 from oddaemon.core import notifications as nt
+from oddaemon.core import notify_waiting
 from oddaemon.core import scheduler as sch
+from oddaemon.core.errors import OperationError, user_message
 from oddaemon.core.evalbook import EvalBook
 from oddaemon.core.jobs import Job
 from oddaemon.core.states import JobState
@@ -29,6 +34,7 @@ log = logging.getLogger("oddaemon")
 POLL_SECONDS = 5.0  # how often stalled / evaluator_behind are checked (less when a job's stall time is shorter)
 MIN_POLL_SECONDS = 0.5
 WATCHED = (JobState.RUNNING, JobState.EVALUATING)
+MAX_KEPT_BYTES = 64 << 20  # (queue_size x targets x a payload of a few KiB: far below)
 
 
 class NotifyHook:
@@ -38,7 +44,8 @@ class NotifyHook:
     def __init__(self, settings: nt.Settings, loop: Loop, clock: Callable[[], float],
                  jobs: Callable[[], dict[str, Job]], progress: Callable[[str], object | None],
                  book: Callable[[str], EvalBook | None], dispatch: Callable[[sch.Event], object],
-                 counted: Callable[[dict], None] = lambda counts: None):
+                 counted: Callable[[dict], None] = lambda counts: None, keep_path: str | None = None):
+        self.keep_path = keep_path
         self.loop = loop
         self.clock = clock
         self.jobs = jobs
@@ -68,12 +75,62 @@ class NotifyHook:
         self._arm()
 
     def close(self) -> None:
+        """The daemon stops: what still waits is kept for the next one."""
         if self._timer is not None:
             self.loop.remove(self._timer)
             self._timer = None
         if self.sender is not None:
-            self.sender.close()
+            waiting = self.sender.close()
             self.sender = None
+            if waiting and self.keep_path:
+                try:
+                    atomic_write(self.keep_path, notify_waiting.encode(waiting, self.settings), mode=0o600)
+                    log.info("%d notification(s) still waiting, kept for the next start in %s", len(waiting),
+                             self.keep_path)
+                except OperationError as exc:
+                    log.warning("%d notification(s) still waiting are lost: %s", len(waiting), user_message(exc))
+
+    def restore(self) -> None:
+        """At start, once the jobs are known: send what the daemon that stopped kept."""
+        if not self.keep_path:
+            return
+        try:
+            with open(self.keep_path, "rb") as f:
+                raw = f.read(MAX_KEPT_BYTES + 1)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            log.warning("cannot read the kept notifications %s: %s", self.keep_path, exc.strerror or exc)
+            return
+        try:
+            if len(raw) > MAX_KEPT_BYTES:
+                raise ValueError(f"larger than {MAX_KEPT_BYTES} bytes")
+            send, drop = notify_waiting.decode(raw, self.settings)
+        except ValueError as exc:
+            log.warning("the kept notifications %s cannot be used (%s); set aside as %s.bad", self.keep_path, exc,
+                        self.keep_path)
+            self._set_aside(os.replace, self.keep_path, self.keep_path + ".bad")
+            return
+        if not self._set_aside(os.unlink, self.keep_path):
+            return  # (sending them now and again at every start would be worse than once not at all)
+        for w, why in drop:
+            self.outcome(nt.Outcome(w.job, w.event, w.target, "dropped", w.tries, why))
+        for w in send:
+            target = self.settings.target(w.target)
+            if self.sender is not None and target is not None:
+                self.sender.resend(w, target)
+        if send or drop:
+            log.info("notifications kept by the daemon that stopped: %d queued again, %d dropped", len(send),
+                     len(drop))
+
+    @staticmethod
+    def _set_aside(operation: Callable[..., None], *paths: str) -> bool:
+        try:
+            operation(*paths)
+            return True
+        except OSError as exc:
+            log.warning("cannot remove or rename %s: %s", paths[0], exc.strerror or exc)
+            return False
 
     # ---- events
     def state_changed(self, change: sch.StateChanged) -> None:

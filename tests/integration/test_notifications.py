@@ -27,7 +27,8 @@ def hook():
 def configure(env, targets: dict[str, str], **notify) -> None:
     """The harness's configuration plus a [notify] section and its targets (TOML text per target)."""
     env.write_config()
-    lines = ["[notify]", "retry_backoff_seconds = 0.1"] + [f"{k} = {json.dumps(v)}" for k, v in notify.items()]
+    notify = {"retry_backoff_seconds": 0.1, **notify}
+    lines = ["[notify]"] + [f"{k} = {json.dumps(v)}" for k, v in notify.items()]
     for name, body in targets.items():
         lines += [f"[notify.targets.{name}]", body]
     with open(env.config_path, "a") as f:
@@ -165,6 +166,27 @@ def test_a_dead_endpoint_is_retried_a_bounded_number_of_times_and_the_daemon_ans
     log = env.daemon_log()
     assert log.count("notify target dead:") == 1, log  # one line for the episode, not one per try
     assert "secret" not in log
+
+
+def test_a_notification_still_waiting_when_the_daemon_stops_is_sent_by_the_next_one(daemon_env, hook):
+    configure(daemon_env, {"team": f'url = "{hook.url}"'}, retry_backoff_seconds=20, default_targets=["team"])
+    hook.answers = [503]  # the first try fails: the retry waits 20 s, and the daemon is restarted meanwhile
+    env = daemon_env.start()
+    env.drop("one.toml", env.job_text("one", num_steps=10, every=5, step_seconds=0.02, eval_extra="enabled = false"))
+    env.wait_state("one", "succeeded", 60)
+    wait_for(lambda: len(hook.received) == 1, 30, what="the first (failing) try")
+    env.stop()
+    assert "1 notification(s) still waiting, kept for the next start" in env.daemon_log()
+    kept = os.path.join(env.state, "notifications-waiting.json")
+    text = open(kept).read()
+    assert '"job": "one"' in text and "127.0.0.1" not in text and hook.url not in text  # the URL is never written
+    env.start()
+    wait_for(lambda: "notification succeeded to team: sent (try 2)" in recorded(env, "one"), 60,
+             what="the kept notification sent by the next daemon")
+    assert [r["body"]["job"] for r in hook.received] == ["one", "one"]
+    assert hook.received[0]["body"] == hook.received[1]["body"]  # the same event, not a new one
+    assert not os.path.exists(kept)
+    assert "notifications kept by the daemon that stopped: 1 queued again, 0 dropped" in env.daemon_log()
 
 
 def test_a_job_file_with_a_url_or_an_unknown_target_is_rejected(daemon_env, hook):

@@ -16,6 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from oddaemon.adapters.metrics import SnapshotCollector, build_snapshot
 from oddaemon.adapters.notify import Sender
 from oddaemon.core import notifications as nt
+from oddaemon.core.notify_waiting import Waiting
 from tests.support.fakes import FakeLoop
 from tests.support.harness import wait_for
 from tests.support.webhook import Webhook
@@ -217,3 +218,21 @@ def test_a_reload_that_changes_a_target_reports_what_waited_for_it(rig, hook):
     until(4, "the one in flight and the new one")
     assert sorted((o.job, o.result) for o in outcomes[2:]) == [("job0", "sent"), ("job3", "sent")]
     assert sorted(r["path"] for r in hook.received) == ["/hook/T0/secret", "/hook/T0/secret/v2"]
+
+
+def test_close_returns_what_waits_and_a_new_sender_sends_it_with_its_tries(rig, hook):
+    make, until, outcomes = rig
+    sender = make(retry_backoff_seconds=30.0)
+    target = nt.Target("team", url=hook.url)
+    hook.answers = [503]
+    sender.send("cats", "succeeded", target, b'{"n": 1}')
+    wait_for(lambda: len(hook.received) == 1, 30, what="the first try")
+    wait_for(lambda: sender.pending() == 1, 30, what="the retry to wait")
+    waiting = sender.close()
+    assert [(w.job, w.event, w.target, w.data, w.tries) for w in waiting] == [("cats", "succeeded", "team",
+                                                                               b'{"n": 1}', 1)]
+    assert 0 < waiting[0].delay <= 30.0  # the rest of its backoff
+    again = make()
+    again.resend(Waiting(**{**waiting[0].__dict__, "delay": 0.0}), target)
+    until(1, "the kept delivery")
+    assert outcomes == [nt.Outcome("cats", "succeeded", "team", "sent", 2)] and len(hook.received) == 2
