@@ -28,6 +28,7 @@ from oddaemon.core.states import JobState
 
 if TYPE_CHECKING:
     from oddaemon.core.jobs import Job
+    from oddaemon.core.jobspec import JobSpec
 
 MAX_AFTER = 64  # dependencies one job may name
 REASON_CHARS = 300  # of a dependency's own reason, quoted in a cancelled dependent's reason
@@ -79,8 +80,9 @@ def find_cycle(name: str, after: tuple[str, ...], jobs: Mapping[str, Job]) -> li
     return None
 
 
-def submission_problem(name: str, after: tuple[str, ...], jobs: Mapping[str, Job]) -> str | None:
-    """Why a job named ``name`` may not wait for ``after`` (words after "job 'name' "), or None."""
+def submission_problem(spec: JobSpec, jobs: Mapping[str, Job]) -> str | None:
+    """Why a job may not wait for its ``after`` (words after "job 'name' "), or None."""
+    name, after = spec.name, spec.after
     unknown = [d for d in after if d not in jobs]
     if unknown:
         listed = ", ".join(f"'{d}'" for d in unknown)
@@ -95,7 +97,36 @@ def submission_problem(name: str, after: tuple[str, ...], jobs: Mapping[str, Job
         listed = ", ".join(f"'{j.name}' ({j.state})" for j in ended)
         return (f"waits for (after) {listed}, which will not succeed as it is: `oddaemon retry "
                 f"{ended[0].name}` first and submit this job again, or leave it out of after")
-    return None
+    return awaited_problem(spec, jobs)
+
+
+def awaited_problem(spec: JobSpec, jobs: Mapping[str, Job]) -> str | None:
+    """Why a fine_tune_checkpoint that did not exist at submission (``spec.awaits_checkpoint``) will
+    not be written by a job in ``after`` (words after "job 'name' "), or None: it must lie in the
+    model_dir of one of them."""
+    awaited = spec.awaits_checkpoint
+    if not awaited:
+        return None
+    dirs = [(d, jobs[d].spec.model_dir) for d in spec.after if d in jobs]
+    if any(awaited.startswith(model_dir.rstrip("/") + "/") for _, model_dir in dirs):
+        return None
+    listed = ", ".join(f"'{d}' writes {model_dir}" for d, model_dir in dirs)
+    return (f"has [pipeline] fine_tune_checkpoint {spec.pipeline.fine_tune_checkpoint}, which does not exist "
+            f"({spec.pipeline.fine_tune_checkpoint}.index) and is not in the model_dir of a job it waits for "
+            f"(after: {listed}): give an existing checkpoint prefix, or one that a job in after writes "
+            f"(e.g. {dirs[0][1].rstrip('/')}/exported/checkpoint/ckpt-0 with its [eval] export_best = true)")
+
+
+def awaited_missing(spec: JobSpec, jobs: Mapping[str, Job], exists: bool) -> str | None:
+    """At a start: why the job cannot start because the checkpoint it awaited is still not there
+    (``exists`` False), naming the jobs that were to write it; None when it exists or was never awaited."""
+    if exists or not spec.awaits_checkpoint:
+        return None
+    done = [f"'{d}' ({jobs[d].state})" if d in jobs else f"'{d}'" for d in spec.after]
+    return (f"[pipeline] fine_tune_checkpoint {spec.pipeline.fine_tune_checkpoint} does not exist "
+            f"({spec.pipeline.fine_tune_checkpoint}.index): the job(s) it waits for (after: {', '.join(done)}) "
+            "did not write it; a job writes exported/checkpoint/ckpt-0 in its model_dir with [eval] export_best = "
+            "true. Fix the path (submit the job again) or run that job with export_best, then oddaemon retry")
 
 
 @dataclass(frozen=True)

@@ -57,6 +57,10 @@ def under_roots(real: str, roots: tuple[str, ...]) -> bool:
     return any(real == root or real.startswith(root.rstrip("/") + "/") for root in roots)
 
 
+class CheckpointMissing(Invalid):
+    """A checkpoint prefix whose ``.index`` does not exist (yet: a job in ``after`` may write it)."""
+
+
 class PathRules:
     """The path checks of one job document (a mixin of the job validator)."""
 
@@ -80,7 +84,8 @@ class PathRules:
         if kind == "checkpoint":
             index = value + ".index"
             if not self.ctx.isfile(index):
-                raise Invalid(f"{index} does not exist (give the checkpoint prefix, e.g. .../checkpoint/ckpt-0)")
+                raise CheckpointMissing(f"{index} does not exist (give the checkpoint prefix, e.g. "
+                                        ".../checkpoint/ckpt-0)")
             self.inside_roots(index)
         if kind == "model_dir":
             return self.model_dir(value, real)

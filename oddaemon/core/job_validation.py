@@ -31,7 +31,7 @@ from oddaemon.core.checks import (
     whole_number,
 )
 from oddaemon.core.dependencies import parse_after, self_problem
-from oddaemon.core.job_paths import PathRules, ValidationContext
+from oddaemon.core.job_paths import CheckpointMissing, PathRules, ValidationContext
 from oddaemon.core.jobspec import (
     ALLOWED_KEYS,
     CHECKPOINT_TYPES,
@@ -104,6 +104,7 @@ class _Validator(PathRules):
         self.ctx = ctx
         self.problems: list[Problem] = []
         self.roots = tuple(ctx.realpath(r) for r in ctx.allowed_roots)
+        self.awaited = ""  # a fine_tune_checkpoint a job in after is to write (JobSpec.awaits_checkpoint)
 
     def add(self, section: str, key: str, reason: str, label: str | None = None) -> None:
         """Record ``reason`` for ``key``; ``label`` names a list entry such as ``train_input_path[2]``."""
@@ -125,7 +126,7 @@ class _Validator(PathRules):
             "warmup_steps": whole_number(0, MAX_STEPS),
             "learning_rate_base": finite_number(0, inclusive=False),
             "warmup_learning_rate": finite_number(0, inclusive=True),
-            "fine_tune_checkpoint": self.path_checker("checkpoint"),
+            "fine_tune_checkpoint": self.fine_tune_checkpoint(top.get("after", ())),
             "fine_tune_checkpoint_type": one_of(CHECKPOINT_TYPES),
             "label_map_path": self.path_checker("file"),
         })
@@ -174,13 +175,28 @@ class _Validator(PathRules):
                 self.problems.append(Problem(f"missing required key '{required}' (an absolute path)", key=required))
         if self.problems:
             return self.problems
-        spec = JobSpec(**top, pipeline=PipelineEdits(**pipeline), train=TrainOptions(**train),
-                       eval=EvalOptions(**evaluation), slurm=SlurmOptions(**slurm), notify=NotifyOptions(**notify),
-                       sweep=SweepOptions(**sweep))
+        spec = JobSpec(**top, awaits_checkpoint=self.awaited, pipeline=PipelineEdits(**pipeline),
+                       train=TrainOptions(**train), eval=EvalOptions(**evaluation), slurm=SlurmOptions(**slurm),
+                       notify=NotifyOptions(**notify), sweep=SweepOptions(**sweep))
         self.config_paths(spec)
         if is_definition(spec):
             self.sweep_variants(spec, train)
         return self.problems or spec
+
+    def fine_tune_checkpoint(self, after: tuple[str, ...]) -> Callable[[Any], str]:
+        """A checkpoint prefix that exists, or, for a job with ``after``, one that does not exist yet:
+        a job it waits for is to write it (e.g. its ``exported/checkpoint/ckpt-0``); the scheduler
+        checks that it lies in one of their model_dirs, the launcher that it exists at each start."""
+        def check(value: Any) -> str:
+            try:
+                return self.path(value, "checkpoint")
+            except CheckpointMissing as exc:
+                if not after:
+                    raise Invalid(f"{exc}; for a checkpoint that another job is to write (e.g. its "
+                                  "exported/checkpoint/ckpt-0), name that job in after") from None
+                self.awaited = self.inside_roots(value + ".index")[:-len(".index")]
+                return value
+        return check
 
     def sweep_variants(self, spec: JobSpec, train: dict) -> None:
         """Each variant's name is a job name and its values pass the cross-key checks (named by variant)."""

@@ -112,6 +112,10 @@ class JobSpec:
     slurm: SlurmOptions = SlurmOptions()
     notify: NotifyOptions = NotifyOptions()
     sweep: SweepOptions = SweepOptions()
+    # Not a key of the file: the real path of [pipeline] fine_tune_checkpoint when it did not exist
+    # at submission, a checkpoint that a job in ``after`` is to write (it must lie in one of their
+    # model_dirs: ``dependencies.awaited_problem``; it is looked for again before each start).
+    awaits_checkpoint: str = ""
 
     def to_dict(self) -> dict:
         """JSON-safe dict (tuples become lists); ``JobSpec.from_dict`` reverses it."""

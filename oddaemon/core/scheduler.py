@@ -155,7 +155,7 @@ def _submit(state: State, jobs: dict[str, Job], ev: Submit, now: float, actions:
     if why_not:
         actions.append(Rejected(ev.token, f"job '{name}' can never run here: it {why_not}"))
         return state.next_seq
-    waits_badly = dependencies.submission_problem(name, ev.spec.after, jobs)  # unknown, a cycle, failed
+    waits_badly = dependencies.submission_problem(ev.spec, jobs)  # unknown, a cycle, failed
     if waits_badly:
         actions.append(Rejected(ev.token, f"job '{name}' {waits_badly}"))
         return state.next_seq

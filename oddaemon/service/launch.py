@@ -16,7 +16,7 @@ from oddaemon.adapters.journal import job_fields
 from oddaemon.adapters.loop import Loop
 from oddaemon.adapters.procs import thread_limits, worker_environment
 from oddaemon.adapters.store import Store
-from oddaemon.core import layout
+from oddaemon.core import dependencies, layout
 from oddaemon.core import scheduler as sch
 from oddaemon.core.config import Config
 from oddaemon.core.errors import OddaemonError, user_message
@@ -55,7 +55,14 @@ class WorkerLauncher:
     def start_train(self, action: sch.StartTrain) -> None:
         if self.shutting_down:
             return  # the saved record says running: the job starts when the daemon does
-        if self.start_worker(action.name, "train", ["train"], action.gpus) is None:
+        spec = self.jobs()[action.name].spec
+        fresh = not os.path.exists(os.path.join(spec.model_dir, "checkpoint"))  # (a resumed one restores its own)
+        awaited = fresh and spec.awaits_checkpoint and dependencies.awaited_missing(
+            spec, self.jobs(), os.path.isfile(spec.pipeline.fine_tune_checkpoint + ".index"))
+        if awaited:  # a job it waited for did not write it: the job fails (kind refused), no retry
+            log.error("job %s: not starting its train worker: %s", action.name, awaited)
+            self._refusals[action.name] = Failure("refused", f"the train worker was not started: {awaited}")
+        if awaited or self.start_worker(action.name, "train", ["train"], action.gpus) is None:
             # Reported as an exit on the next loop turn (never re-enter dispatch from an action).
             refused = self._refusals.pop(action.name, None)
             self.loop.call_later(0, lambda: self.dispatch(sch.ProcessExited(

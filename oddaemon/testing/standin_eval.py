@@ -239,6 +239,15 @@ def export(setup: Setup, prefix: str, output: str, info_path: str | None = None)
     os.makedirs(os.path.join(temp, "variables"))
     with open(os.path.join(temp, "saved_model.pb"), "w", encoding="utf-8") as f:
         json.dump({"standin": True, "checkpoint": prefix, "step": step}, f)
+    # the inference model's checkpoint beside it, as the real exporter's CheckpointManager writes it
+    # (another job may fine-tune from exported/checkpoint/ckpt-0): its data shard, index, state file
+    os.makedirs(os.path.join(temp, "checkpoint"))
+    with open(os.path.join(temp, "checkpoint", "ckpt-0.data-00000-of-00001"), "wb") as f:
+        f.write(b"\0" * 64)
+    with open(os.path.join(temp, "checkpoint", "ckpt-0.index"), "w", encoding="utf-8") as f:
+        json.dump({"step": step, "shards": 1, "exported_from": prefix}, f)
+    with open(os.path.join(temp, "checkpoint", "checkpoint"), "w", encoding="utf-8") as f:
+        f.write('model_checkpoint_path: "ckpt-0"\nall_model_checkpoint_paths: "ckpt-0"\n')
     info.setdefault("checkpoint", os.path.basename(prefix))
     info.update(step=step, exported_at=time.time())
     with open(os.path.join(temp, "export.json"), "w", encoding="utf-8") as f:

@@ -191,9 +191,15 @@ def _check_first_record(kind: str, path: str, label_ids, report: Report) -> None
 # ---------------------------------------------------------------------------------- checkpoints
 
 
-def check_fine_tune_checkpoint(prefix: str, checkpoint_type: str, model_dir: str, report: Report) -> None:
+def check_fine_tune_checkpoint(prefix: str, checkpoint_type: str, model_dir: str, report: Report,
+                               awaited: bool = False) -> None:
+    """``awaited``: a job in ``after`` is to write it (``JobSpec.awaits_checkpoint``); not there yet is fine."""
     import tensorflow as tf
 
+    if awaited and not os.path.isfile(prefix + ".index"):
+        report.warning(f"fine_tune_checkpoint {prefix} does not exist yet: a job this one waits for (after) is to "
+                       "write it; the daemon looks for it again when this job starts")
+        return
     if not os.path.isfile(prefix + ".index"):
         report.problem(f"fine_tune_checkpoint {prefix}: {prefix}.index does not exist (give the checkpoint "
                        "prefix, e.g. .../checkpoint/ckpt-0)")
@@ -314,7 +320,7 @@ def _check_files(spec: dict, job: dict, proto, num_classes, report: Report) -> N
     train = proto.train_config
     if train.fine_tune_checkpoint:
         check_fine_tune_checkpoint(train.fine_tune_checkpoint, train.fine_tune_checkpoint_type or "classification",
-                                   spec["model_dir"], report)
+                                   spec["model_dir"], report, bool(spec.get("awaits_checkpoint")))
 
 
 def _check_edited_files(spec: dict, edits: dict, report: Report) -> None:
@@ -329,7 +335,7 @@ def _check_edited_files(spec: dict, edits: dict, report: Report) -> None:
     if edits.get("fine_tune_checkpoint"):
         check_fine_tune_checkpoint(edits["fine_tune_checkpoint"],
                                    edits.get("fine_tune_checkpoint_type") or "classification",
-                                   spec["model_dir"], report)
+                                   spec["model_dir"], report, bool(spec.get("awaits_checkpoint")))
 
 
 def _check_gpus(job: dict, batch_size, report: Report) -> None:

@@ -152,3 +152,42 @@ def test_waiting_survives_a_daemon_restart_and_runs_after(daemon_env):
     assert "resuming after daemon restart" in [h["reason"] for h in a["history"]]
     assert states(b)[:3] == ["waiting", "queued", "running"]
     assert a["finished_at"] <= b["started_at"]
+
+
+def fine_tune_text(env, name: str, after: str, checkpoint: str, **kw) -> str:
+    """A job that waits for ``after`` and fine-tunes from ``checkpoint`` (not there at submission)."""
+    return env.job_text(name, extra=f'after = ["{after}"]', **kw).replace(
+        "[pipeline]\n", f'[pipeline]\nfine_tune_checkpoint = "{checkpoint}"\nfine_tune_checkpoint_type = "detection"\n', 1)
+
+
+def test_a_job_fine_tunes_from_the_export_of_the_job_it_waits_for(daemon_env):
+    """The pretrain -> fine-tune pipeline: b names a's exported/checkpoint/ckpt-0 before a wrote it;
+    b is accepted, waits, and starts from it once a has succeeded (its export done). A job that names
+    a checkpoint in no dependency's model_dir is rejected; one whose dependency did not write the
+    checkpoint (no export_best) fails at its start with the reason, without a retry."""
+    env = daemon_env.start()
+    env.drop("a.toml", env.job_text("a", num_steps=20, every=5, step_seconds=0.02, eval_extra="export_best = true"))
+    awaited = f"{env.models}/a/exported/checkpoint/ckpt-0"
+    env.drop("b.toml", fine_tune_text(env, "b", "a", awaited, num_steps=6, every=2))
+    env.drop("astray.toml", fine_tune_text(env, "astray", "a", f"{env.models}/elsewhere/ckpt-0", num_steps=4))
+    text = error_text(env, "astray.toml")
+    assert (f"job 'astray' has [pipeline] fine_tune_checkpoint {env.models}/elsewhere/ckpt-0, which does not exist"
+            in text and f"'a' writes {env.models}/a" in text), text
+    b = env.wait_state("b", "waiting", 30)
+    assert not os.path.exists(awaited + ".index")  # (accepted before a wrote it)
+    with open(os.path.join(env.logs, "b", "preflight.log")) as f:
+        assert "preflight ok" in f.read()
+    b = env.wait_state("b", "succeeded", 120)
+    a = env.job("a")
+    assert a["state"] == "succeeded" and a["finished_at"] <= b["started_at"]
+    assert os.path.isfile(awaited + ".index")
+    with open(os.path.join(env.logs, "b", "train.log")) as f:
+        assert "load_fine_tune_checkpoint" not in f.read()  # (the stand-in's TF traceback for a missing one)
+    # a dependency that exports nothing: the dependent is refused at its start, naming it
+    env.drop("n.toml", env.job_text("n", num_steps=4))
+    env.drop("m.toml", fine_tune_text(env, "m", "n", f"{env.models}/n/exported/checkpoint/ckpt-0", num_steps=4))
+    m = env.wait_state("m", ("failed", "succeeded"), 90)
+    assert m["state"] == "failed" and m["failure"]["kind"] == "refused" and m["restarts"] == 0, m
+    assert (f"the train worker was not started: [pipeline] fine_tune_checkpoint {env.models}/n/exported/checkpoint/"
+            "ckpt-0 does not exist" in m["reason"] and "(after: 'n' (succeeded)) did not write it" in m["reason"]), m
+    assert not os.path.exists(os.path.join(env.logs, "m", "train.log"))

@@ -112,3 +112,42 @@ def test_a_real_nan_loss_is_caught_by_the_daemon(real_env):
     assert job["failure"]["step"] == 5 and "loss became NaN at step 5" in job["reason"]
     assert job["restarts"] == 0 and job["step"] < 1000
     assert "==== oddaemon: stopping train: loss became NaN" in open(os.path.join(env.logs, "diverges", "train.log")).read()
+
+
+def test_a_real_job_fine_tunes_from_the_export_of_the_job_it_waits_for(real_env):
+    """Pretrain, then fine-tune from its export with the real workers: "finetune" names
+    pretrain's exported/checkpoint/ckpt-0 (fine_tune_checkpoint_type "detection", as for a Model Zoo
+    checkpoint) before it exists, waits, and trains from it once pretrain has succeeded."""
+    env = real_env
+    tiny_job(env, "pretrain", "num_steps = 6", "", 'device = "cpu"\nexport_best = true')
+    data = os.path.join(env.root, "data", "demo")
+    awaited = f"{env.models}/pretrain/exported/checkpoint/ckpt-0"
+    env.drop("finetune.toml", f'''name = "finetune"
+after = ["pretrain"]
+pipeline_config = "{data}/pipeline.config"
+model_dir = "{env.models}/finetune"
+[pipeline]
+num_classes = 3
+batch_size = 4
+num_steps = 4
+fine_tune_checkpoint = "{awaited}"
+fine_tune_checkpoint_type = "detection"
+label_map_path = "{data}/label_map.pbtxt"
+train_input_path = "{data}/train-*.tfrecord"
+eval_input_path = "{data}/eval.tfrecord"
+[train]
+gpus = 0
+[eval]
+enabled = false
+''')
+    waiting = env.wait_state("finetune", ("waiting", "failed", "succeeded"), 300)
+    assert waiting["state"] == "waiting" and not os.path.exists(awaited + ".index"), waiting
+    final = env.wait_state("finetune", ("succeeded", "failed"), 900)
+    assert final["state"] == "succeeded", (final["reason"], env.daemon_log()[-4000:])
+    pretrain = env.job("pretrain")
+    assert pretrain["state"] == "succeeded" and pretrain["finished_at"] <= final["started_at"]
+    assert [h["state"] for h in final["history"]][:3] == ["waiting", "queued", "running"]
+    with open(os.path.join(env.logs, "finetune", "train.log")) as f:
+        log = f.read()
+    assert "load_fine_tune_checkpoint" not in log and "Traceback" not in log, log[-4000:]
+    assert os.path.isfile(os.path.join(env.models, "finetune", "ckpt-1.index"))

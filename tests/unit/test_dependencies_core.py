@@ -4,14 +4,15 @@ processes, no clocks."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
 from oddaemon.core import scheduler as sch
-from oddaemon.core.dependencies import MAX_AFTER, find_cycle
+from oddaemon.core.dependencies import MAX_AFTER, awaited_missing, find_cycle
 from oddaemon.core.job_validation import ValidationContext, parse_job
 from oddaemon.core.jobs import Job
-from oddaemon.core.jobspec import EvalOptions, JobSpec, TrainOptions
+from oddaemon.core.jobspec import EvalOptions, JobSpec, PipelineEdits, TrainOptions
 from oddaemon.core.states import IllegalTransition, JobState, check_transition
 
 
@@ -121,6 +122,44 @@ def test_a_dependency_that_already_failed_or_was_cancelled_is_rejected():
     [rejected] = kinds(actions, sch.Rejected)
     assert "'w' (cancelled), 'a' (failed)" in rejected.reason and "oddaemon retry w" in rejected.reason
     assert "b" not in state.jobs
+
+
+def test_a_checkpoint_awaited_from_a_dependency_must_lie_in_one_of_their_model_dirs():
+    """fine_tune_checkpoint that did not exist at submission (awaits_checkpoint): accepted when it is
+    in the model_dir of a job in after, rejected (naming those model_dirs) when it is not."""
+    state, _ = submit(cpu(), spec("pre"))
+    state, _ = submit(state, spec("other"))
+    wanted = "/srv/models/pre/exported/checkpoint/ckpt-0"
+    fine = replace(spec("fine", after=("pre",)), awaits_checkpoint=wanted,
+                   pipeline=PipelineEdits(fine_tune_checkpoint=wanted))
+    state, actions = submit(state, fine)
+    assert kinds(actions, sch.Accepted) and state.jobs["fine"].state is JobState.WAITING
+    astray = "/srv/models/other/exported/checkpoint/ckpt-0"
+    typo = replace(spec("typo", after=("pre",)), awaits_checkpoint=astray,
+                   pipeline=PipelineEdits(fine_tune_checkpoint=astray))
+    state, actions = submit(state, typo)
+    [rejected] = kinds(actions, sch.Rejected)
+    assert rejected.reason.startswith(f"job 'typo' has [pipeline] fine_tune_checkpoint {astray}, which does not "
+                                      f"exist ({astray}.index) and is not in the model_dir of a job it waits for "
+                                      "(after: 'pre' writes /srv/models/pre)"), rejected.reason
+    assert "/srv/models/pre/exported/checkpoint/ckpt-0 with its [eval] export_best = true" in rejected.reason
+    # a prefix of the directory's name is not inside it
+    sibling = replace(spec("sib", after=("pre",)), awaits_checkpoint="/srv/models/pre2/ckpt-0",
+                      pipeline=PipelineEdits(fine_tune_checkpoint="/srv/models/pre2/ckpt-0"))
+    assert kinds(submit(state, sibling)[1], sch.Rejected)
+
+
+def test_awaited_missing_names_the_dependencies_and_is_silent_when_the_checkpoint_is_there():
+    state, _ = submit(cpu(), spec("pre"))
+    state, _ = exited(state, "pre", 0, 1.0)
+    wanted = "/srv/models/pre/exported/checkpoint/ckpt-0"
+    fine = replace(spec("fine", after=("pre",)), awaits_checkpoint=wanted,
+                   pipeline=PipelineEdits(fine_tune_checkpoint=wanted))
+    why = awaited_missing(fine, state.jobs, exists=False)
+    assert why.startswith(f"[pipeline] fine_tune_checkpoint {wanted} does not exist ({wanted}.index): the job(s) "
+                          "it waits for (after: 'pre' (succeeded)) did not write it"), why
+    assert awaited_missing(fine, state.jobs, exists=True) is None
+    assert awaited_missing(spec("plain"), state.jobs, exists=False) is None
 
 
 def _known(graph: dict[str, tuple[str, ...]]) -> dict[str, Job]:

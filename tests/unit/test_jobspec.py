@@ -178,7 +178,8 @@ BAD_TEXT = [
     ("path-with-nul", BASE + '[pipeline]\nlabel_map_path = "@R/data/x\\u0000y"\n', "must not contain a NUL character"),
     ("checkpoint-missing-index", BASE + '[pipeline]\nfine_tune_checkpoint = "@R/models/effdet/checkpoint"\n',
      "[pipeline] fine_tune_checkpoint: @R/models/effdet/checkpoint.index does not exist (give the checkpoint prefix, "
-     "e.g. .../checkpoint/ckpt-0)"),
+     "e.g. .../checkpoint/ckpt-0); for a checkpoint that another job is to write (e.g. its "
+     "exported/checkpoint/ckpt-0), name that job in after"),
     ("label-map-missing", BASE + '[pipeline]\nlabel_map_path = "@R/data/labels.pbtxt"\n',
      "[pipeline] label_map_path: @R/data/labels.pbtxt does not exist"),
     ("glob-matches-nothing", BASE + '[pipeline]\ntrain_input_path = "@R/data/*.nothing"\n',
@@ -481,3 +482,25 @@ def test_slurm_table_is_validated_like_the_others(tree, ctx):
     assert any("[slurm] nodes: must be a whole number of Slurm nodes from 1 to 1 (this daemon's [slurm] "
                "max_nodes)" in t for t in texts)
     assert any("unknown key 'qos' in [slurm]" in t for t in texts)
+
+
+def test_a_checkpoint_a_job_in_after_is_to_write_is_accepted_and_recorded(tree, ctx):
+    """A fine-tune from another job's export: with after, a fine_tune_checkpoint that does not exist
+    yet is accepted, its real path recorded (the scheduler checks it lies in a dependency's
+    model_dir); one that exists is not recorded; confinement still holds."""
+    root, _ = tree
+    text = ('after = ["pretrain"]\n' + BASE + '[pipeline]\nfine_tune_checkpoint = "@R/runs/pre/exported/checkpoint/ckpt-0"\n'
+            'fine_tune_checkpoint_type = "detection"\n')
+    spec = parse(text, tree, ctx)
+    assert isinstance(spec, JobSpec), rendered(spec)
+    assert spec.awaits_checkpoint == str(root / "runs/pre/exported/checkpoint/ckpt-0")
+    assert spec.pipeline.fine_tune_checkpoint == str(root / "runs/pre/exported/checkpoint/ckpt-0")
+    assert JobSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+    existing = parse('after = ["pretrain"]\n' + BASE + '[pipeline]\nfine_tune_checkpoint = "@R/models/effdet/checkpoint/ckpt-0"\n',
+                     tree, ctx)
+    assert isinstance(existing, JobSpec) and existing.awaits_checkpoint == ""
+    outside = parse('after = ["pretrain"]\n' + BASE + '[pipeline]\nfine_tune_checkpoint = "@R/link/ckpt-0"\n', tree, ctx)
+    assert "is outside the allowed roots" in rendered(outside)
+    assert "awaits_checkpoint" not in ALLOWED_KEYS[""]  # (not a key a job file may set)
+    forged = parse(BASE + 'awaits_checkpoint = "@R/x"\n', tree, ctx)
+    assert "unknown key 'awaits_checkpoint'" in rendered(forged)
