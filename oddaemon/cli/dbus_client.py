@@ -95,6 +95,9 @@ class Client:
     def cancel(self, name: str) -> str:
         return self._call("Cancel", name)
 
+    def finish(self, name: str) -> str:
+        return self._call("Finish", name)
+
     def retry(self, name: str) -> str:
         return self._call("Retry", name)
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from oddaemon.cli.control_settings import ControlSettings
     from oddaemon.core.config import Config
 
-CONTROL_COMMANDS = ("list", "status", "cancel", "retry", "sweep")
+CONTROL_COMMANDS = ("list", "status", "cancel", "finish", "retry", "sweep")
 DEFAULT_CONFIG = "/etc/oddaemon/oddaemon.toml"
 
 
@@ -59,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("file")
     s.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the daemon's verdict (0: don't)")
     for name, text in (("list", "list jobs"), ("status", "show one job"), ("cancel", "cancel a job"),
+                       ("finish", "end a job's training now: save a checkpoint, evaluate the rest, export the "
+                                  "best; the job succeeds"),
                        ("retry", "retry a failed or cancelled job")):
         s = command(name, help=text)
         if name != "list":

@@ -70,6 +70,8 @@ def _ask_dbus(client, payload: dict) -> dict:
         return {"ok": True, "job": client.get_job(name)}
     if cmd == "cancel":
         return {"ok": True, "state": client.cancel(name)}
+    if cmd == "finish":
+        return {"ok": True, "state": client.finish(name)}
     if cmd == "retry":
         return {"ok": True, "state": client.retry(name)}
     if cmd == "sweep" and name:

@@ -36,6 +36,14 @@ class Cancel:
 
 
 @dataclass(frozen=True)
+class Finish:
+    """``oddaemon finish``: end training now, keeping its work: the train worker saves a checkpoint
+    and exits, what is left is evaluated (and the best exported), and the job succeeds."""
+
+    name: str
+
+
+@dataclass(frozen=True)
 class Retry:
     name: str
 
@@ -107,7 +115,7 @@ class NotificationRecorded:
     text: str
 
 
-Event = (Submit | ProcessExited | Cancel | Retry | Tick | PolicyChanged | Restore | EarlyStop | EvaluationsDone
+Event = (Submit | ProcessExited | Cancel | Finish | Retry | Tick | PolicyChanged | Restore | EarlyStop | EvaluationsDone
          | PlaceEvaluator | EvaluatorStopped | WorkerRefused | NotificationRecorded)
 
 
@@ -125,6 +133,7 @@ class StartTrain:
 class StopTrain:
     name: str
     reason: str
+    save: bool = False  # save a checkpoint first (SIGUSR2, as on a cluster's warning), then exit
 
 
 @dataclass(frozen=True)

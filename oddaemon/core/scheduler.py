@@ -27,8 +27,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from oddaemon.core import dependencies, notifications
-from oddaemon.core.errors import ErrorKind
+from oddaemon.core import dependencies, notifications, user_requests
 from oddaemon.core.events import (
     Accepted,
     Action,
@@ -38,6 +37,7 @@ from oddaemon.core.events import (
     EvaluationsDone,
     EvaluatorStopped,
     Event,
+    Finish,
     NotificationRecorded,
     PlaceEvaluator,
     PolicyChanged,
@@ -61,32 +61,14 @@ from oddaemon.core.failures import describe_returncode
 from oddaemon.core.jobs import HISTORY_LIMIT, Job, Policy, State
 from oddaemon.core.placement import allocate, clash_detail, fits_ever, model_dir_clash, resolve_wants
 from oddaemon.core.remedies import Remedy
-from oddaemon.core.states import HOLDS_RESOURCES, TERMINAL, JobState, check_transition
+from oddaemon.core.states import TERMINAL, JobState
+from oddaemon.core.transitions import training_over, transition
 
 __all__ = ["Accepted", "Action", "Cancel", "EarlyStop", "EvalPlacement", "EvaluationsDone", "EvaluatorStopped", "Event",
-           "Job", "NotificationRecorded", "PlaceEvaluator", "Policy", "PolicyChanged", "ProcessExited", "Refused",
-           "Rejected", "Restore",
+           "Finish", "Job", "NotificationRecorded", "PlaceEvaluator", "Policy", "PolicyChanged", "ProcessExited",
+           "Refused", "Rejected", "Restore",
            "Retry", "SaveJob", "StartTrain", "State", "StateChanged", "StopEvaluator", "StopTrain", "Submit", "Tick",
            "TrainingEnded", "WakeAt", "WorkerRefused", "step", "transition"]
-
-# ---- the one guarded state change ---------------------------------------------------------
-
-
-def transition(job: Job, new: JobState, now: float, reason: str, **changes) -> tuple[Job, list[Action]]:
-    check_transition(job.name, job.state, new)
-    history = (job.history + ((now, new.value, reason),))[-HISTORY_LIMIT:]
-    if new not in HOLDS_RESOURCES:
-        changes.setdefault("gpus", ())
-    if new is not JobState.WAITING:
-        changes.setdefault("waiting_for", ())
-    extra: list[Action] = []
-    if new in TERMINAL:
-        changes.setdefault("finished_at", now)
-        changes.setdefault("eval_gpus", ())
-        extra.append(StopEvaluator(job.name, f"job {new.value}"))
-    updated = replace(job, state=new, reason=reason, history=history, **changes)
-    return updated, [StateChanged(job.name, job.state.value, new.value, reason), SaveJob(updated), *extra]
-
 
 # ---- step ---------------------------------------------------------------------------------
 
@@ -100,9 +82,11 @@ def step(state: State, event: Event, now: float) -> tuple[State, list[Action]]:
     elif isinstance(event, ProcessExited):
         _exited(state.policy, jobs, event, now, actions)
     elif isinstance(event, Cancel):
-        _cancel(jobs, event.name, now, actions)
+        user_requests.cancel(jobs, event.name, now, actions)
+    elif isinstance(event, Finish):
+        user_requests.finish(jobs, event.name, now, actions)
     elif isinstance(event, Retry):
-        _retry(state, jobs, event.name, now, actions)
+        user_requests.retry(state, jobs, event.name, now, actions)
     elif isinstance(event, Restore):
         next_seq = _restore(state, jobs, event, now, actions)
     elif isinstance(event, EarlyStop):
@@ -174,11 +158,11 @@ def _exited(policy: Policy, jobs: dict[str, Job], ev: ProcessExited, now: float,
     exit_text = describe_returncode(ev.returncode)
     failure = ev.failure
     if job.state is JobState.STOPPING and job.stop_reason:
-        jobs[job.name], acts = _training_over(job, now, job.stop_reason, last_exit=exit_text)
+        jobs[job.name], acts = training_over(job, now, job.stop_reason, last_exit=exit_text)
     elif job.state is JobState.STOPPING:
         jobs[job.name], acts = transition(job, JobState.CANCELLED, now, "cancelled by request", last_exit=exit_text)
     elif ev.returncode == 0 and failure is None:
-        jobs[job.name], acts = _training_over(job, now, "training finished", last_exit=exit_text)
+        jobs[job.name], acts = training_over(job, now, "training finished", last_exit=exit_text)
     else:
         acts = _failed(policy, jobs, job, ev, now, exit_text)
     actions += acts
@@ -242,15 +226,6 @@ def _worker_refused(jobs: dict[str, Job], ev: WorkerRefused, now: float, actions
     actions += acts
 
 
-def _training_over(job: Job, now: float, reason: str, **changes) -> tuple[Job, list[Action]]:
-    """Training finished (or was stopped early): evaluate what is left first, if evaluation is on."""
-    if not job.spec.eval.enabled:
-        return transition(job, JobState.SUCCEEDED, now, reason, **changes)
-    updated, acts = transition(job, JobState.EVALUATING, now, f"{reason}; evaluating the remaining checkpoints",
-                               retry_at=None, **changes)
-    return updated, acts + [TrainingEnded(job.name)]
-
-
 def _early_stop(jobs: dict[str, Job], ev: EarlyStop, now: float, actions: list[Action]) -> None:
     job = jobs.get(ev.name)
     if job is None or not job.spec.eval.enabled:
@@ -259,7 +234,7 @@ def _early_stop(jobs: dict[str, Job], ev: EarlyStop, now: float, actions: list[A
         jobs[job.name], acts = transition(job, JobState.STOPPING, now, ev.reason, stop_reason=ev.reason)
         actions += acts + [StopTrain(job.name, ev.reason)]
     elif job.state is JobState.BACKOFF:
-        jobs[job.name], acts = _training_over(replace(job, stop_reason=ev.reason), now, ev.reason)
+        jobs[job.name], acts = training_over(replace(job, stop_reason=ev.reason), now, ev.reason)
         actions += acts
 
 
@@ -292,54 +267,13 @@ def _place_evaluator(state: State, jobs: dict[str, Job], name: str, actions: lis
         actions += [SaveJob(jobs[name]), EvalPlacement(name, (free[0],))]
 
 
-def _cancel(jobs: dict[str, Job], name: str, now: float, actions: list[Action]) -> None:
-    job = jobs.get(name)
-    if job is None:
-        actions.append(Refused(f"no job named '{name}'", ErrorKind.NOT_FOUND))
-        return
-    if job.state in TERMINAL:
-        actions.append(Refused(f"job '{name}' is already {job.state}"))
-    elif job.state is JobState.STOPPING and not job.stop_reason:
-        actions.append(Refused(f"job '{name}' is already stopping"))
-    elif job.state is JobState.STOPPING:  # stopping early: make it a cancel (same state, new intent)
-        history = (job.history + ((now, job.state.value, "cancel requested"),))[-HISTORY_LIMIT:]
-        jobs[name] = replace(job, stop_reason="", reason="cancel requested", history=history)
-        actions.append(SaveJob(jobs[name]))
-    elif job.state is JobState.RUNNING:
-        jobs[name], acts = transition(job, JobState.STOPPING, now, "cancel requested")
-        actions += acts + [StopTrain(name, "cancel requested")]
-    else:
-        jobs[name], acts = transition(job, JobState.CANCELLED, now, "cancelled by request", retry_at=None)
-        actions += acts
-
-
-def _retry(state: State, jobs: dict[str, Job], name: str, now: float, actions: list[Action]) -> None:
-    job = jobs.get(name)
-    if job is None:
-        actions.append(Refused(f"no job named '{name}'", ErrorKind.NOT_FOUND))
-    elif job.state not in (JobState.FAILED, JobState.CANCELLED):
-        actions.append(Refused(f"job '{name}' is {job.state}; only failed or cancelled jobs can be retried"))
-    else:
-        why_not = fits_ever(job.wants, state.inventory, state.policy.cluster_allocates)
-        if why_not:
-            actions.append(Refused(f"job '{name}' can never run here: it {why_not}"))
-            return
-        again = dependencies.on_retry(job, jobs)  # queued, waiting again, or refused for a dependency
-        if again.state is None:
-            actions.append(Refused(again.reason))
-            return
-        jobs[name], acts = transition(job, again.state, now, again.reason, consecutive_failures=0,
-                                      retry_at=None, finished_at=None, waiting_for=again.pending)
-        actions += acts
-
-
 def _restore(state: State, jobs: dict[str, Job], ev: Restore, now: float, actions: list[Action]) -> int:
     next_seq = state.next_seq
     for job in sorted(ev.jobs, key=lambda j: j.seq):
         next_seq = max(next_seq, job.seq + 1)
         job = replace(job, eval_gpus=())  # no evaluator survives a daemon restart
         if job.state is JobState.STOPPING and job.stop_reason:
-            job, acts = _training_over(job, now, job.stop_reason)
+            job, acts = training_over(job, now, job.stop_reason)
             actions += acts
         elif job.state is JobState.STOPPING:
             job, acts = transition(job, JobState.CANCELLED, now, "cancelled by request (daemon restarted)")

@@ -34,10 +34,11 @@ _ALLOWED: dict[JobState, frozenset[JobState]] = {
     JobState.RUNNING: frozenset(
         {JobState.BACKOFF, JobState.STOPPING, JobState.EVALUATING, JobState.SUCCEEDED, JobState.FAILED, JobState.QUEUED}
     ),
-    JobState.BACKOFF: frozenset(
-        {JobState.RUNNING, JobState.CANCELLED, JobState.FAILED, JobState.QUEUED, JobState.EVALUATING}
+    JobState.BACKOFF: frozenset(  # (succeeded: oddaemon finish of a job without evaluation)
+        {JobState.RUNNING, JobState.CANCELLED, JobState.FAILED, JobState.QUEUED, JobState.EVALUATING,
+         JobState.SUCCEEDED}
     ),
-    JobState.STOPPING: frozenset({JobState.CANCELLED, JobState.QUEUED, JobState.EVALUATING}),
+    JobState.STOPPING: frozenset({JobState.CANCELLED, JobState.QUEUED, JobState.EVALUATING, JobState.SUCCEEDED}),
     JobState.EVALUATING: frozenset({JobState.SUCCEEDED, JobState.CANCELLED, JobState.FAILED}),
     JobState.SUCCEEDED: frozenset(),
     JobState.FAILED: frozenset({JobState.QUEUED, JobState.WAITING}),

@@ -142,6 +142,9 @@ class Commands:
     def cancel(self, name: str) -> str:
         return self._command(sch.Cancel(name), name)
 
+    def finish(self, name: str) -> str:
+        return self._command(sch.Finish(name), name)
+
     def retry(self, name: str) -> str:
         return self._command(sch.Retry(name), name)
 
@@ -188,6 +191,8 @@ class Commands:
             return {"ok": True, "job": self.get_job(name)}
         if cmd == "cancel":
             return {"ok": True, "state": self.cancel(name)}
+        if cmd == "finish":
+            return {"ok": True, "state": self.finish(name)}
         if cmd == "retry":
             return {"ok": True, "state": self.retry(name)}
         raise CommandError(ErrorKind.INVALID, f"unknown command {cmd!r}")

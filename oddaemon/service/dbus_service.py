@@ -63,6 +63,9 @@ INTROSPECTION = f"""
     <method name="Cancel">
       <arg name="name" type="s" direction="in"/><arg name="state" type="s" direction="out"/>
     </method>
+    <method name="Finish">
+      <arg name="name" type="s" direction="in"/><arg name="state" type="s" direction="out"/>
+    </method>
     <method name="Retry">
       <arg name="name" type="s" direction="in"/><arg name="state" type="s" direction="out"/>
     </method>
@@ -185,6 +188,10 @@ class Service:
     def Cancel(self, name, dbus_context=None):
         self._authorize(dbus_context, "Cancel")
         return self._call(lambda: self.commands.cancel(name))
+
+    def Finish(self, name, dbus_context=None):
+        self._authorize(dbus_context, "Finish")
+        return self._call(lambda: self.commands.finish(name))
 
     def Retry(self, name, dbus_context=None):
         self._authorize(dbus_context, "Retry")

@@ -70,7 +70,7 @@ class Effects:
         self.launcher.start_train(action)
 
     def _stop_train(self, action: sch.StopTrain) -> None:
-        self.executor.stop(action.name, "train", action.reason)
+        self.executor.stop(action.name, "train", action.reason, save=action.save)
 
     def _accepted(self, action: sch.Accepted) -> None:
         if action.token:

@@ -72,9 +72,10 @@ class Executor(Protocol):
     def start(self, launch: WorkerLaunch) -> RunningWorker: ...
 
     def stop(self, name: str, role: str, reason: str, failure: Failure | None = None,
-             only: RunningWorker | None = None) -> bool:
+             only: RunningWorker | None = None, save: bool = False) -> bool:
         """Stop the (name, role) worker; ``only``: only if it is still that one (a delayed stop must not
-        reach the worker started after it)."""
+        reach the worker started after it); ``save``: a train worker saves a checkpoint first (SIGUSR2,
+        which it takes as a cluster's warning: save after the training iteration it is in, exit)."""
         ...
 
     def stop_all(self, reason: str) -> None:

@@ -26,6 +26,9 @@ from oddaemon.service.cgroup_workers import WorkerCgroups
 from oddaemon.service.executor import ExitCallback, WorkerLaunch
 
 log = logging.getLogger("oddaemon.service.local_executor")
+# How long a train worker asked to save (oddaemon finish) may take before it is stopped as on a
+# cancel: the save waits for the end of the training iteration it is in (100 steps in train_loop).
+FINISH_GRACE_SECONDS = 600.0
 
 class LocalExecutor:
     def __init__(self, loop: Loop, log_dir: str, log_max_bytes: int, log_backups: int,
@@ -136,21 +139,37 @@ class LocalExecutor:
         self.on_exit(worker, returncode, failure)
 
     def stop(self, name: str, role: str, reason: str, failure: Failure | None = None,
-             only: Worker | None = None) -> bool:
+             only: Worker | None = None, save: bool = False) -> bool:
         """SIGTERM to the worker's process group, SIGKILL after the grace period. ``failure``: the
-        daemon stops it because it failed (hung, NaN loss); its exit reports that failure."""
+        daemon stops it because it failed (hung, NaN loss); its exit reports that failure. ``save``:
+        SIGUSR2 first (the worker saves a checkpoint after its training iteration and exits); still
+        there after ``FINISH_GRACE_SECONDS``, it is stopped as above."""
         worker = self.workers.get((name, role))
         if worker is None or (only is not None and worker is not only):
             return False
         if failure is not None:
             self._imposed.setdefault(worker.pid, failure)
             self._log_for(name, role).write(f"==== oddaemon: stopping {role}: {failure.message}\n".encode())
-        if worker.stop_requested_at is None:
+        if worker.stop_requested_at is None and save:
+            worker.stop_requested_at = self.clock()
+            log.info("asking the %s worker of %s (pid %d) to save a checkpoint and exit: %s", role, name, worker.pid,
+                     reason)
+            self._log_for(name, role).write(f"==== oddaemon: {reason}: SIGUSR2 (save a checkpoint, exit)\n".encode())
+            worker.signal_group(signal.SIGUSR2)
+            self.loop.call_later(max(FINISH_GRACE_SECONDS, self.stop_grace), lambda: self._unsaved(worker, reason))
+        elif worker.stop_requested_at is None:
             worker.stop_requested_at = self.clock()
             log.info("stopping %s worker of %s (pid %d): %s", role, name, worker.pid, reason)
             worker.signal_group(signal.SIGTERM)
             self.loop.call_later(self.stop_grace, lambda: self._kill_if_alive(worker))
         return True
+
+    def _unsaved(self, worker: Worker, reason: str) -> None:
+        if worker.pid in self._handles:
+            log.warning("%s worker of %s (pid %d) has not saved and exited %gs after SIGUSR2: stopping it (%s)",
+                        worker.role, worker.name, worker.pid, max(FINISH_GRACE_SECONDS, self.stop_grace), reason)
+            worker.signal_group(signal.SIGTERM)
+            self.loop.call_later(self.stop_grace, lambda: self._kill_if_alive(worker))
 
     def _kill_if_alive(self, worker: Worker) -> None:
         if worker.pid in self._handles:

@@ -126,10 +126,12 @@ class SlurmExecutor:
         return worker
 
     def stop(self, name: str, role: str, reason: str, failure: Failure | None = None,
-             only: RunningWorker | None = None) -> bool:
+             only: RunningWorker | None = None, save: bool = False) -> bool:
+        """``scancel``; with ``save``, a running job gets the warning signal instead (``scancel
+        --signal=USR2 --batch``: the worker saves a checkpoint and exits) and a pending one is cancelled."""
         worker = self.jobs.get((name, role))
         if worker is None:
-            return self.local.stop(name, role, reason, failure, only)
+            return self.local.stop(name, role, reason, failure, only, save)
         if only is not None and worker is not only:
             return False
         if failure is not None and worker.imposed is None:
@@ -138,7 +140,7 @@ class SlurmExecutor:
             worker.stop_reason = reason or "stopped"
             log.info("stopping %s worker of %s (Slurm job %s): %s", role, name, worker.job_id, reason)
             if worker.job_id is not None:
-                self._scancel(worker)
+                self._scancel(worker, "USR2" if save and worker.running else None)
         return True
 
     def stop_all(self, reason: str) -> None:
@@ -270,12 +272,13 @@ class SlurmExecutor:
         if worker.output.read() and self.local.on_output is not None:
             self.local.on_output(worker.name, worker.role)  # (the hang guard's activity)
 
-    def _scancel(self, worker: SlurmWorker) -> None:
+    def _scancel(self, worker: SlurmWorker, signal_name: str | None = None) -> None:
         def done(result: CommandResult) -> None:
             if not result.ok:
                 log.warning("scancel %s: %s (the next poll sees the job's state)", worker.job_id, result.describe())
 
-        self.commands.run(["scancel", str(worker.job_id)], done)
+        signalled = [f"--signal={signal_name}", "--batch"] if signal_name else []
+        self.commands.run(["scancel", *signalled, str(worker.job_id)], done)
 
     def _poll_soon(self) -> None:
         if self._poll_handle is None and not self._polling:

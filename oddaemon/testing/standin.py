@@ -172,7 +172,16 @@ def _records_summaries(setup: Setup, start: int, num_steps: int):
     return due
 
 
+def usr2_words() -> str:
+    """As the real worker says what SIGUSR2 was (``workers/train.usr2_words``)."""
+    if os.environ.get("SLURM_JOB_ID"):
+        return "on the cluster's warning signal (SIGUSR2) before its time limit"
+    return "on SIGUSR2 (oddaemon finish)"
+
+
 def train(setup: Setup) -> int:
+    warned: list[int] = []  # SIGUSR2: the cluster's warning before its time limit, or oddaemon finish
+    signal.signal(signal.SIGUSR2, lambda signum, frame: warned.append(signum))
     rank, tasks = standin_tasks.tasks(os.environ)  # several Slurm nodes: one task each, task 0 trains
     if tasks > 1:
         standin_tasks.record(setup.model_dir, rank, tasks)
@@ -206,14 +215,12 @@ def train(setup: Setup) -> int:
     writer = SummaryWriter(os.path.join(setup.model_dir, "train"), setup.directives["summary_max_queue"],
                            setup.directives["summary_flush_seconds"])
     checkpointed = logged = step
-    warned: list[int] = []  # the cluster's warning signal before its time limit (SIGUSR2)
-    signal.signal(signal.SIGUSR2, lambda signum, frame: warned.append(signum))
     try:
         while step < num_steps:
             if warned:  # as the real worker: save now, say so, ask to be requeued
                 manager.save(step)
-                print(marker_line("requeued", f"saved a checkpoint at step {step} on the cluster's warning signal "
-                                              "(SIGUSR2) before its time limit"), file=sys.stderr, flush=True)
+                print(marker_line("requeued", f"saved a checkpoint at step {step} {usr2_words()}"), file=sys.stderr,
+                      flush=True)
                 return REQUEUE_EXIT
             failure = _failure_due(setup, step + 1)
             if failure:

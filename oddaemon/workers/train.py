@@ -147,11 +147,21 @@ def _save_and_requeue(model_dir: str) -> int:
                           REQUEUE_EXIT)
     path = _managers[-1].save()
     err(marker_line("requeued", f"saved a checkpoint at step {checkpoint_step(path)} ({os.path.basename(path)}) "
-                                "on the cluster's warning signal (SIGUSR2) before its time limit"))
+                                f"{usr2_words()}"))
     return REQUEUE_EXIT
 
 
+def usr2_words() -> str:
+    """What SIGUSR2 was: the cluster's warning before its time limit (a Slurm job), else the local
+    daemon's ``oddaemon finish`` (save, then exit)."""
+    if os.environ.get("SLURM_JOB_ID"):
+        return "on the cluster's warning signal (SIGUSR2) before its time limit"
+    return "on SIGUSR2 (oddaemon finish)"
+
+
 def run(args) -> int:
+    early: list[int] = []  # SIGUSR2 before training began: nothing trained yet to save
+    signal.signal(signal.SIGUSR2, lambda signum, frame: early.append(signum))
     job = load_job(args.job)
     spec = job["spec"]
     from oddaemon.workers import compat
@@ -206,10 +216,13 @@ def run(args) -> int:
         strategy = strategy_for(gpus)
     started = time.monotonic()
     _capture_checkpoint_managers(tf)
+    if task is None and early:
+        err(marker_line("requeued", f"stopped before training began ({usr2_words()}): no new step to save"))
+        return REQUEUE_EXIT
     if task is None:
         signal.signal(signal.SIGUSR2, _on_warning)
     else:  # several tasks: noted, and agreed on between two iterations, so that all save at one step
-        warned: list[int] = []
+        warned: list[int] = early
         signal.signal(signal.SIGUSR2, lambda signum, frame: warned.append(signum))
         multiworker.agree_on_warning(tf, strategy, lambda: bool(warned), RequeueRequested)
     try:

@@ -106,6 +106,15 @@ class FakeCommands:
         self.jobs[name]["state"] = "stopping"
         return "stopping"
 
+    def finish(self, name):
+        self._record("finish", name)
+        if name not in self.jobs:
+            raise CommandError(ErrorKind.NOT_FOUND, f"no job named '{name}'")
+        if self.jobs[name]["state"] != "running":
+            raise CommandError(ErrorKind.REFUSED, f"job '{name}' is already {self.jobs[name]['state']}")
+        self.jobs[name]["state"] = "stopping"
+        return "stopping"
+
     def retry(self, name):
         self._record("retry", name)
         if name not in self.jobs:
@@ -201,7 +210,7 @@ def test_busctl_introspect_shows_the_interface(served, bus_address):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for member, sig in [(".ListJobs", "aa{sv}"), (".GetJob", "a{sv}"), (".Submit", "s"), (".SubmitText", "ss"),
-                        (".Cancel", "s"), (".Retry", "s"), (".Reload", "-"), (".Version", "s"),
+                        (".Cancel", "s"), (".Finish", "s"), (".Retry", "s"), (".Reload", "-"), (".Version", "s"),
                         (".QueueLength", "u"), (".GPUs", "a(us)"), (".JobStateChanged", "ssss"),
                         (".CheckpointEvaluated", "sxs")]:
         assert any(line.split()[:1] == [member] and sig in line for line in out.splitlines()), (member, out)
@@ -282,6 +291,10 @@ def test_submit_path_and_client_side_file_reading(served, bus_address, tmp_path)
 
 def test_cancel_retry_reload_and_their_errors(served, bus_address):
     fake, _service, client = served
+    assert client.finish("effdet") == "stopping" and fake.calls[-1] == ("finish", "effdet")
+    assert dbus_error(bus_address, "Finish", ("done",), "(s)") == \
+        ("io.github.oddaemon1.Error.Refused", "job 'done' is already succeeded")
+    fake.jobs["effdet"]["state"] = "running"
     assert client.cancel("effdet") == "stopping"
     assert dbus_error(bus_address, "Cancel", ("done",), "(s)") == \
         ("io.github.oddaemon1.Error.Refused", "job 'done' is already succeeded")
@@ -353,13 +366,13 @@ def test_properties_changed_only_when_values_change(served, bus_address):
 def test_caller_check_denies_non_members_of_the_submit_group(served, bus_address):
     fake, service, client = served
     service.caller_check = ds.CallerCheck("oddaemon-no-such-group", lambda sender: 65534)
-    for method, args, sig in [("Cancel", ("effdet",), "(s)"), ("Retry", ("done",), "(s)"), ("Reload", None, None),
+    for method, args, sig in [("Cancel", ("effdet",), "(s)"), ("Finish", ("effdet",), "(s)"), ("Retry", ("done",), "(s)"), ("Reload", None, None),
                               ("SubmitText", ("x", "x.toml"), "(ss)"), ("Submit", ("/etc/hostname",), "(s)")]:
         name, message = dbus_error(bus_address, method, args, sig)
         assert name == "org.freedesktop.DBus.Error.AccessDenied", method
         assert message == (f"{method} is only for root and members of the group 'oddaemon-no-such-group' "
                            "(caller uid 65534); ask an administrator to add you to it")
-    assert not [c for c in fake.calls if c[0] in ("cancel", "retry", "reload", "submit_text", "submit_file")]
+    assert not [c for c in fake.calls if c[0] in ("cancel", "finish", "retry", "reload", "submit_text", "submit_file")]
     assert client.list_jobs()  # reading stays open to everyone
 
 

@@ -362,3 +362,27 @@ def test_a_running_jobs_slurm_output_is_copied_into_its_rotating_log_and_counts_
     with open(tmp_path / "logs" / "a" / "train.log") as f:
         text = f.read()
     assert text.index("done\n") < text.index("ended in Slurm: COMPLETED")
+
+
+def test_a_finish_gives_a_running_job_the_warning_signal_and_cancels_a_pending_one(tmp_path):
+    """oddaemon finish on the Slurm backend: a running job gets SIGUSR2 in its batch step (the
+    worker saves a checkpoint and exits), a job still pending in Slurm's queue is cancelled."""
+    loop, slurm, executor, exits = make(tmp_path)
+    slurm.answer("sbatch", 0, "41\n")
+    slurm.answer("squeue", 0, jobs_json((41, "RUNNING", "node2")))
+    executor.start(launch(tmp_path))
+    loop.advance(0)
+    loop.advance(1.0)
+    assert executor.workers[("a", "train")].running
+    assert executor.stop("a", "train", "finished by request", save=True)
+    loop.advance(0)
+    assert ["scancel", "--signal=USR2", "--batch", "41"] in slurm.calls
+    loop2, slurm2, executor2, _ = make(tmp_path / "pending")
+    slurm2.answer("sbatch", 0, "42\n")
+    slurm2.answer("squeue", 0, jobs_json((42, "PENDING", "")))
+    executor2.start(launch(tmp_path))
+    loop2.advance(0)
+    loop2.advance(1.0)
+    assert executor2.stop("a", "train", "finished by request", save=True)
+    loop2.advance(0)
+    assert ["scancel", "42"] in slurm2.calls and not any("--signal=USR2" in c for c in slurm2.calls)

@@ -181,6 +181,7 @@ class FakeExecutor:
         self.workers: dict[tuple[str, str], FakeWorker] = {}
         self.launches: list = []  # every WorkerLaunch, in order
         self.stops: list[tuple[str, str, str, object]] = []  # (name, role, reason, failure)
+        self.saves: list[tuple[str, str]] = []  # the stops that asked the worker to save first (finish)
         self.notes: list[tuple[str, str, str]] = []
         self.reopened = 0
         self._pids = itertools.count(4_000_000)  # above any pid_max: never a live process's
@@ -201,10 +202,12 @@ class FakeExecutor:
         self.launches.append(launch)
         return worker
 
-    def stop(self, name: str, role: str, reason: str, failure=None, only=None) -> bool:
+    def stop(self, name: str, role: str, reason: str, failure=None, only=None, save=False) -> bool:
         if (name, role) not in self.workers or (only is not None and self.workers[(name, role)] is not only):
             return False
         self.stops.append((name, role, reason, failure))
+        if save:
+            self.saves.append((name, role))
         return True
 
     def stop_all(self, reason: str) -> None:

@@ -37,7 +37,7 @@ def detect(exported: str, side: int = 160) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def tiny_job(env: DaemonEnv, name: str, pipeline: str, train: str, evaluation: str) -> str:
+def tiny_job(env: DaemonEnv, name: str, pipeline: str, train: str, evaluation: str, every: int = 5) -> str:
     """Generate the tiny SSD demo data, start the daemon and drop a CPU job on that data."""
     data = os.path.join(env.root, "data", "demo")
     subprocess.run([sys.executable, "-m", "oddaemon.workers", "generate-demo", "--out", data, "--model",
@@ -55,7 +55,7 @@ train_input_path = "{data}/train-*.tfrecord"
 eval_input_path = "{data}/eval.tfrecord"
 [train]
 gpus = 0
-checkpoint_every_n = 5
+checkpoint_every_n = {every}
 {train}
 [eval]
 {evaluation}

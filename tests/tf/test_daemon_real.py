@@ -151,3 +151,29 @@ enabled = false
         log = f.read()
     assert "load_fine_tune_checkpoint" not in log and "Traceback" not in log, log[-4000:]
     assert os.path.isfile(os.path.join(env.models, "finetune", "ckpt-1.index"))
+
+
+def test_finish_of_a_real_run_saves_where_it_is_evaluates_exports_and_succeeds(real_env):
+    """oddaemon finish with the real workers: the trainer saves a checkpoint after the training
+    iteration it is in (off the cadence of 1,000) and exits; both checkpoints are evaluated, the best
+    exported, and the job succeeded."""
+    env = real_env
+    tiny_job(env, "enough", "num_steps = 100000", "", 'device = "cpu"\nexport_best = true', every=1000)
+    env.wait_state("enough", ("running", "failed"), 300)
+    wait_for(lambda: ((env.job("enough") or {}).get("step") or 0) >= 10, 600, 1.0, what="training under way")
+    out = env.cli("finish", "enough")
+    assert out.returncode == 0 and out.stdout.strip() == "enough: stopping", out.stdout + out.stderr
+    final = env.wait_state("enough", ("succeeded", "failed", "cancelled"), 600)
+    assert final["state"] == "succeeded", (final["reason"], env.daemon_log()[-4000:])
+    assert final["reason"] == "finished by request; every checkpoint evaluated" and final["restarts"] == 0
+    checkpoints = final["evaluation"]["checkpoints"]
+    assert [(c["step"] == 0, c["state"], c["attempts"]) for c in checkpoints] == [
+        (True, "evaluated", 1), (False, "evaluated", 1)], checkpoints
+    saved = checkpoints[-1]["step"]
+    assert 10 <= saved < 1000
+    with open(os.path.join(env.logs, "enough", "train.log")) as f:
+        log = f.read()
+    assert re.search(rf"oddaemon-failure: requeued: saved a checkpoint at step {saved} \(ckpt-\d+\) on SIGUSR2 "
+                     r"\(oddaemon finish\)", log), log[-3000:]
+    info = json.load(open(os.path.join(env.models, "enough", "exported", "export.json")))
+    assert info["checkpoint"] == final["evaluation"]["best"]["checkpoint"]

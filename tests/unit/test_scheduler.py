@@ -239,6 +239,56 @@ def test_cancel_during_early_stop_or_evaluating_cancels():
     assert state.jobs["b"].state is JobState.CANCELLED and sch.StopEvaluator("b", "job cancelled") in actions
 
 
+def test_finish_saves_then_evaluates_the_rest_and_succeeds_and_is_refused_where_nothing_trains():
+    """oddaemon finish: a running job stops with a save (StopTrain save=True), whatever its exit
+    (the worker exits 75 after the save) it goes on as at the end of training: evaluating, then
+    succeeded; a job in backoff goes straight to evaluating; the GPU is free again."""
+    state = sch.State(inventory=(0,), policy=sch.Policy(backoff_base=5, backoff_cap=5))
+    state, _ = submit(state, spec("a", evaluate=True))
+    state, _ = submit(state, spec("queued"))
+    state, actions = sch.step(state, sch.Finish("a"), 1.0)
+    assert state.jobs["a"].state is JobState.STOPPING and state.jobs["a"].reason == "finished by request: saving a " \
+        "checkpoint"
+    assert kinds(actions, sch.StopTrain) == [sch.StopTrain("a", "finished by request", save=True)]
+    state, actions = sch.step(state, sch.Finish("a"), 1.5)
+    assert kinds(actions, sch.Refused)[0].reason == "job 'a' is already stopping (finished by request)"
+    state, actions = sch.step(state, sch.ProcessExited("a", 1, 75), 2.0)
+    a = state.jobs["a"]
+    assert a.state is JobState.EVALUATING and a.reason == "finished by request; evaluating the remaining checkpoints"
+    assert sch.TrainingEnded("a") in actions and a.restarts == 0 and a.failure is None
+    assert kinds(actions, sch.StartTrain) == [sch.StartTrain("queued", (0,), 1)]  # its GPU went to the next
+    state, actions = sch.step(state, sch.Finish("a"), 2.5)
+    assert kinds(actions, sch.Refused)[0].reason == ("job 'a' has finished training; its last checkpoints are "
+                                                     "being evaluated")
+    state, _ = sch.step(state, sch.EvaluationsDone("a"), 3.0)
+    assert state.jobs["a"].state is JobState.SUCCEEDED
+    assert state.jobs["a"].reason == "finished by request; every checkpoint evaluated"
+    # backoff: nothing runs; the checkpoints it has are evaluated
+    state, _ = sch.step(state, sch.ProcessExited("queued", 1, 1), 4.0)
+    assert state.jobs["queued"].state is JobState.BACKOFF
+    state, actions = sch.step(state, sch.Finish("queued"), 4.5)
+    assert state.jobs["queued"].state is JobState.SUCCEEDED and not kinds(actions, sch.StopTrain)  # (eval off)
+    assert state.jobs["queued"].reason == "finished by request" and state.free_gpus() == (0,)
+    # nothing to finish
+    state, _ = submit(state, spec("busy"), 5.0)
+    state, _ = submit(state, spec("later"), 5.0)
+    for name, why in (("later", "has not started training: `oddaemon cancel` it instead"),
+                      ("a", "is already succeeded")):
+        _, actions = sch.step(state, sch.Finish(name), 6.0)
+        assert kinds(actions, sch.Refused)[0].reason == f"job '{name}' {why}"
+    _, actions = sch.step(state, sch.Finish("nope"), 6.0)
+    assert kinds(actions, sch.Refused)[0].reason == "no job named 'nope'"
+    # a cancel in progress is not turned into a finish
+    state, _ = sch.step(state, sch.Cancel("busy"), 7.0)
+    _, actions = sch.step(state, sch.Finish("busy"), 7.5)
+    assert kinds(actions, sch.Refused)[0].reason == "job 'busy' is already stopping (cancel requested)"
+    # without evaluation: succeeded once the worker has saved and exited
+    state, _ = sch.step(state, sch.ProcessExited("busy", 1, -15), 8.0)
+    state, _ = sch.step(state, sch.Finish("later"), 8.5)
+    state, _ = sch.step(state, sch.ProcessExited("later", 1, 75), 9.0)
+    assert state.jobs["later"].state is JobState.SUCCEEDED and state.jobs["later"].reason == "finished by request"
+
+
 @pytest.mark.parametrize("device, busy, expected", [
     ("cpu", False, ()), ("gpu", False, (1,)), ("gpu", True, None), ("auto", False, (1,)), ("auto", True, ()),
 ])

@@ -1,0 +1,48 @@
+"""``oddaemon finish``: a running job's training ends now with its work kept. The stand-in trainer
+saves a checkpoint on SIGUSR2 as the real one does (at the step it has reached)
+and exits; every checkpoint is evaluated, the best exported, and the job succeeds."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from oddaemon.testing.standin_core import checkpoint_step, read_checkpoint_state
+from tests.support.harness import wait_for
+
+
+def test_finish_saves_evaluates_the_rest_exports_the_best_and_succeeds(daemon_env):
+    env = daemon_env.start()
+    env.drop("f.toml", env.job_text("f", num_steps=100000, every=50, keep=2, step_seconds=0.01,
+                                    eval_extra="export_best = true"))
+    env.drop("q.toml", env.job_text("q", num_steps=4, extra='after = ["f"]'))
+    wait_for(lambda: (env.job("f") or {}).get("step") and env.job("f")["step"] >= 120, 60, what="f past step 120")
+    out = env.cli("finish", "q")
+    assert out.returncode != 0 and "job 'q' has not started training: `oddaemon cancel` it instead" in out.stderr, \
+        out.stdout + out.stderr
+    out = env.cli("finish", "f")
+    assert out.returncode == 0 and out.stdout.strip() == "f: stopping", out.stdout + out.stderr
+    f = env.wait_state("f", ("succeeded", "failed", "cancelled"), 90)
+    assert f["state"] == "succeeded", f
+    assert [h["reason"] for h in f["history"]][-3:] == [
+        "finished by request: saving a checkpoint", "finished by request; evaluating the remaining checkpoints",
+        "finished by request; every checkpoint evaluated"], f["history"]
+    assert f["restarts"] == 0 and f["failure"] is None, f
+    # the checkpoint saved on the request holds the step the trainer had reached (the marker names it)
+    kept = read_checkpoint_state(os.path.join(env.models, "f"))
+    last = checkpoint_step(kept[-1])
+    assert last >= 120, last
+    checkpoints = f["evaluation"]["checkpoints"]
+    assert all(c["state"] == "evaluated" and c["attempts"] == 1 for c in checkpoints), checkpoints
+    assert checkpoints[-1]["step"] == last and [c["step"] for c in checkpoints][:3] == [0, 50, 100]
+    with open(os.path.join(env.models, "f", "exported", "export.json")) as info:
+        assert json.load(info)["checkpoint"] == f["evaluation"]["best"]["checkpoint"]
+    with open(os.path.join(env.logs, "f", "train.log")) as log:
+        text = log.read()
+    assert "==== oddaemon: finished by request: SIGUSR2 (save a checkpoint, exit)" in text, text[-2000:]
+    assert f"oddaemon-failure: requeued: saved a checkpoint at step {last} on SIGUSR2 (oddaemon finish)" in text
+    # the job that waited for it runs (it succeeded), and finishing a finished job is refused
+    assert env.wait_state("q", "succeeded", 60)["state"] == "succeeded"
+    out = env.cli("finish", "f")
+    assert out.returncode != 0 and "job 'f' is already succeeded" in out.stderr
+    assert env.cli("finish", "ghost").returncode != 0
