@@ -129,6 +129,26 @@ def test_the_warning_signal_saves_a_checkpoint_and_the_job_is_resubmitted(slurm_
     assert job["evaluation"]["counts"]["evaluated"] == job["evaluation"]["total"]
 
 
+def test_finish_gives_the_slurm_job_the_warning_signal_and_the_job_succeeds_without_a_resubmission(
+        slurm_env, cluster):
+    """oddaemon finish on the Slurm backend: scancel --signal=USR2 --batch, the worker saves a
+    checkpoint and exits, nothing is resubmitted, the rest is evaluated and the job succeeds."""
+    env = slurm_env.start()
+    env.drop("enough.toml", env.job_text("enough", gpus=0, num_steps=100000, every=20, keep=20, step_seconds=0.05))
+    wait_for(lambda: ((env.job("enough") or {}).get("evaluation") or {}).get("newest_step") == 20, 120,
+             what="the checkpoint of step 20 to be evaluated")
+    out = env.cli("finish", "enough")
+    assert out.returncode == 0 and out.stdout.strip() == "enough: stopping", out.stdout + out.stderr
+    job = env.wait_state("enough", ("succeeded", "failed", "cancelled"), timeout=180)
+    assert job["state"] == "succeeded" and job["reason"] == "finished by request; every checkpoint evaluated", job
+    ran = slurm_jobs_of(cluster, "enough")
+    assert len(ran) == 1 and ran[0]["exit_code"] >> 8 == 75, ran  # (saved and left: not resubmitted)
+    with open(os.path.join(env.logs, "enough", "train.log")) as f:
+        saved = int(f.read().split("saved a checkpoint at step ")[1].split()[0])
+    assert job["evaluation"]["checkpoints"][-1]["step"] == saved >= 20
+    assert job["evaluation"]["counts"]["evaluated"] == job["evaluation"]["total"] and job["restarts"] == 0
+
+
 def test_a_job_slurm_keeps_waiting_shows_as_pending_and_starts_nothing_until_slurm_runs_it(slurm_env, cluster):
     """The node is drained, so Slurm keeps the train job pending: list, status and the metrics show its
     Slurm job id and state; neither its warm evaluator (on this host) nor its hang timer (4 s here)
