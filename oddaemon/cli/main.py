@@ -1,5 +1,5 @@
 """The ``oddaemon`` command line: arguments and dispatch (``serve``, ``submit``, ``list``, ``status``,
-``cancel``, ``retry``, ``sweep``, ``logs``, ``eval``, ``doctor``, ``tensorboard``, ``demo``).
+``cancel``, ``finish``, ``retry``, ``sweep``, ``logs``, ``eval``, ``export``, ``doctor``, ``tensorboard``, ``demo``).
 
 Exit codes (``exit_codes``): 0 done; 1 the daemon refused (no such job, job already finished, ...)
 or doctor found problems; 2 usage or configuration error; 3 the daemon is not reachable; 4 the
@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "(e.g. ckpt-12 or best/ckpt-12)")
     s.add_argument("--gpu", type=int, help="GPU id to evaluate on (default: the CPU)")
     s.add_argument("--json", action="store_true", help="print the result JSON")
+    s = command("export", help="export one checkpoint of a job to a SavedModel now (the best by default; a one-shot "
+                               "worker)")
+    s.add_argument("name")
+    s.add_argument("--checkpoint", help="checkpoint prefix, absolute or relative to the job's model_dir (e.g. "
+                                        "ckpt-12; default: the best, best/ckpt-N)")
+    s.add_argument("--output", "-o", required=True, help="a new (or empty) directory for the SavedModel")
     command("doctor", help="check the workers' TF stack, the shims, GPUs and free disk; print what to fix")
     s = command("tensorboard", help="TensorBoard on loopback over jobs' model_dirs (every job's if none is named); "
                                     "Ctrl-C stops it")
@@ -131,6 +137,10 @@ def main(argv: list[str] | None = None) -> int:
             from oddaemon.cli.oneshot import cmd_eval  # noqa: PLC0415
 
             return cmd_eval(config, args.name, args.checkpoint, args.gpu, args.json)
+        if args.command == "export":
+            from oddaemon.cli.oneshot import cmd_export  # noqa: PLC0415
+
+            return cmd_export(config, args.name, args.checkpoint, args.output)
         if args.command == "tensorboard":
             from oddaemon.cli.tensorboard import cmd_tensorboard  # noqa: PLC0415
 

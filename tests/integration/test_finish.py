@@ -46,3 +46,31 @@ def test_finish_saves_evaluates_the_rest_exports_the_best_and_succeeds(daemon_en
     out = env.cli("finish", "f")
     assert out.returncode != 0 and "job 'f' is already succeeded" in out.stderr
     assert env.cli("finish", "ghost").returncode != 0
+
+
+def test_export_command_exports_the_best_or_a_named_checkpoint_of_a_job_without_export_best(daemon_env, tmp_path):
+    """oddaemon export: a job that ran without export_best gets its SavedModel afterwards: the best
+    (model_dir/best) by default, or a checkpoint TF still keeps; one TF deleted, or an output that
+    is not empty, is refused with the reason."""
+    env = daemon_env.start()
+    env.drop("j.toml", env.job_text("j", num_steps=20, every=5, keep=2, step_seconds=0.01))
+    job = env.wait_state("j", "succeeded", 60)
+    best = job["evaluation"]["best"]
+    out = env.cli("export", "j", "-o", str(tmp_path / "best"))
+    assert out.returncode == 0 and out.stdout.strip() == f"j {best['checkpoint']} exported to {tmp_path / 'best'}", \
+        out.stdout + out.stderr
+    with open(tmp_path / "best" / "export.json") as f:
+        info = json.load(f)
+    assert (info["checkpoint"], info["step"], info["job"]) == (best["checkpoint"], best["step"], "j")
+    assert os.path.isfile(tmp_path / "best" / "checkpoint" / "ckpt-0.index")
+    newest = os.path.basename(read_checkpoint_state(os.path.join(env.models, "j"))[-1])
+    out = env.cli("export", "j", "--checkpoint", newest, "-o", str(tmp_path / "newest"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    with open(tmp_path / "newest" / "export.json") as f:
+        assert json.load(f)["step"] == 20
+    out = env.cli("export", "j", "--checkpoint", "ckpt-1", "-o", str(tmp_path / "gone"))
+    assert out.returncode != 0 and "cannot read checkpoint" in out.stderr and "checkpoint_max_to_keep" in out.stderr
+    assert not os.path.exists(tmp_path / "gone")
+    out = env.cli("export", "j", "-o", str(tmp_path / "best"))
+    assert out.returncode != 0 and "exists and is not an empty directory" in out.stderr
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".oddaemon-export-")]  # (its snapshot removed)

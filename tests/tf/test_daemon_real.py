@@ -62,6 +62,13 @@ def test_real_training_evaluation_best_and_export(real_env):
     wait_for(lambda: os.path.exists(os.path.join(exported, "saved_model.pb")), 120, 1.0, what="the export")
     result = detect(exported)
     assert result["num"] > 0 and result["boxes"][0] == 1 and result["boxes"][2] == 4 and result["scores"][0] == 1
+    # oddaemon export: the checkpoint TF kept (step 16), exported now by the real export worker
+    kept_prefix = os.path.join(env.models, "tiny", kept[0][:-len(".index")])
+    out = env.cli("export", "tiny", "--checkpoint", kept_prefix, "-o", os.path.join(env.root, "kept-export"),
+                  timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert json.load(open(os.path.join(env.root, "kept-export", "export.json")))["step"] == 16
+    assert detect(os.path.join(env.root, "kept-export"))["num"] > 0
     # and the daemon never imported tensorflow
     assert env.ask("ping")["heavy_modules"] == []
 
