@@ -1,7 +1,7 @@
 """The control socket: JSON lines over a Unix stream socket, served on the event loop.
 
 Request:  {"cmd": "list"} | {"cmd": "status", "name": N} | {"cmd": "cancel", "name": N} | {"cmd": "finish", "name": N}
-          | {"cmd": "retry", "name": N} | {"cmd": "ping"}
+          | {"cmd": "retry", "name": N} | {"cmd": "priority", "name": N, "priority": P} | {"cmd": "ping"}
 Response: {"ok": true, ...} or {"ok": false, "error": "message for the user", "kind": "not_found" | ...}
           (``oddaemon.core.errors.error_reply``: the kind is an ``ErrorKind`` value)
 

@@ -101,6 +101,10 @@ class Client:
     def retry(self, name: str) -> str:
         return self._call("Retry", name)
 
+    def set_priority(self, name: str, priority: int) -> dict:
+        state, position = self._call("SetPriority", name, priority)
+        return {"state": state, "priority": priority, "queue_position": position or None}
+
     def reload(self) -> None:
         self._call("Reload")
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from oddaemon.cli.control_settings import ControlSettings
     from oddaemon.core.config import Config
 
-CONTROL_COMMANDS = ("list", "status", "cancel", "finish", "retry", "sweep")
+CONTROL_COMMANDS = ("list", "status", "cancel", "finish", "retry", "priority", "sweep")
 DEFAULT_CONFIG = "/etc/oddaemon/oddaemon.toml"
 
 
@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("name")
         if name in ("list", "status"):
             s.add_argument("--json", action="store_true", help="machine-readable output")
+    s = command("priority", help="change a job's priority (its rank in the queue; -1000 to 1000, higher first)")
+    s.add_argument("name")
+    s.add_argument("priority", type=int)
     s = command("sweep", help="show a sweep: its variants' values, best metric and step, state (no name: all sweeps)")
     s.add_argument("name", nargs="?")
     s.add_argument("--json", action="store_true", help="machine-readable output")
@@ -188,6 +191,8 @@ def cmd_control(config: Config | ControlSettings, args: argparse.Namespace) -> i
     payload = {"cmd": args.command}
     if getattr(args, "name", None):
         payload["name"] = args.name
+    if args.command == "priority":
+        payload["priority"] = args.priority
     as_json = getattr(args, "json", False)
     if args.command == "list" and not as_json:
         payload["brief"] = True
@@ -212,6 +217,10 @@ def cmd_control(config: Config | ControlSettings, args: argparse.Namespace) -> i
         from oddaemon.cli.render import format_sweep, format_sweeps  # noqa: PLC0415
 
         print(format_sweep(reply["sweep"]) if "sweep" in reply else format_sweeps(reply["sweeps"]))
+    elif args.command == "priority":
+        position = reply.get("queue_position")
+        print(f"{args.name}: {reply.get('state')}, priority {reply.get('priority')}"
+              + (f", queue position {position}" if position else ""))
     else:
         print(f"{args.name}: {reply.get('state')}")
     return EXIT_OK

@@ -72,6 +72,8 @@ def _ask_dbus(client, payload: dict) -> dict:
         return {"ok": True, "state": client.cancel(name)}
     if cmd == "finish":
         return {"ok": True, "state": client.finish(name)}
+    if cmd == "priority":
+        return {"ok": True, **client.set_priority(name, payload["priority"])}
     if cmd == "retry":
         return {"ok": True, "state": client.retry(name)}
     if cmd == "sweep" and name:

@@ -49,6 +49,14 @@ class Retry:
 
 
 @dataclass(frozen=True)
+class SetPriority:
+    """``oddaemon priority``: the job's rank in the queue from now on (``[top] priority``'s range)."""
+
+    name: str
+    priority: int
+
+
+@dataclass(frozen=True)
 class Tick:
     """A timer fired (or anything else changed): start what is due."""
 
@@ -115,8 +123,8 @@ class NotificationRecorded:
     text: str
 
 
-Event = (Submit | ProcessExited | Cancel | Finish | Retry | Tick | PolicyChanged | Restore | EarlyStop | EvaluationsDone
-         | PlaceEvaluator | EvaluatorStopped | WorkerRefused | NotificationRecorded)
+Event = (Submit | ProcessExited | Cancel | Finish | Retry | SetPriority | Tick | PolicyChanged | Restore | EarlyStop
+         | EvaluationsDone | PlaceEvaluator | EvaluatorStopped | WorkerRefused | NotificationRecorded)
 
 
 # ---- actions ------------------------------------------------------------------------------

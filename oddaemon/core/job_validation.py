@@ -37,6 +37,7 @@ from oddaemon.core.jobspec import (
     CHECKPOINT_TYPES,
     EVAL_DEVICES,
     EXPORT_WHEN,
+    MAX_PRIORITY,
     MAX_PROBLEMS,
     MAX_STEPS,
     METRIC_RE,
@@ -116,7 +117,7 @@ class _Validator(PathRules):
         self.reject_unknown("", doc)
         tables = {name: self.table(doc, name) for name in TABLES}
         top = self.section("", doc, {
-            "name": self.name, "priority": whole_number(-1000, 1000),
+            "name": self.name, "priority": whole_number(-MAX_PRIORITY, MAX_PRIORITY),
             "pipeline_config": self.path_checker("file"), "model_dir": self.path_checker("model_dir"),
             "after": parse_after,
         })

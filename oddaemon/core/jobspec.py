@@ -149,6 +149,7 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
+MAX_PRIORITY = 1000  # priority is from -MAX_PRIORITY to MAX_PRIORITY
 TABLES = ("pipeline", "train", "eval", "slurm", "notify", "sweep")
 ALLOWED_KEYS: dict[str, tuple[str, ...]] = {
     "": ("name", "pipeline_config", "model_dir", "priority", "after") + TABLES,

@@ -47,6 +47,7 @@ from oddaemon.core.events import (
     Restore,
     Retry,
     SaveJob,
+    SetPriority,
     StartTrain,
     StateChanged,
     StopEvaluator,
@@ -66,9 +67,9 @@ from oddaemon.core.transitions import training_over, transition
 
 __all__ = ["Accepted", "Action", "Cancel", "EarlyStop", "EvalPlacement", "EvaluationsDone", "EvaluatorStopped", "Event",
            "Finish", "Job", "NotificationRecorded", "PlaceEvaluator", "Policy", "PolicyChanged", "ProcessExited",
-           "Refused", "Rejected", "Restore",
-           "Retry", "SaveJob", "StartTrain", "State", "StateChanged", "StopEvaluator", "StopTrain", "Submit", "Tick",
-           "TrainingEnded", "WakeAt", "WorkerRefused", "step", "transition"]
+           "Refused", "Rejected", "Restore", "Retry", "SaveJob", "SetPriority", "StartTrain", "State", "StateChanged",
+           "StopEvaluator", "StopTrain", "Submit", "Tick", "TrainingEnded", "WakeAt", "WorkerRefused", "step",
+           "transition"]
 
 # ---- step ---------------------------------------------------------------------------------
 
@@ -87,6 +88,8 @@ def step(state: State, event: Event, now: float) -> tuple[State, list[Action]]:
         user_requests.finish(jobs, event.name, now, actions)
     elif isinstance(event, Retry):
         user_requests.retry(state, jobs, event.name, now, actions)
+    elif isinstance(event, SetPriority):
+        user_requests.set_priority(jobs, event.name, event.priority, now, actions)
     elif isinstance(event, Restore):
         next_seq = _restore(state, jobs, event, now, actions)
     elif isinstance(event, EarlyStop):

@@ -6,6 +6,8 @@ calls these). A request that cannot be done becomes a ``Refused`` action with th
   (``StopTrain(save=True)``), then the job is ``evaluating`` as at the end of training, and
   ``succeeded`` once the rest is evaluated (and the best exported).
 * retry: a failed or cancelled job is queued again (or waits again for its dependencies).
+* priority: a job's rank from now on (queued and waiting jobs are ranked by it; a running, failed or
+  cancelled one keeps it for its next start); the change is in its history.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from oddaemon.core import dependencies
 from oddaemon.core.errors import ErrorKind
 from oddaemon.core.events import Action, Refused, SaveJob, StopTrain
 from oddaemon.core.jobs import HISTORY_LIMIT, Job, State
+from oddaemon.core.jobspec import MAX_PRIORITY
 from oddaemon.core.placement import fits_ever
 from oddaemon.core.states import TERMINAL, JobState
 from oddaemon.core.transitions import training_over, transition
@@ -81,3 +84,19 @@ def retry(state: State, jobs: dict[str, Job], name: str, now: float, actions: li
         jobs[name], acts = transition(job, again.state, now, again.reason, consecutive_failures=0,
                                       retry_at=None, finished_at=None, waiting_for=again.pending)
         actions += acts
+
+
+def set_priority(jobs: dict[str, Job], name: str, priority: object, now: float, actions: list[Action]) -> None:
+    job = jobs.get(name)
+    if job is None:
+        actions.append(Refused(f"no job named '{name}'", ErrorKind.NOT_FOUND))
+    elif isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > MAX_PRIORITY:
+        actions.append(Refused(f"priority must be a whole number from -{MAX_PRIORITY} to {MAX_PRIORITY}, got "
+                               f"{priority!r}", ErrorKind.INVALID))
+    elif job.state is JobState.SUCCEEDED:
+        actions.append(Refused(f"job '{name}' is succeeded; its priority no longer matters"))
+    elif priority != job.spec.priority:
+        text = f"priority {job.spec.priority} -> {priority} by request"
+        history = (job.history + ((now, job.state.value, text),))[-HISTORY_LIMIT:]
+        jobs[name] = replace(job, spec=replace(job.spec, priority=priority), history=history)
+        actions.append(SaveJob(jobs[name]))

@@ -148,6 +148,12 @@ class Commands:
     def retry(self, name: str) -> str:
         return self._command(sch.Retry(name), name)
 
+    def set_priority(self, name: str, priority: object) -> dict:
+        """The job's state and queue position once its priority is ``priority``."""
+        state = self._command(sch.SetPriority(name, priority), name)  # type: ignore[arg-type]
+        return {"state": state, "priority": self.daemon.state.jobs[name].spec.priority,
+                "queue_position": self.daemon.state.queue_position(name)}
+
     def _command(self, event: sch.Event, name: str) -> str:
         refused = [a for a in self.daemon.dispatch(event) if isinstance(a, sch.Refused)]
         if refused:
@@ -195,4 +201,6 @@ class Commands:
             return {"ok": True, "state": self.finish(name)}
         if cmd == "retry":
             return {"ok": True, "state": self.retry(name)}
+        if cmd == "priority":
+            return {"ok": True, **self.set_priority(name, request.get("priority"))}
         raise CommandError(ErrorKind.INVALID, f"unknown command {cmd!r}")

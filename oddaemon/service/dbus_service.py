@@ -66,6 +66,10 @@ INTROSPECTION = f"""
     <method name="Finish">
       <arg name="name" type="s" direction="in"/><arg name="state" type="s" direction="out"/>
     </method>
+    <method name="SetPriority">
+      <arg name="name" type="s" direction="in"/><arg name="priority" type="i" direction="in"/>
+      <arg name="state" type="s" direction="out"/><arg name="queue_position" type="u" direction="out"/>
+    </method>
     <method name="Retry">
       <arg name="name" type="s" direction="in"/><arg name="state" type="s" direction="out"/>
     </method>
@@ -192,6 +196,14 @@ class Service:
     def Finish(self, name, dbus_context=None):
         self._authorize(dbus_context, "Finish")
         return self._call(lambda: self.commands.finish(name))
+
+    def SetPriority(self, name, priority, dbus_context=None):
+        self._authorize(dbus_context, "SetPriority")
+
+        def set_it():
+            done = self.commands.set_priority(name, int(priority))
+            return str(done["state"]), int(done["queue_position"] or 0)
+        return self._call(set_it)
 
     def Retry(self, name, dbus_context=None):
         self._authorize(dbus_context, "Retry")

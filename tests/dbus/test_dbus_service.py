@@ -115,6 +115,12 @@ class FakeCommands:
         self.jobs[name]["state"] = "stopping"
         return "stopping"
 
+    def set_priority(self, name, priority):
+        self._record("set_priority", name, priority)
+        if name not in self.jobs:
+            raise CommandError(ErrorKind.NOT_FOUND, f"no job named '{name}'")
+        return {"state": self.jobs[name]["state"], "priority": priority, "queue_position": 1}
+
     def retry(self, name):
         self._record("retry", name)
         if name not in self.jobs:
@@ -210,7 +216,7 @@ def test_busctl_introspect_shows_the_interface(served, bus_address):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     for member, sig in [(".ListJobs", "aa{sv}"), (".GetJob", "a{sv}"), (".Submit", "s"), (".SubmitText", "ss"),
-                        (".Cancel", "s"), (".Finish", "s"), (".Retry", "s"), (".Reload", "-"), (".Version", "s"),
+                        (".Cancel", "s"), (".Finish", "s"), (".SetPriority", "si"), (".Retry", "s"), (".Reload", "-"), (".Version", "s"),
                         (".QueueLength", "u"), (".GPUs", "a(us)"), (".JobStateChanged", "ssss"),
                         (".CheckpointEvaluated", "sxs")]:
         assert any(line.split()[:1] == [member] and sig in line for line in out.splitlines()), (member, out)
@@ -295,6 +301,9 @@ def test_cancel_retry_reload_and_their_errors(served, bus_address):
     assert dbus_error(bus_address, "Finish", ("done",), "(s)") == \
         ("io.github.oddaemon1.Error.Refused", "job 'done' is already succeeded")
     fake.jobs["effdet"]["state"] = "running"
+    assert client.set_priority("waiting", -7) == {"state": "queued", "priority": -7, "queue_position": 1}
+    assert fake.calls[-1] == ("set_priority", "waiting", -7)
+    assert dbus_error(bus_address, "SetPriority", ("ghost", 3), "(si)")[0] == "io.github.oddaemon1.Error.NotFound"
     assert client.cancel("effdet") == "stopping"
     assert dbus_error(bus_address, "Cancel", ("done",), "(s)") == \
         ("io.github.oddaemon1.Error.Refused", "job 'done' is already succeeded")
@@ -366,13 +375,14 @@ def test_properties_changed_only_when_values_change(served, bus_address):
 def test_caller_check_denies_non_members_of_the_submit_group(served, bus_address):
     fake, service, client = served
     service.caller_check = ds.CallerCheck("oddaemon-no-such-group", lambda sender: 65534)
-    for method, args, sig in [("Cancel", ("effdet",), "(s)"), ("Finish", ("effdet",), "(s)"), ("Retry", ("done",), "(s)"), ("Reload", None, None),
+    for method, args, sig in [("Cancel", ("effdet",), "(s)"), ("Finish", ("effdet",), "(s)"),
+                              ("SetPriority", ("effdet", 1), "(si)"), ("Retry", ("done",), "(s)"), ("Reload", None, None),
                               ("SubmitText", ("x", "x.toml"), "(ss)"), ("Submit", ("/etc/hostname",), "(s)")]:
         name, message = dbus_error(bus_address, method, args, sig)
         assert name == "org.freedesktop.DBus.Error.AccessDenied", method
         assert message == (f"{method} is only for root and members of the group 'oddaemon-no-such-group' "
                            "(caller uid 65534); ask an administrator to add you to it")
-    assert not [c for c in fake.calls if c[0] in ("cancel", "finish", "retry", "reload", "submit_text", "submit_file")]
+    assert not [c for c in fake.calls if c[0] in ("cancel", "finish", "set_priority", "retry", "reload", "submit_text", "submit_file")]
     assert client.list_jobs()  # reading stays open to everyone
 
 
@@ -465,9 +475,19 @@ def test_end_to_end_with_the_real_daemon(bus_env, tmp_path):
         # its preflight runs first; the name is known once the parser has answered (within 50 ms, or
         # later on a busy machine: the verdict then lands in the spool, and the signals below tell it)
         assert result["state"] == "validating" and result["name"] in ("e2e", "")
-        with pytest.raises(dc.ClientError) as info:
-            client.submit_text("[pipeline]\nnum_clases = 3\n", "bad.toml")
-        assert info.value.kind is ErrorKind.INVALID and "did you mean 'num_classes'?" in str(info.value)
+        # a bad file: the reply is the error when its parser answers within the call's 50 ms, else
+        # "validating" and the verdict lands in the spool (a busy machine)
+        try:
+            bad = client.submit_text("[pipeline]\nnum_clases = 3\n", "bad.toml")
+        except dc.ClientError as exc:
+            assert exc.kind is ErrorKind.INVALID and "did you mean 'num_classes'?" in str(exc)
+        else:
+            assert bad["state"] == "validating", bad
+            wait_for(lambda: [n for n in env.rejected() if n.startswith("bad.") and n.endswith(".error")], 60,
+                     what="the bad file's rejection")
+            (error,) = [n for n in env.rejected() if n.startswith("bad.") and n.endswith(".error")]
+            with open(os.path.join(env.spool, "rejected", error)) as f:
+                assert "did you mean 'num_classes'?" in f.read()
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             changes = recorder.wait("JobStateChanged", 99, timeout=0.5)

@@ -74,3 +74,25 @@ def test_export_command_exports_the_best_or_a_named_checkpoint_of_a_job_without_
     out = env.cli("export", "j", "-o", str(tmp_path / "best"))
     assert out.returncode != 0 and "exists and is not an empty directory" in out.stderr
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".oddaemon-export-")]  # (its snapshot removed)
+
+
+def test_priority_command_moves_a_queued_job_ahead_and_survives_a_restart(daemon_env):
+    daemon_env.write_config(max_cpu_jobs=1)
+    env = daemon_env.start()
+    env.drop("run.toml", env.job_text("run", num_steps=60, every=20, step_seconds=0.05))
+    env.wait_state("run", "running", 30)
+    for name in ("a", "b"):
+        env.drop(f"{name}.toml", env.job_text(name, num_steps=4))
+        env.wait_state(name, "queued", 30)
+    out = env.cli("priority", "b", "5")
+    assert out.returncode == 0 and out.stdout.strip() == "b: queued, priority 5, queue position 1", out.stdout + out.stderr
+    assert env.ask("list")["queue"] == ["b", "a"]
+    out = env.cli("priority", "b", "5000")
+    assert out.returncode != 0 and "priority must be a whole number from -1000 to 1000, got 5000" in out.stderr, \
+        (out.returncode, out.stderr)
+    env.stop()
+    env.start()  # the new priority is in the saved record (b now outranks the resumed run too)
+    assert env.job("b")["priority"] == 5 and env.ask("list")["queue"][-1] == "a"
+    b, a = env.wait_state("b", "succeeded", 90), env.wait_state("a", "succeeded", 90)
+    assert b["started_at"] < a["started_at"]
+    assert "priority 0 -> 5 by request" in [h["reason"] for h in b["history"]]

@@ -191,7 +191,7 @@ def test_reload_sends_reloading_then_ready_and_rereads_the_configuration(install
 def test_dbus_api_and_policy(installed):
     inst = installed
     intro = inst.sh(f"busctl introspect {DBUS.rsplit(' ', 1)[0]}").stdout
-    for member in (".ListJobs", ".GetJob", ".Submit", ".SubmitText", ".Cancel", ".Finish", ".Retry", ".Reload", ".Version",
+    for member in (".ListJobs", ".GetJob", ".Submit", ".SubmitText", ".Cancel", ".Finish", ".SetPriority", ".Retry", ".Reload", ".Version",
                    ".QueueLength", ".GPUs", ".JobStateChanged", ".CheckpointEvaluated"):
         assert member in intro, intro
     # Everyone may read.

@@ -289,6 +289,30 @@ def test_finish_saves_then_evaluates_the_rest_and_succeeds_and_is_refused_where_
     assert state.jobs["later"].state is JobState.SUCCEEDED and state.jobs["later"].reason == "finished by request"
 
 
+def test_set_priority_reranks_the_queue_and_is_kept_in_the_history():
+    state = sch.State(inventory=(0,))
+    state, _ = submit(state, spec("run"))
+    for name in ("a", "b", "c"):
+        state, _ = submit(state, spec(name))
+    assert [j.name for j in state.queue()] == ["a", "b", "c"]
+    state, actions = sch.step(state, sch.SetPriority("c", 10), 1.0)
+    assert [j.name for j in state.queue()] == ["c", "a", "b"] and state.jobs["c"].spec.priority == 10
+    assert state.jobs["c"].history[-1] == (1.0, "queued", "priority 0 -> 10 by request")
+    assert kinds(actions, sch.SaveJob) and not kinds(actions, sch.Refused)
+    state, actions = sch.step(state, sch.SetPriority("c", 10), 1.5)  # no change: nothing written
+    assert not kinds(actions, sch.SaveJob) and len(state.jobs["c"].history) == 2
+    state, actions = sch.step(state, sch.ProcessExited("run", 1, 0), 2.0)
+    assert kinds(actions, sch.StartTrain) == [sch.StartTrain("c", (0,), 1)]  # the GPU goes to the new head
+    for bad in (1001, -1001, True, "5", 2.5):
+        _, actions = sch.step(state, sch.SetPriority("a", bad), 3.0)
+        assert kinds(actions, sch.Refused)[0].reason.startswith("priority must be a whole number from -1000 to "
+                                                                "1000, got "), bad
+    _, actions = sch.step(state, sch.SetPriority("run", 5), 3.0)
+    assert kinds(actions, sch.Refused)[0].reason == "job 'run' is succeeded; its priority no longer matters"
+    _, actions = sch.step(state, sch.SetPriority("ghost", 5), 3.0)
+    assert kinds(actions, sch.Refused)[0].kind.value == "not_found"
+
+
 @pytest.mark.parametrize("device, busy, expected", [
     ("cpu", False, ()), ("gpu", False, (1,)), ("gpu", True, None), ("auto", False, (1,)), ("auto", True, ()),
 ])
