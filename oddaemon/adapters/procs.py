@@ -93,6 +93,7 @@ class Worker:
     started_at: float
     popen: subprocess.Popen = field(repr=False)
     stop_requested_at: float | None = None
+    saving: bool = False  # asked to save and exit (SIGUSR2), not sent SIGTERM yet
 
     def poll_exit(self) -> int | None:
         return self.popen.poll()

@@ -150,8 +150,11 @@ class LocalExecutor:
         if failure is not None:
             self._imposed.setdefault(worker.pid, failure)
             self._log_for(name, role).write(f"==== oddaemon: stopping {role}: {failure.message}\n".encode())
-        if worker.stop_requested_at is None and save:
+        if worker.saving and not save:  # a cancel, or the daemon stopping, during a finish: stop it now
+            self._terminate(worker, reason)
+        elif worker.stop_requested_at is None and save:
             worker.stop_requested_at = self.clock()
+            worker.saving = True
             log.info("asking the %s worker of %s (pid %d) to save a checkpoint and exit: %s", role, name, worker.pid,
                      reason)
             self._log_for(name, role).write(f"==== oddaemon: {reason}: SIGUSR2 (save a checkpoint, exit)\n".encode())
@@ -165,11 +168,17 @@ class LocalExecutor:
         return True
 
     def _unsaved(self, worker: Worker, reason: str) -> None:
-        if worker.pid in self._handles:
-            log.warning("%s worker of %s (pid %d) has not saved and exited %gs after SIGUSR2: stopping it (%s)",
-                        worker.role, worker.name, worker.pid, max(FINISH_GRACE_SECONDS, self.stop_grace), reason)
-            worker.signal_group(signal.SIGTERM)
-            self.loop.call_later(self.stop_grace, lambda: self._kill_if_alive(worker))
+        if worker.pid in self._handles and worker.saving:
+            log.warning("%s worker of %s (pid %d) has not saved and exited %gs after SIGUSR2: stopping it",
+                        worker.role, worker.name, worker.pid, max(FINISH_GRACE_SECONDS, self.stop_grace))
+            self._terminate(worker, reason)
+
+    def _terminate(self, worker: Worker, reason: str) -> None:
+        """SIGTERM now to a worker that was asked to save; SIGKILL after the grace period."""
+        worker.saving = False
+        log.info("stopping %s worker of %s (pid %d): %s", worker.role, worker.name, worker.pid, reason)
+        worker.signal_group(signal.SIGTERM)
+        self.loop.call_later(self.stop_grace, lambda: self._kill_if_alive(worker))
 
     def _kill_if_alive(self, worker: Worker) -> None:
         if worker.pid in self._handles:

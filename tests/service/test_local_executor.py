@@ -104,3 +104,37 @@ def test_a_worker_ignoring_sigterm_is_killed_when_the_grace_period_has_passed(tm
     assert seen.exits == [("cats", "train", -signal.SIGKILL, hung)]
     assert "==== oddaemon: stopping train: hung: no new step for 60s\n" in open(log_path).read()
     assert ex.stop("cats", "train", "gone") is False  # nothing left to stop
+
+
+def test_a_stop_with_save_sends_sigusr2_then_escalates_and_a_plain_stop_meanwhile_terminates(tmp_path, executor):
+    """oddaemon finish: SIGUSR2 (the worker saves and exits); one that does not is stopped as on a
+    cancel after FINISH_GRACE_SECONDS; a cancel or the daemon stopping meanwhile sends SIGTERM at once."""
+    from oddaemon.service.local_executor import FINISH_GRACE_SECONDS  # noqa: PLC0415
+
+    loop, ex, seen = executor
+    code = ("import signal, sys, time\n"
+            "signal.signal(signal.SIGUSR2, lambda *a: print('usr2', flush=True))\n"
+            "signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))\n"
+            "print('ready', flush=True)\n"
+            "time.sleep(120)\n")
+    ex.start(launch(tmp_path, code))
+    log_path = ex.log_path("cats", "train")
+    run_until(loop, lambda: "ready" in open(log_path).read(), "the worker to start")
+    assert ex.stop("cats", "train", "finished by request", save=True) is True
+    run_until(loop, lambda: "usr2" in open(log_path).read(), "the worker to get SIGUSR2")
+    assert "==== oddaemon: finished by request: SIGUSR2 (save a checkpoint, exit)\n" in open(log_path).read()
+    assert loop.timers() == [T0 + FINISH_GRACE_SECONDS] and not seen.exits
+    assert ex.stop("cats", "train", "finished again", save=True) is True and loop.timers() == [
+        T0 + FINISH_GRACE_SECONDS]  # (once)
+    loop.advance(FINISH_GRACE_SECONDS)  # it never saved: SIGTERM now, SIGKILL after the grace
+    run_until(loop, lambda: seen.exits, "the worker's exit on SIGTERM")
+    assert seen.exits == [("cats", "train", 143, seen.exits[0][3])]
+    # a plain stop during a finish: SIGTERM at once
+    ex.start(launch(tmp_path, code, name="dogs"))
+    dogs = ex.log_path("dogs", "train")
+    run_until(loop, lambda: "ready" in open(dogs).read(), "the second worker to start")
+    ex.stop("dogs", "train", "finished by request", save=True)
+    run_until(loop, lambda: "usr2" in open(dogs).read(), "SIGUSR2")
+    ex.stop("dogs", "train", "daemon stopping")
+    run_until(loop, lambda: len(seen.exits) == 2, "its exit on SIGTERM")
+    assert seen.exits[1][:3] == ("dogs", "train", 143)
