@@ -56,13 +56,20 @@ def chief_done(model_dir: str) -> None:
 def follow(model_dir: str, rank: int) -> int:
     """A task other than the chief: no checkpoints, no event files; wait for the chief's end."""
     warned: list[int] = []
-    signal.signal(signal.SIGUSR2, lambda signum, frame: warned.append(signum))
+
+    def on_warning(signum, frame) -> None:
+        # said at once, in the handler: the chief saves and exits at the same moment, and srun then
+        # sends this task SIGTERM, which may come before the loop below looks again (a busy machine);
+        # Python runs the handlers of pending signals in signal-number order: this one first
+        warned.append(signum)
+        err(f"standin: task {rank}: the cluster's warning signal; the chief saves the checkpoint")
+
+    signal.signal(signal.SIGUSR2, on_warning)
     job_id = os.environ.get("SLURM_JOB_ID", "")
     deadline = time.monotonic() + FOLLOWER_TIMEOUT_SECONDS
     try:
         while time.monotonic() < deadline:
             if warned:
-                err(f"standin: task {rank}: the cluster's warning signal; the chief saves the checkpoint")
                 return 0
             try:
                 with open(_done_path(model_dir), encoding="utf-8") as f:
