@@ -12,18 +12,26 @@ from oddaemon.core import layout
 from oddaemon.core.config import Config
 
 
+def worker_job(config: Config, name: str) -> tuple[str, dict | None]:
+    """The job's worker job file (what the daemon last gave its workers) and its spec; None (said
+    on stderr) when it cannot be read."""
+    job_json = layout.worker_job(config.state_dir, name)
+    try:
+        with open(job_json) as f:
+            return job_json, json.load(f)["spec"]
+    except (OSError, ValueError, KeyError) as exc:
+        print(f"oddaemon: cannot read job {name!r} ({job_json}): {exc}", file=sys.stderr)
+        return job_json, None
+
+
 def cmd_eval(config: Config, name: str, checkpoint: str, gpu: int | None, as_json: bool) -> int:
     import subprocess  # noqa: PLC0415
     import tempfile  # noqa: PLC0415
 
     from oddaemon.adapters.procs import worker_environment  # noqa: PLC0415
 
-    job_json = layout.worker_job(config.state_dir, name)
-    try:
-        with open(job_json) as f:
-            spec = json.load(f)["spec"]
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"oddaemon: cannot read job {name!r} ({job_json}): {exc}", file=sys.stderr)
+    job_json, spec = worker_job(config, name)
+    if spec is None:
         return EXIT_REFUSED
     prefix = checkpoint if os.path.isabs(checkpoint) else os.path.join(spec["model_dir"], checkpoint)
     if not os.path.exists(prefix + ".index"):
@@ -102,12 +110,8 @@ def cmd_export(config: Config, name: str, checkpoint: str | None, output: str) -
     from oddaemon.adapters.best_dir import BestDir  # noqa: PLC0415
     from oddaemon.adapters.procs import worker_environment  # noqa: PLC0415
 
-    job_json = layout.worker_job(config.state_dir, name)
-    try:
-        with open(job_json) as f:
-            spec = json.load(f)["spec"]
-    except (OSError, ValueError, KeyError) as exc:
-        print(f"oddaemon: cannot read job {name!r} ({job_json}): {exc}", file=sys.stderr)
+    job_json, spec = worker_job(config, name)
+    if spec is None:
         return EXIT_REFUSED
     model_dir = spec["model_dir"]
     if checkpoint is None:
