@@ -121,12 +121,15 @@ def test_a_real_nan_loss_is_caught_by_the_daemon(real_env):
     assert "==== oddaemon: stopping train: loss became NaN" in open(os.path.join(env.logs, "diverges", "train.log")).read()
 
 
-def test_a_real_job_fine_tunes_from_the_export_of_the_job_it_waits_for(real_env):
-    """Pretrain, then fine-tune from its export with the real workers: "finetune" names
-    pretrain's exported/checkpoint/ckpt-0 (fine_tune_checkpoint_type "detection", as for a Model Zoo
-    checkpoint) before it exists, waits, and trains from it once pretrain has succeeded."""
+def test_finish_then_a_fine_tune_from_the_export_of_the_job_it_waits_for(real_env):
+    """Two capabilities with the real workers in one run (the TF stack's build is most of each).
+    oddaemon finish: the trainer saves a checkpoint after the training iteration it is in (off the
+    cadence of 1,000) and exits; both checkpoints are evaluated, the best exported, the job
+    succeeded. Then "finetune", submitted at the start with after = ["pretrain"] and pretrain's
+    exported/checkpoint/ckpt-0 (not there yet; type "detection", as for a Model Zoo checkpoint) as
+    its fine_tune_checkpoint, has waited and trains from it."""
     env = real_env
-    tiny_job(env, "pretrain", "num_steps = 6", "", 'device = "cpu"\nexport_best = true')
+    tiny_job(env, "pretrain", "num_steps = 100000", "", 'device = "cpu"\nexport_best = true', every=1000)
     data = os.path.join(env.root, "data", "demo")
     awaited = f"{env.models}/pretrain/exported/checkpoint/ckpt-0"
     env.drop("finetune.toml", f'''name = "finetune"
@@ -147,30 +150,13 @@ gpus = 0
 [eval]
 enabled = false
 ''')
+    env.wait_state("pretrain", ("running", "failed"), 300)
     waiting = env.wait_state("finetune", ("waiting", "failed", "succeeded"), 300)
     assert waiting["state"] == "waiting" and not os.path.exists(awaited + ".index"), waiting
-    final = env.wait_state("finetune", ("succeeded", "failed"), 900)
-    assert final["state"] == "succeeded", (final["reason"], env.daemon_log()[-4000:])
-    pretrain = env.job("pretrain")
-    assert pretrain["state"] == "succeeded" and pretrain["finished_at"] <= final["started_at"]
-    assert [h["state"] for h in final["history"]][:3] == ["waiting", "queued", "running"]
-    with open(os.path.join(env.logs, "finetune", "train.log")) as f:
-        log = f.read()
-    assert "load_fine_tune_checkpoint" not in log and "Traceback" not in log, log[-4000:]
-    assert os.path.isfile(os.path.join(env.models, "finetune", "ckpt-1.index"))
-
-
-def test_finish_of_a_real_run_saves_where_it_is_evaluates_exports_and_succeeds(real_env):
-    """oddaemon finish with the real workers: the trainer saves a checkpoint after the training
-    iteration it is in (off the cadence of 1,000) and exits; both checkpoints are evaluated, the best
-    exported, and the job succeeded."""
-    env = real_env
-    tiny_job(env, "enough", "num_steps = 100000", "", 'device = "cpu"\nexport_best = true', every=1000)
-    env.wait_state("enough", ("running", "failed"), 300)
-    wait_for(lambda: ((env.job("enough") or {}).get("step") or 0) >= 10, 600, 1.0, what="training under way")
-    out = env.cli("finish", "enough")
-    assert out.returncode == 0 and out.stdout.strip() == "enough: stopping", out.stdout + out.stderr
-    final = env.wait_state("enough", ("succeeded", "failed", "cancelled"), 600)
+    wait_for(lambda: ((env.job("pretrain") or {}).get("step") or 0) >= 10, 600, 1.0, what="training under way")
+    out = env.cli("finish", "pretrain")
+    assert out.returncode == 0 and out.stdout.strip() == "pretrain: stopping", out.stdout + out.stderr
+    final = env.wait_state("pretrain", ("succeeded", "failed", "cancelled"), 600)
     assert final["state"] == "succeeded", (final["reason"], env.daemon_log()[-4000:])
     assert final["reason"] == "finished by request; every checkpoint evaluated" and final["restarts"] == 0
     checkpoints = final["evaluation"]["checkpoints"]
@@ -178,9 +164,18 @@ def test_finish_of_a_real_run_saves_where_it_is_evaluates_exports_and_succeeds(r
         (True, "evaluated", 1), (False, "evaluated", 1)], checkpoints
     saved = checkpoints[-1]["step"]
     assert 10 <= saved < 1000
-    with open(os.path.join(env.logs, "enough", "train.log")) as f:
+    with open(os.path.join(env.logs, "pretrain", "train.log")) as f:
         log = f.read()
     assert re.search(rf"oddaemon-failure: requeued: saved a checkpoint at step {saved} \(ckpt-\d+\) on SIGUSR2 "
                      r"\(oddaemon finish\)", log), log[-3000:]
-    info = json.load(open(os.path.join(env.models, "enough", "exported", "export.json")))
+    info = json.load(open(os.path.join(env.models, "pretrain", "exported", "export.json")))
     assert info["checkpoint"] == final["evaluation"]["best"]["checkpoint"]
+    # the fine-tune from that export
+    tuned = env.wait_state("finetune", ("succeeded", "failed"), 900)
+    assert tuned["state"] == "succeeded", (tuned["reason"], env.daemon_log()[-4000:])
+    assert final["finished_at"] <= tuned["started_at"]
+    assert [h["state"] for h in tuned["history"]][:3] == ["waiting", "queued", "running"]
+    with open(os.path.join(env.logs, "finetune", "train.log")) as f:
+        log = f.read()
+    assert "load_fine_tune_checkpoint" not in log and "Traceback" not in log, log[-4000:]
+    assert os.path.isfile(os.path.join(env.models, "finetune", "ckpt-1.index"))
