@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from oddaemon.core.checks import Invalid, show
 from oddaemon.core.events import Action, SaveJob
+from oddaemon.core.job_paths import under_roots
 from oddaemon.core.jobspec import NAME_RULE, name_problem
 from oddaemon.core.states import JobState
 
@@ -108,7 +109,7 @@ def awaited_problem(spec: JobSpec, jobs: Mapping[str, Job]) -> str | None:
     if not awaited:
         return None
     dirs = [(d, jobs[d].spec.model_dir) for d in spec.after if d in jobs]
-    if any(awaited.startswith(model_dir.rstrip("/") + "/") for _, model_dir in dirs):
+    if under_roots(awaited, tuple(model_dir for _, model_dir in dirs)):
         return None
     listed = ", ".join(f"'{d}' writes {model_dir}" for d, model_dir in dirs)
     return (f"has [pipeline] fine_tune_checkpoint {spec.pipeline.fine_tune_checkpoint}, which does not exist "

@@ -60,7 +60,7 @@ from oddaemon.testing.standin_core import (
 )
 from oddaemon.testing.standin_files import CheckpointManager, InputError, SummaryWriter, check_inputs
 from oddaemon.workers.diagnose import corrupt_input_marker, oom_marker
-from oddaemon.workers.train import plan_phases
+from oddaemon.workers.train import plan_phases, usr2_words
 
 _FAILURES = ("hang_at_step", "oom_at_step", "nan_at_step", "crash_at_step")
 _line_numbers = itertools.count(1)
@@ -170,13 +170,6 @@ def _records_summaries(setup: Setup, start: int, num_steps: int):
         return step % nspi == 0
 
     return due
-
-
-def usr2_words() -> str:
-    """As the real worker says what SIGUSR2 was (``workers/train.usr2_words``)."""
-    if os.environ.get("SLURM_JOB_ID"):
-        return "on the cluster's warning signal (SIGUSR2) before its time limit"
-    return "on SIGUSR2 (oddaemon finish)"
 
 
 def train(setup: Setup) -> int:
