@@ -72,14 +72,19 @@ def cmd_doctor(config: Config) -> int:
 
 
 def checkpoint_files(prefix: str) -> list[str]:
-    """The files of checkpoint ``prefix``: its index and every data shard beside it."""
+    """The files of checkpoint ``prefix`` (``STEM-N``) present now: its index and its data shards
+    (``core.checkpoints.checkpoint_files``, the daemon's own rule)."""
+    from oddaemon.core import checkpoints  # noqa: PLC0415
+
     directory, base = os.path.split(prefix)
+    stem, _, n = base.rpartition("-")
     try:
         names = os.listdir(directory)
     except OSError:
         return []
-    return sorted(os.path.join(directory, n) for n in names
-                  if n == base + ".index" or n.startswith(base + ".data-"))
+    if not stem or not n.isdigit():
+        return []
+    return [os.path.join(directory, f) for f in checkpoints.checkpoint_files(names, int(n), stem) if f in names]
 
 
 def snapshot_checkpoint(prefix: str, into: str) -> str:

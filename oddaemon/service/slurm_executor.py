@@ -140,7 +140,7 @@ class SlurmExecutor:
             worker.stop_reason = reason or "stopped"
             log.info("stopping %s worker of %s (Slurm job %s): %s", role, name, worker.job_id, reason)
             if worker.job_id is not None:
-                self._scancel(worker, "USR2" if save and worker.running else None)
+                self._scancel(worker, slurm.WARNING_SIGNAL if save and worker.running else None)
         return True
 
     def stop_all(self, reason: str) -> None:
